@@ -1,0 +1,30 @@
+"""Build script: the Cython codec is compiled here; everything else is declared in pyproject.toml.
+
+Set ASTAIRE_NO_EXTENSIONS=1 to install without compiling (the package then runs on its
+pure-Python codec, as it does with ASTAIRE_PUREPYTHON=1).
+"""
+import os
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
+    from Cython.Build import cythonize
+
+    ext_modules = cythonize(
+        [Extension("astaire._tap", ["astaire/_tap.pyx"], extra_compile_args=["-O3"])],
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    )
+
+setup(
+    packages=["astaire", "astaire_throttle"],
+    package_dir={"astaire": "astaire", "astaire_throttle": "throttle/astaire_throttle"},
+    package_data={"astaire": ["*.pyx", "*.pxd", "py.typed"]},
+    ext_modules=ext_modules,
+)

@@ -1,0 +1,134 @@
+"""Real memcached processes on loopback, for the demo, the benchmark and the tests.
+
+Ports are picked by binding port 0 and are retried if memcached loses the race for one.
+Every process started here is stopped by ``stop()`` / the context manager.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+MEMCACHED = os.environ.get("ASTAIRE_MEMCACHED", "memcached")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the caller must still cope with losing it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_connectable(host: str, port: int, timeout: float = 5.0, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class MemcachedServer:
+    """One stock memcached on 127.0.0.1 and a free port."""
+
+    def __init__(self, memory_mb: int = 256, threads: int = 1, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1"):
+        self.memory_mb = memory_mb
+        self.threads = threads
+        self.extra_args = tuple(extra_args)
+        self.host = host
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "MemcachedServer":
+        exe = shutil.which(MEMCACHED)
+        if exe is None:
+            raise RuntimeError("memcached is not installed (apt-get install memcached)")
+        for _attempt in range(20):
+            port = self.port or free_port(self.host)
+            args = [exe, "-l", self.host, "-p", str(port), "-U", "0", "-m", str(self.memory_mb),
+                    "-t", str(self.threads), "-c", "4096", *self.extra_args]
+            if os.geteuid() == 0:
+                args += ["-u", "root"]
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if wait_connectable(self.host, port, proc=proc):
+                self.port, self.proc = port, proc
+                return self
+            proc.kill()
+            proc.wait()
+            if self.port:  # a fixed port (restart) that did not come back
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"memcached did not start on {self.host}:{port}: {err.strip()}")
+        raise RuntimeError("could not start memcached on a free port after 20 attempts")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: memcached comes back empty."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "MemcachedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalCluster:
+    """Several memcached servers; ``names`` in start order."""
+
+    def __init__(self, count: int, **kwargs):
+        self.servers = [MemcachedServer(**kwargs) for _ in range(count)]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.servers]
+
+    def start(self) -> "LocalCluster":
+        try:
+            for s in self.servers:
+                s.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,25 @@
+import pytest
+
+from astaire.localcluster import LocalCluster, MemcachedServer
+
+
+@pytest.fixture
+def memcached():
+    """One real memcached on loopback, stopped after the test."""
+    with MemcachedServer(memory_mb=64) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster_factory():
+    """Start ``LocalCluster(n)``s on demand; all are stopped after the test."""
+    started = []
+
+    def make(n: int, **kwargs) -> LocalCluster:
+        c = LocalCluster(n, **kwargs).start()
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        c.stop()

@@ -1,0 +1,46 @@
+"""The ``astaire`` command line: one subcommand per operator task."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from astaire import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="astaire",
+        description="Astaire actively resynchronises a memcached cluster (Project Clearwater "
+        "MemcachedStore layout: 128 vbuckets, 2 replicas) while it is resized: it streams the "
+        "vbuckets the local memcached newly owns off their old replicas and writes them in, "
+        "never overwriting newer data.",
+    )
+    parser.add_argument("--version", action="version", version=f"astaire {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from astaire import view_cli
+
+    view_cli.register(sub)
+    try:
+        from astaire import ops
+    except ImportError:  # the daemon's commands are optional while the package is assembled
+        ops = None
+    if ops is not None:
+        ops.register(sub)
+    try:
+        from astaire import demo
+    except ImportError:
+        demo = None
+    if demo is not None:
+        demo.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

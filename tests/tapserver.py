@@ -1,0 +1,358 @@
+"""A fake TAP server that speaks as DESIGN.md describes Project Clearwater's memcached fork.
+
+Stock memcached has no TAP, so this is the one fake the tests use. It is written
+independently of ``astaire.codec`` (plain ``struct``) so that it checks the codec rather
+than sharing its mistakes.
+
+On ``TAP_CONNECT`` (0x40) it sends every item it holds, in insertion order, as
+``TAP_MUTATION`` (0x41) *requests*: magic 0x80, vbucket field 0, header CAS = the item's
+CAS, 16 bytes of extras (engine-specific length 0, TAP flags 0, TTL 0xff, 3 reserved,
+item flags, absolute expiration), then key and value. It ignores the vbucket list it was
+sent (but records it), and then closes the connection with nothing else sent.
+
+Fault injection (constructor keywords, or attributes set before the client connects):
+
+- ``die_after=N``: send N mutations, then reset the connection (SO_LINGER 0 + close).
+- ``cut_mid_frame_after=N``: send N mutations and half of the next frame, then close.
+- ``garbage_after=N``: send N mutations, then a frame whose magic byte is wrong, then close.
+- ``interleave_other_opcodes=True``: send one of each of 0x42..0x47, with plausible
+  bodies, before the first mutation and again every ``interleave_every`` mutations.
+- ``no_tap=True``: answer TAP_CONNECT as stock memcached does (magic 0x81, opcode 0x40,
+  status 0x0081, empty body) and keep the connection open.
+- ``delay_per_frame=s``: sleep this long before each frame (a slow stream).
+
+Binary NOOP and VERSION are answered; any other request gets UNKNOWN_COMMAND.
+
+Run it standalone (``python tests/tapserver.py --generate 1000000``) to serve generated
+items from a separate process, e.g. for throughput measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+HEADER = struct.Struct(">BBHBBHIIQ")
+MUTATION_EXTRAS = struct.Struct(">HHB3xII")
+OTHER_EXTRAS = struct.Struct(">HHB3x")  # delete/flush/opaque/vbucket-set/checkpoints
+
+MAGIC_REQ = 0x80
+MAGIC_RES = 0x81
+OP_NOOP = 0x0A
+OP_VERSION = 0x0B
+OP_TAP_CONNECT = 0x40
+OP_TAP_MUTATION = 0x41
+OP_TAP_DELETE = 0x42
+OP_TAP_FLUSH = 0x43
+OP_TAP_OPAQUE = 0x44
+OP_TAP_VBUCKET_SET = 0x45
+OP_TAP_CHECKPOINT_START = 0x46
+OP_TAP_CHECKPOINT_END = 0x47
+STATUS_UNKNOWN_COMMAND = 0x0081
+
+TAP_FLAG_BACKFILL = 0x01
+TAP_FLAG_LIST_VBUCKETS = 0x04
+
+VERSION = b"1.4.15-clearwater"
+
+Item = tuple  # (key, value, flags, expiration, cas)
+
+
+@dataclass(frozen=True)
+class TapConnect:
+    """What one client asked for in its TAP_CONNECT."""
+
+    flags: int
+    vbuckets: tuple[int, ...] | None  # None when LIST_VBUCKETS was not set
+    name: bytes
+
+
+def mutation_frame(key: bytes, value: bytes, flags: int, expiration: int, cas: int) -> bytes:
+    extras = MUTATION_EXTRAS.pack(0, 0, 0xFF, flags, expiration)
+    header = HEADER.pack(MAGIC_REQ, OP_TAP_MUTATION, len(key), len(extras), 0, 0,
+                         len(extras) + len(key) + len(value), 0, cas)
+    return header + extras + key + value
+
+
+def request_frame(opcode: int, extras: bytes = b"", key: bytes = b"", value: bytes = b"", cas: int = 0) -> bytes:
+    header = HEADER.pack(MAGIC_REQ, opcode, len(key), len(extras), 0, 0,
+                         len(extras) + len(key) + len(value), 0, cas)
+    return header + extras + key + value
+
+
+def response_frame(opcode: int, status: int = 0, value: bytes = b"", opaque: int = 0) -> bytes:
+    return HEADER.pack(MAGIC_RES, opcode, 0, 0, 0, status, len(value), opaque, 0) + value
+
+
+def other_tap_frames(n: int) -> list[bytes]:
+    """One frame of each non-mutation TAP opcode, as a TAP producer would send them."""
+    extras = OTHER_EXTRAS.pack(0, 0, 0xFF)
+    return [
+        request_frame(OP_TAP_DELETE, extras, key=b"other\\\\deleted-%d" % n),
+        request_frame(OP_TAP_FLUSH, extras),
+        request_frame(OP_TAP_OPAQUE, extras, value=struct.pack(">I", 0x00000002)),  # "open checkpoint"
+        request_frame(OP_TAP_VBUCKET_SET, extras, value=struct.pack(">I", 1)),       # vbucket_state_active
+        request_frame(OP_TAP_CHECKPOINT_START, extras, value=struct.pack(">Q", n + 1)),
+        request_frame(OP_TAP_CHECKPOINT_END, extras, value=struct.pack(">Q", n + 1)),
+    ]
+
+
+def parse_tap_connect(extras: bytes, key: bytes, value: bytes) -> TapConnect:
+    flags = struct.unpack(">I", extras[:4])[0] if len(extras) >= 4 else 0
+    body = value
+    if flags & TAP_FLAG_BACKFILL:
+        body = body[8:]
+    vbuckets = None
+    if flags & TAP_FLAG_LIST_VBUCKETS and len(body) >= 2:
+        count = struct.unpack(">H", body[:2])[0]
+        vbuckets = struct.unpack(">%dH" % count, body[2:2 + 2 * count])
+    return TapConnect(flags, vbuckets, key)
+
+
+class TapServer:
+    """A threaded fake of the Clearwater fork's TAP producer on 127.0.0.1, port chosen by the OS."""
+
+    def __init__(self, *, die_after: int | None = None, cut_mid_frame_after: int | None = None,
+                 garbage_after: int | None = None, interleave_other_opcodes: bool = False,
+                 interleave_every: int = 7, no_tap: bool = False, delay_per_frame: float = 0.0,
+                 items: Callable[[], Iterable[Item]] | None = None, batch_bytes: int = 256 * 1024):
+        self.die_after = die_after
+        self.cut_mid_frame_after = cut_mid_frame_after
+        self.garbage_after = garbage_after
+        self.interleave_other_opcodes = interleave_other_opcodes
+        self.interleave_every = interleave_every
+        self.no_tap = no_tap
+        self.delay_per_frame = delay_per_frame
+        self.batch_bytes = batch_bytes
+        self._generator = items  # a callable returning a fresh iterable of items per stream
+        self._items: dict[bytes, Item] = {}
+        self._next_cas = itertools.count(1)
+        self._lock = threading.Lock()
+        self.connects: list[TapConnect] = []
+        self.streams_completed = 0  # dumps sent in full and closed by the server
+        self.client_closed_early = 0  # clients that closed before the server did
+        self.errors: list[str] = []
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- items ---------------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes, flags: int = 0, expiration: int = 0, cas: int | None = None) -> None:
+        with self._lock:
+            self._items[key] = (key, value, flags, expiration, next(self._next_cas) if cas is None else cas)
+
+    def items(self) -> list[Item]:
+        with self._lock:
+            return list(self._items.values())
+
+    def _stream_items(self) -> Iterator[Item]:
+        if self._generator is not None:
+            return iter(self._generator())
+        return iter(self.items())
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> "TapServer":
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._stopping.clear()
+        t = threading.Thread(target=self._accept_loop, name=f"tapserver-accept-{self.port}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in list(self._threads):
+            t.join(timeout=5)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._threads:
+            raise RuntimeError(f"tapserver threads did not stop: {self._threads}")
+
+    def __enter__(self) -> "TapServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- serving -------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(0.1)
+            with self._lock:
+                self._conns.add(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name=f"tapserver-conn-{self.port}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            if self._stopping.is_set():
+                return None
+            try:
+                chunk = conn.recv(n - len(buf))
+            except socket.timeout:
+                continue
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _serve(self, conn: socket.socket) -> None:
+        close_quietly = True
+        try:
+            while not self._stopping.is_set():
+                header = self._recv_exact(conn, HEADER.size)
+                if header is None:
+                    return
+                magic, opcode, keylen, extlen, _dt, _vb, bodylen, opaque, _cas = HEADER.unpack(header)
+                body = self._recv_exact(conn, bodylen) if bodylen else b""
+                if body is None:
+                    return
+                if magic != MAGIC_REQ:
+                    self.errors.append(f"bad magic 0x{magic:02x} from client")
+                    return
+                extras, key, value = body[:extlen], body[extlen:extlen + keylen], body[extlen + keylen:]
+                if opcode == OP_NOOP:
+                    conn.sendall(response_frame(OP_NOOP, opaque=opaque))
+                elif opcode == OP_VERSION:
+                    conn.sendall(response_frame(OP_VERSION, value=VERSION, opaque=opaque))
+                elif opcode == OP_TAP_CONNECT:
+                    with self._lock:
+                        self.connects.append(parse_tap_connect(extras, key, value))
+                    if self.no_tap:
+                        conn.sendall(response_frame(OP_TAP_CONNECT, STATUS_UNKNOWN_COMMAND, opaque=opaque))
+                        continue
+                    close_quietly = self._dump(conn)
+                    return
+                else:
+                    conn.sendall(response_frame(opcode, STATUS_UNKNOWN_COMMAND, opaque=opaque))
+        except OSError as e:
+            if not self._stopping.is_set():
+                self.errors.append(f"connection error: {e}")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            if close_quietly:
+                conn.close()
+
+    def _frames(self) -> Iterator[tuple[str, bytes]]:
+        """(kind, frame) pairs of one dump, faults included; kind is "mutation" or "other"."""
+        sent = 0
+        for item in self._stream_items():
+            if self.interleave_other_opcodes and sent % self.interleave_every == 0:
+                for f in other_tap_frames(sent):
+                    yield "other", f
+            yield "mutation", mutation_frame(*item)
+            sent += 1
+
+    def _dump(self, conn: socket.socket) -> bool:
+        """Send one dump; returns False when the connection was already closed here (reset)."""
+        conn.settimeout(None)
+        mutations = 0
+        batch = bytearray()
+        faults = any(x is not None for x in (self.die_after, self.cut_mid_frame_after, self.garbage_after))
+
+        def flush() -> None:
+            if batch:
+                conn.sendall(batch)
+                batch.clear()
+
+        try:
+            for kind, frame in self._frames():
+                if self._stopping.is_set():
+                    return True
+                if kind == "mutation":
+                    if self.die_after is not None and mutations >= self.die_after:
+                        flush()
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        conn.close()
+                        return False
+                    if self.cut_mid_frame_after is not None and mutations >= self.cut_mid_frame_after:
+                        batch += frame[: max(1, len(frame) // 2)]
+                        flush()
+                        return True
+                    if self.garbage_after is not None and mutations >= self.garbage_after:
+                        batch += b"\x99" + frame[1:]
+                        flush()
+                        return True
+                    mutations += 1
+                if self.delay_per_frame:
+                    flush()
+                    time.sleep(self.delay_per_frame)
+                    conn.sendall(frame)
+                else:
+                    batch += frame
+                    if len(batch) >= self.batch_bytes or faults:
+                        flush()
+            flush()
+            # The dump ends with the server's close; "nothing sent before the close".
+            self.streams_completed += 1
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            self.client_closed_early += 1
+            return True
+
+
+def _generated(count: int, value_size: int) -> Callable[[], Iterator[Item]]:
+    def gen() -> Iterator[Item]:
+        value = b"v" * value_size
+        for i in range(count):
+            yield (b"bench\\\\key-%08d" % i, value, (1_700_000_000_000 + i) & 0xFFFFFFFF, 0, i + 1)
+    return gen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fake Clearwater TAP server (tests/bench only)")
+    ap.add_argument("--generate", type=int, default=0, help="serve this many generated items")
+    ap.add_argument("--value-size", type=int, default=100)
+    args = ap.parse_args()
+    server = TapServer(items=_generated(args.generate, args.value_size)).start()
+    print(server.port, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ log = logging.getLogger("astaire.config")
 DEFAULT_CLUSTER_SETTINGS = "/etc/clearwater/cluster_settings"
 DEFAULT_NODE_CONFIG = "/etc/clearwater/config"
 DEFAULT_MEMCACHED_PORT = 11211
+_ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
 class ConfigError(ValueError):
@@ -110,21 +112,16 @@ def parse_node_config(text: str, source: str = "<config>") -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        m = _ASSIGNMENT.match(line)
+        if not m:
+            log.warning("%s:%d: ignored, not a name=value assignment: %r", source, lineno, line)
+            continue
         try:
-            tokens = shlex.split(line, comments=True, posix=True)
+            tokens = shlex.split(m.group(2), comments=True, posix=True)
         except ValueError as exc:
-            log.warning("%s:%d: ignored, cannot parse (%s): %r", source, lineno, exc, line)
+            log.warning("%s:%d: ignored, cannot parse the value (%s): %r", source, lineno, exc, line)
             continue
-        if tokens and tokens[0] == "export":
-            tokens = tokens[1:]
-        if not tokens:
-            continue
-        for token in tokens:
-            name, sep, value = token.partition("=")
-            if not sep or not name.replace("_", "a").isalnum() or name[0].isdigit():
-                log.warning("%s:%d: ignored, not a name=value assignment: %r", source, lineno, line)
-                break
-            result[name] = value
+        result[m.group(1)] = " ".join(tokens)
     return result
 
 

@@ -1,0 +1,214 @@
+"""MemcachedStore-shaped records: generate, load onto a cluster, check where they ended up.
+
+Used by ``astaire demo``, the benchmark and the end-to-end tests. Records are written the
+way Project Clearwater's MemcachedStore writes them: key ``table\\\\key``, item flags = the
+low 32 bits of the write time in milliseconds, absolute expiry, one copy on each replica of
+the key's vbucket. Everything talks pipelined binary protocol (no per-record round trip).
+"""
+from __future__ import annotations
+
+import random
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from astaire import codec
+from astaire.config import parse_server
+from astaire.view import ClusterView, vbucket_for_key
+
+BATCH = 2000
+
+
+@dataclass(frozen=True)
+class Record:
+    key: bytes
+    value: bytes
+    flags: int
+    expiration: int
+
+
+def make_records(count: int, value_size: int = 100, table: str = "demo", seed: int = 1,
+                 now_ms: int | None = None, ttl: int = 3600) -> Iterator[Record]:
+    """``count`` records with keys ``table\\\\key-N``, values of ``value_size`` bytes."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    expiration = int(time.time()) + ttl if ttl else 0
+    rng = random.Random(seed)
+    filler = bytes(rng.randrange(33, 127) for _ in range(max(value_size, 1) + 64))
+    prefix = table.encode() + b"\\\\"
+    for n in range(count):
+        key = prefix + b"key-%d" % n
+        start = n % 64
+        value = filler[start:start + value_size]
+        yield Record(key, value, (now_ms - n) & 0xFFFFFFFF, expiration)
+
+
+class BinaryClient:
+    """A blocking binary-protocol connection that sends requests in pipelined batches."""
+
+    def __init__(self, name: str, timeout: float = 30.0):
+        host, port = parse_server(name)
+        self.name = name
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.parser = codec.FrameParser()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "BinaryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def round_trip(self, requests: bytes, fence_opaque: int = 0xFFFFFFFF) -> list:
+        """Send ``requests`` + a NOOP fence; return every response before the fence."""
+        self.sock.sendall(requests + codec.encode_noop(fence_opaque))
+        responses = []
+        while True:
+            for frame in self.parser:
+                if frame.opcode == codec.OP_NOOP and frame.opaque == fence_opaque:
+                    return responses
+                responses.append(frame)
+            data = self.sock.recv(1 << 18)
+            if not data:
+                raise ConnectionError(f"{self.name} closed the connection")
+            self.parser.feed(data)
+
+
+def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def load(view: ClusterView, records: Iterable[Record]) -> int:
+    """Write each record to every replica of its vbucket in ``view`` (current replicas)."""
+    clients = {name: BinaryClient(name) for name in dict.fromkeys(view.servers or view.new_servers)}
+    count = 0
+    try:
+        for batch in _batches(records):
+            out: dict[str, list] = {name: [] for name in clients}
+            for r in batch:
+                for name in view.write[vbucket_for_key(r.key, view.vbuckets)]:
+                    out[name].append((codec.OP_SETQ, r.key, r.value, r.flags, r.expiration, 0, 0))
+            for name, reqs in out.items():
+                if reqs:
+                    errors = clients[name].round_trip(codec.encode_batch(reqs))
+                    if errors:
+                        raise RuntimeError(f"{name}: SET failed with status {errors[0].status}")
+            count += len(batch)
+    finally:
+        for c in clients.values():
+            c.close()
+    return count
+
+
+def fetch(name: str, keys: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
+    """key -> (value, flags) for the keys ``name`` holds."""
+    found: dict[bytes, tuple[bytes, int]] = {}
+    with BinaryClient(name) as client:
+        for batch in _batches(keys):
+            reqs = [(codec.OP_GETKQ, k, b"", 0, 0, 0, 0) for k in batch]
+            for frame in client.round_trip(codec.encode_batch(reqs)):
+                if frame.status == codec.STATUS_SUCCESS:
+                    found[frame.key] = (frame.value, int.from_bytes(frame.extras[:4], "big"))
+    return found
+
+
+def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
+    """key -> absolute expiry (0 = never) of every item ``name`` holds (lru_crawler)."""
+    host, port = parse_server(name)
+    result: dict[bytes, int] = {}
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        while True:
+            s.sendall(b"lru_crawler metadump all\r\n")
+            buf = b""
+            while True:
+                data = s.recv(1 << 18)
+                if not data:
+                    raise ConnectionError(f"{name} closed the connection during metadump")
+                buf += data
+                if buf.startswith(b"BUSY") and buf.endswith(b"\r\n"):
+                    break
+                if buf.endswith(b"END\r\n"):
+                    break
+            if buf.startswith(b"BUSY"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name}: lru_crawler stayed busy")
+                time.sleep(0.1)
+                continue
+            break
+    for line in buf.split(b"\r\n"):
+        if not line.startswith(b"key="):
+            continue
+        fields = dict(f.split(b"=", 1) for f in line.split(b" ") if b"=" in f)
+        key = urllib.parse.unquote_to_bytes(fields[b"key"])
+        exp = int(fields[b"exp"])
+        result[key] = 0 if exp < 0 else exp
+    return result
+
+
+@dataclass
+class PlacementReport:
+    checked: int
+    missing: list            # (server, key) expected but absent
+    wrong: list              # (server, key, why)
+    misplaced: list          # (server, key) present on a server that should not hold it
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong or self.misplaced)
+
+
+def check_placement(records: list[Record], expected: dict[str, set[bytes]], servers: list[str],
+                    compare_expiry: bool = True, limit: int = 20) -> PlacementReport:
+    """Every server holds exactly the keys in ``expected[server]`` with the records' value, flags and expiry."""
+    by_key = {r.key: r for r in records}
+    report = PlacementReport(0, [], [], [])
+    for name in servers:
+        want = expected.get(name, set())
+        present = metadump(name)
+        ours = {k for k in present if k in by_key}
+        for key in sorted(ours - want)[:limit]:
+            report.misplaced.append((name, key))
+        for key in sorted(want - ours)[:limit]:
+            report.missing.append((name, key))
+        held = fetch(name, sorted(want & ours))
+        for key, (value, flags) in held.items():
+            r = by_key[key]
+            report.checked += 1
+            if value != r.value or flags != r.flags:
+                report.wrong.append((name, key, "value/flags differ"))
+            elif compare_expiry and present[key] != r.expiration:
+                report.wrong.append((name, key, f"expiry {present[key]} != {r.expiration}"))
+    return report
+
+
+def expected_holders(records: list[Record], before: ClusterView, after: ClusterView,
+                     copied_to: Iterable[str]) -> dict[str, set[bytes]]:
+    """Which keys each server should hold after the nodes in ``copied_to`` resynchronised.
+
+    Old replicas keep what they had (Astaire never deletes); a resynchronised node also holds
+    every record of each vbucket it owns in ``after``.
+    """
+    copied_to = set(copied_to)
+    result: dict[str, set[bytes]] = {}
+    for r in records:
+        vb = vbucket_for_key(r.key, before.vbuckets)
+        holders = set(before.write[vb])
+        holders |= {s for s in after.owners(vb) if s in copied_to}
+        for s in holders:
+            result.setdefault(s, set()).add(r.key)
+    return result
+
+
+def quote_key(key: bytes) -> str:
+    return urllib.parse.quote_from_bytes(key, safe="")

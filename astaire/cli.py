@@ -7,6 +7,14 @@ import sys
 from astaire import __version__
 
 
+class _VersionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from astaire import codec  # imported only here: building the parser stays cheap
+
+        print(f"astaire {__version__} (codec: {codec.IMPLEMENTATION})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="astaire",
@@ -15,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         "vbuckets the local memcached newly owns off their old replicas and writes them in, "
         "never overwriting newer data.",
     )
-    parser.add_argument("--version", action="version", version=f"astaire {__version__}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show the version and which codec implementation is loaded, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from astaire import view_cli

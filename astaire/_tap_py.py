@@ -1,0 +1,1099 @@
+"""Binary-protocol / TAP codec and the per-record resync loop, in pure Python.
+
+The reference for, and fallback of, the Cython build ``astaire._tap``: same public
+names, same results, same errors (class, offset and message). Tests run every case
+against both.
+"""
+from __future__ import annotations
+
+import struct
+from collections import deque
+from hashlib import md5 as _md5
+
+from astaire.protocol_errors import (
+    BadLengths,
+    BadMagic,
+    CrawlerBusy,
+    CrawlerError,
+    FrameTooLarge,
+    MalformedFrame,
+    ProtocolError,
+    TapNotSupported,
+    UnexpectedFrame,
+)
+
+MAGIC_REQUEST = 0x80
+MAGIC_RESPONSE = 0x81
+
+OP_GET = 0x00
+OP_SET = 0x01
+OP_ADD = 0x02
+OP_REPLACE = 0x03
+OP_DELETE = 0x04
+OP_QUIT = 0x07
+OP_GETQ = 0x09
+OP_NOOP = 0x0A
+OP_VERSION = 0x0B
+OP_GETK = 0x0C
+OP_GETKQ = 0x0D
+OP_SETQ = 0x11
+OP_ADDQ = 0x12
+OP_REPLACEQ = 0x13
+OP_TAP_CONNECT = 0x40
+OP_TAP_MUTATION = 0x41
+OP_TAP_DELETE = 0x42
+OP_TAP_FLUSH = 0x43
+OP_TAP_OPAQUE = 0x44
+OP_TAP_VBUCKET_SET = 0x45
+OP_TAP_CHECKPOINT_START = 0x46
+OP_TAP_CHECKPOINT_END = 0x47
+
+STATUS_SUCCESS = 0x00
+STATUS_KEY_ENOENT = 0x01
+STATUS_KEY_EEXISTS = 0x02
+STATUS_E2BIG = 0x03
+STATUS_EINVAL = 0x04
+STATUS_NOT_STORED = 0x05
+STATUS_NOT_MY_VBUCKET = 0x07
+STATUS_UNKNOWN_COMMAND = 0x81
+STATUS_ENOMEM = 0x82
+
+TAP_FLAG_DUMP = 0x02
+TAP_FLAG_LIST_VBUCKETS = 0x04
+
+HEADER_SIZE = 24
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+OWN_PREFIX = b"astaire\\\\"
+
+_HEADER = struct.Struct(">BBHBBHIIQ")
+_TAP_EXTRAS = struct.Struct(">HHB3xII")
+_STORE_EXTRAS = struct.Struct(">II")
+_U32 = struct.Struct(">I")
+
+# Opcodes whose request extras are item flags + expiration.
+_STORAGE_OPS = frozenset((OP_SET, OP_ADD, OP_REPLACE, OP_SETQ, OP_ADDQ, OP_REPLACEQ))
+# Statuses after which retrying the same record cannot help.
+_STATUS_NAMES = {
+    STATUS_SUCCESS: "SUCCESS",
+    STATUS_KEY_ENOENT: "KEY_ENOENT",
+    STATUS_KEY_EEXISTS: "KEY_EEXISTS",
+    STATUS_E2BIG: "E2BIG",
+    STATUS_EINVAL: "EINVAL",
+    STATUS_NOT_STORED: "NOT_STORED",
+    STATUS_NOT_MY_VBUCKET: "NOT_MY_VBUCKET",
+    STATUS_UNKNOWN_COMMAND: "UNKNOWN_COMMAND",
+    STATUS_ENOMEM: "ENOMEM",
+}
+_OP_NAMES = {OP_ADDQ: "ADDQ", OP_ADD: "ADD", OP_GETK: "GETK", OP_SET: "SET", OP_GETKQ: "GETKQ"}
+
+# Opaques with this bit set are NOOP fences; record slots use the values below it.
+FENCE_BIT = 0x80000000
+_FENCE_MASK = 0x7FFFFFFF
+# A metadump line longer than this (without a newline) is garbage, not a key listing.
+MAX_METADUMP_LINE = 8192
+
+
+# ---------------------------------------------------------------------------------------
+# Hashing
+
+
+def vbucket_hash(key) -> int:
+    """libmemcached's MD5 hash: the first 4 bytes of md5(key), little-endian."""
+    return int.from_bytes(_md5(key).digest()[:4], "little")
+
+
+def _check_vbuckets(vbuckets) -> int:
+    vbuckets = int(vbuckets)
+    if vbuckets < 1 or vbuckets > 65536 or vbuckets & (vbuckets - 1):
+        raise ValueError(f"vbuckets must be a power of 2 between 1 and 65536, not {vbuckets}")
+    return vbuckets
+
+
+def vbucket_of(key, vbuckets=128) -> int:
+    return vbucket_hash(key) & (_check_vbuckets(vbuckets) - 1)
+
+
+def _wanted_table(wanted, vbuckets) -> bytearray:
+    vbuckets = _check_vbuckets(vbuckets)
+    table = bytearray(vbuckets)
+    for vb in wanted:
+        vb = int(vb)
+        if vb < 0 or vb >= vbuckets:
+            raise ValueError(f"vbucket {vb} out of range 0..{vbuckets - 1}")
+        table[vb] = 1
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# Frames
+
+
+class Frame:
+    """One binary-protocol frame. ``vbucket`` (request) and ``status`` (response) name
+    the same 16-bit header field."""
+
+    __slots__ = ("magic", "opcode", "datatype", "_vbucket_or_status", "opaque", "cas",
+                 "extras", "key", "value", "size", "offset")
+
+    def __init__(self, magic, opcode, datatype, vbucket_or_status, opaque, cas,
+                 extras, key, value, size, offset):
+        self.magic = magic
+        self.opcode = opcode
+        self.datatype = datatype
+        self._vbucket_or_status = vbucket_or_status
+        self.opaque = opaque
+        self.cas = cas
+        self.extras = extras
+        self.key = key
+        self.value = value
+        self.size = size
+        self.offset = offset
+
+    @property
+    def vbucket(self) -> int:
+        return self._vbucket_or_status
+
+    @property
+    def status(self) -> int:
+        return self._vbucket_or_status
+
+    def __repr__(self):
+        return (f"Frame(magic=0x{self.magic:02x}, opcode=0x{self.opcode:02x}, "
+                f"vbucket_or_status={self._vbucket_or_status}, opaque={self.opaque}, cas={self.cas}, "
+                f"extras={self.extras!r}, key={self.key!r}, value={self.value!r}, "
+                f"size={self.size}, offset={self.offset})")
+
+
+class TapMutation:
+    """A decoded TAP_MUTATION: the item and its TAP metadata."""
+
+    __slots__ = ("key", "value", "flags", "expiration", "cas", "ttl", "tap_flags", "engine_specific")
+
+    def __init__(self, key, value, flags, expiration, cas, ttl, tap_flags, engine_specific):
+        self.key = key
+        self.value = value
+        self.flags = flags
+        self.expiration = expiration
+        self.cas = cas
+        self.ttl = ttl
+        self.tap_flags = tap_flags
+        self.engine_specific = engine_specific
+
+    def __eq__(self, other):
+        if not isinstance(other, TapMutation):
+            return NotImplemented
+        return (self.key, self.value, self.flags, self.expiration, self.cas, self.ttl,
+                self.tap_flags, self.engine_specific) == (
+            other.key, other.value, other.flags, other.expiration, other.cas, other.ttl,
+            other.tap_flags, other.engine_specific)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"TapMutation(key={self.key!r}, value={self.value!r}, flags=0x{self.flags:08x}, "
+                f"expiration={self.expiration}, cas={self.cas}, ttl={self.ttl}, "
+                f"tap_flags=0x{self.tap_flags:04x}, engine_specific={self.engine_specific!r})")
+
+
+def _header_error(buf, pos, avail, offset, max_body):
+    """Validate the frame starting at buf[pos] with ``avail`` bytes present.
+
+    Returns the whole frame size, 0 if more bytes are needed, or raises. Magic is
+    checked from the first byte so that a text answer is not waited on for 24 bytes.
+    """
+    magic = buf[pos]
+    if magic != MAGIC_REQUEST and magic != MAGIC_RESPONSE:
+        raise BadMagic(f"bad magic 0x{magic:02x}", offset)
+    if avail < HEADER_SIZE:
+        return 0
+    keylen = (buf[pos + 2] << 8) | buf[pos + 3]
+    extlen = buf[pos + 4]
+    body = _U32.unpack_from(buf, pos + 8)[0]
+    if body > max_body:
+        raise FrameTooLarge(f"frame body of {body} bytes exceeds the limit of {max_body}", offset)
+    if extlen + keylen > body:
+        raise BadLengths(f"extras ({extlen}) + key ({keylen}) longer than the body ({body})", offset)
+    size = HEADER_SIZE + body
+    return size if avail >= size else 0
+
+
+def _frame_at(buf, pos, size, offset) -> Frame:
+    magic, opcode, keylen, extlen, datatype, vbs, body, opaque, cas = _HEADER.unpack_from(buf, pos)
+    p = pos + HEADER_SIZE
+    k = p + extlen
+    v = k + keylen
+    return Frame(magic, opcode, datatype, vbs, opaque, cas,
+                 bytes(buf[p:k]), bytes(buf[k:v]), bytes(buf[v:pos + size]), size, offset)
+
+
+class FrameParser:
+    """Streaming frame parser: ``feed`` chunks of any size, iterate complete frames.
+
+    One growable buffer with a head offset, compacted when the consumed part dominates
+    (msgpack's Unpacker style). Headers are validated as soon as they are complete, so a
+    hostile length is refused before anything is allocated for it.
+    """
+
+    def __init__(self, max_body=DEFAULT_MAX_BODY):
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
+        self.max_body = int(max_body)
+        self._buf = bytearray()
+        self._head = 0
+        self._offset = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._head
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def feed(self, data) -> None:
+        buf = self._buf
+        if self._head:
+            if self._head == len(buf):
+                buf.clear()
+                self._head = 0
+            elif self._head >= 65536 or self._head * 2 >= len(buf):
+                del buf[:self._head]
+                self._head = 0
+        buf += data
+
+    def _next(self):
+        buf = self._buf
+        pos = self._head
+        avail = len(buf) - pos
+        if avail == 0:
+            return None
+        size = _header_error(buf, pos, avail, self._offset, self.max_body)
+        if not size:
+            return None
+        frame = _frame_at(buf, pos, size, self._offset)
+        self._head = pos + size
+        self._offset += size
+        return frame
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Frame:
+        frame = self._next()
+        if frame is None:
+            raise StopIteration
+        return frame
+
+    def frames(self) -> list:
+        """All complete frames buffered now."""
+        out = []
+        while True:
+            frame = self._next()
+            if frame is None:
+                return out
+            out.append(frame)
+
+
+def _decode_tap_body(buf, pos, size, offset, want_value=True):
+    """Decode the TAP_MUTATION whose frame is buf[pos:pos+size] (header already checked).
+
+    Returns (engine_len, keylen, tap_flags, ttl, flags, expiration)."""
+    keylen = (buf[pos + 2] << 8) | buf[pos + 3]
+    extlen = buf[pos + 4]
+    if extlen != 16:
+        raise MalformedFrame(f"TAP_MUTATION extras length {extlen}, expected 16", offset)
+    engine_len, tap_flags, ttl, flags, expiration = _TAP_EXTRAS.unpack_from(buf, pos + HEADER_SIZE)
+    body = size - HEADER_SIZE
+    if 16 + engine_len + keylen > body:
+        raise BadLengths(
+            f"TAP_MUTATION extras (16) + engine ({engine_len}) + key ({keylen}) longer than the body ({body})",
+            offset)
+    return engine_len, keylen, tap_flags, ttl, flags, expiration
+
+
+def decode_tap_mutation(frame) -> TapMutation:
+    """Decode a TAP_MUTATION frame in the Clearwater fork's layout (DESIGN.md)."""
+    if frame.magic != MAGIC_REQUEST or frame.opcode != OP_TAP_MUTATION:
+        raise UnexpectedFrame(
+            f"not a TAP_MUTATION (magic 0x{frame.magic:02x}, opcode 0x{frame.opcode:02x})", frame.offset)
+    extras = frame.extras
+    keylen = len(frame.key)
+    if len(extras) != 16:
+        raise MalformedFrame(f"TAP_MUTATION extras length {len(extras)}, expected 16", frame.offset)
+    engine_len, tap_flags, ttl, flags, expiration = _TAP_EXTRAS.unpack(extras)
+    rest = frame.key + frame.value
+    body = 16 + len(rest)
+    if 16 + engine_len + keylen > body:
+        raise BadLengths(
+            f"TAP_MUTATION extras (16) + engine ({engine_len}) + key ({keylen}) longer than the body ({body})",
+            frame.offset)
+    return TapMutation(rest[engine_len:engine_len + keylen], rest[engine_len + keylen:], flags, expiration,
+                       frame.cas, ttl, tap_flags, rest[:engine_len])
+
+
+def _classify_tap(buf, pos, offset):
+    """0 = TAP_MUTATION, 1 = other TAP opcode to skip; raises for anything else."""
+    magic = buf[pos]
+    opcode = buf[pos + 1]
+    if magic == MAGIC_REQUEST:
+        if opcode == OP_TAP_MUTATION:
+            return 0
+        if OP_TAP_DELETE <= opcode <= OP_TAP_CHECKPOINT_END:
+            return 1
+    elif opcode == OP_TAP_CONNECT:
+        status = (buf[pos + 6] << 8) | buf[pos + 7]
+        raise TapNotSupported(f"server answered TAP_CONNECT with status 0x{status:04x}: no TAP", offset)
+    kind = "request" if magic == MAGIC_REQUEST else "response"
+    raise UnexpectedFrame(f"unexpected {kind} opcode 0x{opcode:02x} on a TAP stream", offset)
+
+
+def _scan_tap(data, wanted, vbuckets, max_body, keep):
+    """Shared body of filter_mutations / filter_count."""
+    table = _wanted_table(wanted, vbuckets)
+    mask = len(table) - 1
+    buf = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    end = len(buf)
+    pos = 0
+    kept = seen = 0
+    records = [] if keep else None
+    while pos < end:
+        size = _header_error(buf, pos, end - pos, pos, max_body)
+        if not size:
+            break
+        if _classify_tap(buf, pos, pos) == 0:
+            engine_len, keylen, tap_flags, ttl, flags, expiration = _decode_tap_body(buf, pos, size, pos)
+            seen += 1
+            k = pos + HEADER_SIZE + 16 + engine_len
+            key = bytes(buf[k:k + keylen])
+            if table[vbucket_hash(key) & mask]:
+                kept += 1
+                if keep:
+                    cas = int.from_bytes(buf[pos + 16:pos + 24], "big")
+                    records.append(TapMutation(key, bytes(buf[k + keylen:pos + size]), flags, expiration, cas,
+                                               ttl, tap_flags, bytes(buf[k - engine_len:k])))
+        pos += size
+    return records, kept, seen, pos
+
+
+def filter_mutations(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
+    """Parse a buffer of TAP frames, keep the TAP_MUTATIONs of wanted vbuckets.
+
+    Returns (records, consumed): consumed = bytes of whole frames. Other TAP opcodes are
+    skipped; frames with no place on a TAP stream raise as ``Writer.feed_tap`` does."""
+    records, _kept, _seen, consumed = _scan_tap(data, wanted, vbuckets, max_body, True)
+    return records, consumed
+
+
+def filter_count(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
+    """Like filter_mutations but only counts: (kept, seen, consumed)."""
+    _records, kept, seen, consumed = _scan_tap(data, wanted, vbuckets, max_body, False)
+    return kept, seen, consumed
+
+
+# ---------------------------------------------------------------------------------------
+# Encoders
+
+
+def _u32(name, v):
+    v = int(v)
+    if v < 0 or v > 0xFFFFFFFF:
+        raise OverflowError(f"{name} {v} does not fit in 32 bits")
+    return v
+
+
+def _u64(name, v):
+    v = int(v)
+    if v < 0 or v > 0xFFFFFFFFFFFFFFFF:
+        raise OverflowError(f"{name} {v} does not fit in 64 bits")
+    return v
+
+
+def _header_into(out, magic, opcode, keylen, extlen, vbucket, bodylen, opaque, cas):
+    if keylen > 0xFFFF:
+        raise ValueError(f"key of {keylen} bytes is longer than 65535")
+    if extlen > 0xFF:
+        raise ValueError(f"extras of {extlen} bytes is longer than 255")
+    if bodylen > 0xFFFFFFFF:
+        raise ValueError(f"body of {bodylen} bytes is longer than 4 GiB")
+    out += _HEADER.pack(magic, opcode, keylen, extlen, 0, vbucket, bodylen, opaque, cas)
+
+
+def _request_into(out, opcode, key, value, extras, opaque, cas, vbucket):
+    opcode = int(opcode)
+    if opcode < 0 or opcode > 0xFF:
+        raise OverflowError(f"opcode {opcode} does not fit in 8 bits")
+    vbucket = int(vbucket)
+    if vbucket < 0 or vbucket > 0xFFFF:
+        raise OverflowError(f"vbucket {vbucket} does not fit in 16 bits")
+    _header_into(out, MAGIC_REQUEST, opcode, len(key), len(extras), vbucket,
+                 len(extras) + len(key) + len(value), _u32("opaque", opaque), _u64("cas", cas))
+    out += extras
+    out += key
+    out += value
+
+
+def encode_request(opcode, key=b"", value=b"", extras=b"", opaque=0, cas=0, vbucket=0) -> bytes:
+    out = bytearray()
+    _request_into(out, opcode, key, value, extras, opaque, cas, vbucket)
+    return bytes(out)
+
+
+def encode_tap_connect(flags=TAP_FLAG_DUMP, vbuckets=None, name=b"") -> bytes:
+    flags = _u32("flags", flags)
+    value = b""
+    if vbuckets is not None:
+        ids = [int(v) for v in vbuckets]
+        if len(ids) > 0xFFFF:
+            raise ValueError("too many vbuckets in TAP_CONNECT")
+        for v in ids:
+            if v < 0 or v > 0xFFFF:
+                raise OverflowError(f"vbucket {v} does not fit in 16 bits")
+        flags |= TAP_FLAG_LIST_VBUCKETS
+        value = struct.pack(f">H{len(ids)}H", len(ids), *ids)
+    return encode_request(OP_TAP_CONNECT, name, value, _U32.pack(flags))
+
+
+def encode_get(key, opaque=0) -> bytes:
+    return encode_request(OP_GET, key, opaque=opaque)
+
+
+def encode_getk(key, opaque=0) -> bytes:
+    return encode_request(OP_GETK, key, opaque=opaque)
+
+
+def encode_getkq(key, opaque=0) -> bytes:
+    return encode_request(OP_GETKQ, key, opaque=opaque)
+
+
+def _store(opcode, key, value, flags, expiration, opaque, cas):
+    extras = _STORE_EXTRAS.pack(_u32("flags", flags), _u32("expiration", expiration))
+    return encode_request(opcode, key, value, extras, opaque, cas)
+
+
+def encode_add(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
+    return _store(OP_ADD, key, value, flags, expiration, opaque, cas)
+
+
+def encode_addq(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
+    return _store(OP_ADDQ, key, value, flags, expiration, opaque, cas)
+
+
+def encode_set(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
+    return _store(OP_SET, key, value, flags, expiration, opaque, cas)
+
+
+def encode_setq(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
+    return _store(OP_SETQ, key, value, flags, expiration, opaque, cas)
+
+
+def encode_replace(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
+    return _store(OP_REPLACE, key, value, flags, expiration, opaque, cas)
+
+
+def encode_delete(key, opaque=0, cas=0) -> bytes:
+    return encode_request(OP_DELETE, key, opaque=opaque, cas=cas)
+
+
+def encode_noop(opaque=0) -> bytes:
+    return encode_request(OP_NOOP, opaque=opaque)
+
+
+def encode_version(opaque=0) -> bytes:
+    return encode_request(OP_VERSION, opaque=opaque)
+
+
+def encode_tap_mutation(key, value, flags=0, expiration=0, cas=0, ttl=0xFF, tap_flags=0,
+                        engine_specific=b"", opaque=0) -> bytes:
+    """A TAP_MUTATION in the Clearwater fork's layout (used by the test TAP server)."""
+    ttl = int(ttl)
+    if ttl < 0 or ttl > 0xFF:
+        raise OverflowError(f"ttl {ttl} does not fit in 8 bits")
+    tap_flags = int(tap_flags)
+    if tap_flags < 0 or tap_flags > 0xFFFF:
+        raise OverflowError(f"tap_flags {tap_flags} does not fit in 16 bits")
+    if len(engine_specific) > 0xFFFF:
+        raise ValueError("engine_specific longer than 65535 bytes")
+    extras = _TAP_EXTRAS.pack(len(engine_specific), tap_flags, ttl, _u32("flags", flags),
+                              _u32("expiration", expiration))
+    out = bytearray()
+    _header_into(out, MAGIC_REQUEST, OP_TAP_MUTATION, len(key), 16, 0,
+                 16 + len(engine_specific) + len(key) + len(value), _u32("opaque", opaque), _u64("cas", cas))
+    out += extras
+    out += engine_specific
+    out += key
+    out += value
+    return bytes(out)
+
+
+def encode_batch(requests) -> bytes:
+    """Encode (opcode, key, value, flags, expiration, opaque, cas) tuples into one buffer.
+    Storage opcodes get flags + expiration extras; the others ignore them."""
+    out = bytearray()
+    for opcode, key, value, flags, expiration, opaque, cas in requests:
+        if opcode in _STORAGE_OPS:
+            extras = _STORE_EXTRAS.pack(_u32("flags", flags), _u32("expiration", expiration))
+        else:
+            extras = b""
+        _request_into(out, opcode, key, value, extras, opaque, cas, 0)
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The Writer: per-record resync loop
+
+# Record states: what the record waits for.
+_ST_FREE = 0
+_ST_ADDQ = 1   # quiet ADD sent: an error response, or its fence, settles it
+_ST_GETK = 2   # read of the local copy sent
+_ST_SET = 3    # CAS SET sent
+_ST_ADD = 4    # non-quiet ADD sent (after the key vanished)
+
+_EXPECTED_OP = {_ST_ADDQ: OP_ADDQ, _ST_GETK: OP_GETK, _ST_SET: OP_SET, _ST_ADD: OP_ADD}
+
+
+class _Record:
+    __slots__ = ("key", "value", "flags", "exp", "state", "rounds", "fence")
+
+    def __init__(self, key, value, flags, exp):
+        self.key = key
+        self.value = value
+        self.flags = flags
+        self.exp = exp
+        self.state = _ST_FREE
+        self.rounds = 0
+        self.fence = 0
+
+
+def _key_text(key) -> str:
+    return repr(bytes(key[:80]))
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _decode_uri(raw, offset):
+    """memcached's uriencode reversed (%XX); strict about malformed escapes."""
+    if b"%" not in raw:
+        return bytes(raw)
+    parts = raw.split(b"%")
+    out = bytearray(parts[0])
+    for part in parts[1:]:
+        if len(part) < 2:
+            raise CrawlerError("bad %-escape in metadump key", offset)
+        if part[0] not in _HEX or part[1] not in _HEX:
+            raise CrawlerError("bad %-escape in metadump key", offset)
+        out.append(int(part[:2], 16))
+        out += part[2:]
+    return bytes(out)
+
+
+class Writer:
+    """Writes one source stream's records into the local memcached (the target), by the
+    conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
+    only for records the ADDQ found present. Python does the socket I/O and hands whole
+    chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
+    what ``target_requests`` and ``fetch_requests`` return."""
+
+    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64):
+        self._table = _wanted_table(wanted, vbuckets)
+        self._mask = len(self._table) - 1
+        self.vbuckets = len(self._table)
+        window = int(window)
+        if window < 1 or window > _FENCE_MASK:
+            raise ValueError(f"window must be between 1 and {_FENCE_MASK}, not {window}")
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.window = window
+        self.max_body = int(max_body)
+        self.max_retries = int(max_retries)
+        self._fence_every = max(1, window // 4)
+        # Counters.
+        self.entries = 0
+        self.bytes = 0
+        self.added = 0
+        self.replaced = 0
+        self.kept = 0
+        self.failed = 0
+        self.retries = 0
+        self.skipped_own = 0
+        self.skipped_unwanted = 0
+        self.tombstones = 0
+        self.other_tap = 0
+        self.vanished = 0
+        self.duplicates = 0
+        self.last_error = ""
+        self._vb_entries = [0] * self.vbuckets
+        self._vb_bytes = [0] * self.vbuckets
+        # Source side (TAP).
+        self._src = bytearray()
+        self._src_head = 0
+        self._src_offset = 0
+        self._finished = False
+        # Records accepted but not yet given a slot, and the slots (opaque = index).
+        self._queue = deque()
+        self._slots = [None] * window
+        self._free = list(range(window - 1, -1, -1))
+        self._in_use = 0
+        # Quiet ADDs in flight, in send order: (slot, fence seq); and fences awaited.
+        self._addq_fifo = deque()
+        self._fences = deque()
+        self._fence_seq = 0
+        self._unfenced = 0
+        self._out = bytearray()
+        # Target side.
+        self._tgt = bytearray()
+        self._tgt_head = 0
+        self._tgt_offset = 0
+        # Crawler side.
+        self._md = bytearray()
+        self._md_head = 0
+        self._md_offset = 0
+        self._md_ended = False
+        self._fetch_queue = deque()        # (key, exp, vb) not sent yet
+        self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
+        self._fetch_batches = deque()      # (noop opaque, {opaque: (key, exp, vb)})
+        self._fetch_in_flight = 0
+        self._fetch_seq = 0
+        self._fetch_batch_seq = 0
+        self._fetch_out = bytearray()
+        self._fch = bytearray()
+        self._fch_head = 0
+        self._fch_offset = 0
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Records accepted but not yet settled."""
+        return len(self._queue) + self._in_use
+
+    @property
+    def fetch_backlog(self) -> int:
+        """Crawler fetches listed but not yet answered."""
+        return len(self._fetch_queue) + self._fetch_in_flight
+
+    @property
+    def done(self) -> bool:
+        return ((self._finished or self._md_ended) and not self._queue and not self._in_use
+                and not self._fences and not self._out and not self._fetch_queue
+                and not self._fetch_in_flight)
+
+    def stats(self) -> dict:
+        return {
+            "entries": self.entries, "bytes": self.bytes, "added": self.added,
+            "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
+            "retries": self.retries, "skipped_own": self.skipped_own,
+            "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "last_error": self.last_error, "backlog": self.backlog,
+            "fetch_backlog": self.fetch_backlog, "done": self.done,
+        }
+
+    def vbucket_counts(self) -> dict:
+        """{vbucket: (entries, bytes)} for every wanted vbucket, cumulative."""
+        return {vb: (self._vb_entries[vb], self._vb_bytes[vb])
+                for vb in range(self.vbuckets) if self._table[vb]}
+
+    def finish(self) -> None:
+        """The source ended cleanly. A frame cut short by the end is a protocol error."""
+        if self._src_head < len(self._src):
+            raise MalformedFrame(
+                f"source stream ended inside a frame ({len(self._src) - self._src_head} bytes buffered)",
+                self._src_offset)
+        self._finished = True
+        self._close_batch()
+
+    # -- source: TAP -----------------------------------------------------------------
+
+    def _accept(self, key, value, flags, exp, vb, size):
+        self.entries += 1
+        self.bytes += size
+        self._vb_entries[vb] += 1
+        self._vb_bytes[vb] += size
+        if not value:
+            self.tombstones += 1
+        self._queue.append(_Record(key, value, flags, exp))
+
+    def feed_tap(self, data) -> int:
+        """Take a chunk of the TAP stream; returns how many records it accepted."""
+        buf = self._src
+        if self._src_head:
+            del buf[:self._src_head]
+            self._src_head = 0
+        buf += data
+        pos = 0
+        end = len(buf)
+        accepted = 0
+        table = self._table
+        mask = self._mask
+        max_body = self.max_body
+        try:
+            while pos < end:
+                offset = self._src_offset
+                size = _header_error(buf, pos, end - pos, offset, max_body)
+                if not size:
+                    break
+                if _classify_tap(buf, pos, offset):
+                    self.other_tap += 1
+                else:
+                    engine_len, keylen, _tf, _ttl, flags, exp = _decode_tap_body(buf, pos, size, offset)
+                    k = pos + HEADER_SIZE + 16 + engine_len
+                    key = bytes(buf[k:k + keylen])
+                    if key.startswith(OWN_PREFIX):
+                        self.skipped_own += 1
+                    else:
+                        vb = vbucket_hash(key) & mask
+                        if table[vb]:
+                            self._accept(key, bytes(buf[k + keylen:pos + size]), flags, exp, vb, size)
+                            accepted += 1
+                        else:
+                            self.skipped_unwanted += 1
+                pos += size
+                self._src_offset += size
+        finally:
+            self._src_head = pos
+        return accepted
+
+    # -- target ----------------------------------------------------------------------
+
+    def _emit_fence(self):
+        seq = self._fence_seq
+        self._fence_seq = (seq + 1) & _FENCE_MASK
+        self._fences.append(seq)
+        self._out += encode_noop(FENCE_BIT | seq)
+        self._unfenced = 0
+
+    def _close_batch(self):
+        if self._unfenced:
+            self._emit_fence()
+
+    def _pump(self):
+        """Give queued records free slots: a quiet ADD each, a fence every batch."""
+        queue = self._queue
+        free = self._free
+        out = self._out
+        fifo = self._addq_fifo
+        slots = self._slots
+        while queue and free:
+            rec = queue.popleft()
+            slot = free.pop()
+            slots[slot] = rec
+            self._in_use += 1
+            rec.state = _ST_ADDQ
+            rec.fence = self._fence_seq
+            out += _store(OP_ADDQ, rec.key, rec.value, rec.flags, rec.exp, slot, 0)
+            fifo.append((slot, rec.fence))
+            self._unfenced += 1
+            if self._unfenced >= self._fence_every:
+                self._emit_fence()
+        self._close_batch()
+
+    def target_requests(self) -> bytes:
+        """The frames to send to the local memcached now (the buffer is cleared)."""
+        self._pump()
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _settle(self, slot, outcome):
+        self._slots[slot] = None
+        self._free.append(slot)
+        self._in_use -= 1
+        if outcome == 0:
+            self.added += 1
+        elif outcome == 1:
+            self.replaced += 1
+        elif outcome == 2:
+            self.kept += 1
+        else:
+            self.failed += 1
+
+    def _fail(self, slot, rec, what):
+        self.last_error = what
+        self._settle(slot, 3)
+
+    def _retry(self, slot, rec, state):
+        """Another round for a record that lost a race: re-read (GETK) or re-add (ADD)."""
+        rec.rounds += 1
+        self.retries += 1
+        if rec.rounds > self.max_retries:
+            self._fail(slot, rec, f"gave up on key {_key_text(rec.key)} after {self.max_retries} retries")
+            return
+        self._send(slot, rec, state)
+
+    def _send(self, slot, rec, state):
+        rec.state = state
+        if state == _ST_GETK:
+            self._out += encode_request(OP_GETK, rec.key, opaque=slot)
+        else:  # _ST_ADD
+            self._out += _store(OP_ADD, rec.key, rec.value, rec.flags, rec.exp, slot, 0)
+
+    def feed_target(self, data) -> None:
+        """Take a chunk of the local memcached's responses."""
+        buf = self._tgt
+        if self._tgt_head:
+            del buf[:self._tgt_head]
+            self._tgt_head = 0
+        buf += data
+        pos = 0
+        end = len(buf)
+        try:
+            while pos < end:
+                offset = self._tgt_offset
+                size = _header_error(buf, pos, end - pos, offset, self.max_body)
+                if not size:
+                    break
+                self._on_target(_frame_at(buf, pos, size, offset))
+                pos += size
+                self._tgt_offset += size
+        finally:
+            self._tgt_head = pos
+
+    def _on_target(self, f):
+        offset = f.offset
+        if f.magic != MAGIC_RESPONSE:
+            raise UnexpectedFrame(f"request opcode 0x{f.opcode:02x} from the target", offset)
+        opaque = f.opaque
+        if f.opcode == OP_NOOP and opaque & FENCE_BIT:
+            seq = opaque & _FENCE_MASK
+            if not self._fences or self._fences[0] != seq:
+                raise UnexpectedFrame(f"NOOP response with unexpected opaque 0x{opaque:08x} from the target",
+                                      offset)
+            self._fences.popleft()
+            fifo = self._addq_fifo
+            slots = self._slots
+            while fifo and fifo[0][1] == seq:
+                slot, fseq = fifo.popleft()
+                rec = slots[slot]
+                if rec is not None and rec.state == _ST_ADDQ and rec.fence == fseq:
+                    self._settle(slot, 0)
+            return
+        rec = self._slots[opaque] if opaque < self.window else None
+        if rec is None or _EXPECTED_OP[rec.state] != f.opcode:
+            raise UnexpectedFrame(
+                f"response opcode 0x{f.opcode:02x} with unexpected opaque 0x{opaque:08x} from the target", offset)
+        status = f.status
+        slot = opaque
+        state = rec.state
+        if state == _ST_GETK:
+            if status == STATUS_SUCCESS:
+                if len(f.extras) != 4:
+                    raise MalformedFrame(f"GETK response extras length {len(f.extras)}, expected 4", offset)
+                if f.key != rec.key:
+                    raise UnexpectedFrame("GETK response for another key from the target", offset)
+                local = _U32.unpack(f.extras)[0]
+                if (local - rec.flags) & 0x80000000:  # int32(local - record) < 0: the local copy is older
+                    rec.state = _ST_SET
+                    self._out += _store(OP_SET, rec.key, rec.value, rec.flags, rec.exp, slot, f.cas)
+                else:
+                    self._settle(slot, 2)
+                return
+            if status == STATUS_KEY_ENOENT:
+                self._retry(slot, rec, _ST_ADD)
+                return
+        elif state == _ST_ADDQ or state == _ST_ADD:
+            if status == STATUS_SUCCESS:
+                self._settle(slot, 0)
+                return
+            if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
+                if state == _ST_ADDQ:
+                    self._send(slot, rec, _ST_GETK)   # the normal path when the key is present
+                else:
+                    self._retry(slot, rec, _ST_GETK)
+                return
+        else:  # _ST_SET
+            if status == STATUS_SUCCESS:
+                self._settle(slot, 1)
+                return
+            if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
+                self._retry(slot, rec, _ST_GETK)
+                return
+            if status == STATUS_KEY_ENOENT:
+                self._retry(slot, rec, _ST_ADD)
+                return
+        name = _STATUS_NAMES.get(status, "unknown status")
+        text = bytes(f.value[:200]).decode("utf-8", "replace")
+        self._fail(slot, rec, f"{_OP_NAMES[f.opcode]} of key {_key_text(rec.key)} failed: "
+                              f"status 0x{status:04x} {name} {text!r}")
+
+    # -- source: crawler -------------------------------------------------------------
+
+    def feed_metadump(self, data) -> bool:
+        """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
+        if self._md_ended:
+            if data:
+                raise CrawlerError("data after END", self._md_offset)
+            return True
+        buf = self._md
+        if self._md_head:
+            del buf[:self._md_head]
+            self._md_head = 0
+        buf += data
+        pos = 0
+        try:
+            while True:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    if len(buf) - pos > MAX_METADUMP_LINE:
+                        raise CrawlerError("metadump line too long", self._md_offset)
+                    break
+                end = nl
+                if end > pos and buf[end - 1] == 0x0D:
+                    end -= 1
+                line = bytes(buf[pos:end])
+                offset = self._md_offset
+                self._md_offset += nl + 1 - pos
+                pos = nl + 1
+                if self._on_metadump_line(line, offset):
+                    self._md_ended = True
+                    if pos < len(buf):
+                        raise CrawlerError("data after END", self._md_offset)
+                    break
+        finally:
+            self._md_head = pos
+        return self._md_ended
+
+    def _on_metadump_line(self, line, offset) -> bool:
+        if line.startswith(b"key="):
+            sp = line.find(b" ")
+            raw = line[4:] if sp < 0 else line[4:sp]
+            exp = None
+            if sp >= 0:
+                for field in line[sp + 1:].split(b" "):
+                    if field.startswith(b"exp="):
+                        try:
+                            exp = int(field[4:])
+                        except ValueError:
+                            raise CrawlerError("bad exp in metadump line", offset) from None
+                        break
+            if exp is None or exp < -1 or exp > 0xFFFFFFFF:
+                raise CrawlerError("metadump line without a valid exp", offset)
+            key = _decode_uri(raw, offset)
+            if not key or len(key) > 250:
+                raise CrawlerError("bad key in metadump line", offset)
+            if exp < 0:
+                exp = 0
+            if key.startswith(OWN_PREFIX):
+                self.skipped_own += 1
+                return False
+            vb = vbucket_hash(key) & self._mask
+            if not self._table[vb]:
+                self.skipped_unwanted += 1
+                return False
+            queued = self._fetch_queued_keys
+            if key in queued:
+                self.duplicates += 1  # the one queued fetch will read the latest copy
+                return False
+            queued[key] = 1
+            self._fetch_queue.append((key, exp, vb))
+            return False
+        if line == b"END":
+            return True
+        if line == b"OK":
+            return False
+        if line == b"BUSY" or line.startswith(b"BUSY "):
+            raise CrawlerBusy(f"crawler busy: {line[:200].decode('utf-8', 'replace')}", offset)
+        if line == b"ERROR" or line.startswith((b"ERROR ", b"CLIENT_ERROR", b"SERVER_ERROR")):
+            raise CrawlerError(f"crawler error: {line[:200].decode('utf-8', 'replace')}", offset)
+        raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
+
+    def fetch_requests(self) -> bytes:
+        """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
+        ``window`` fetches and unsettled records are in flight together."""
+        room = self.window - self._fetch_in_flight - self.backlog
+        queue = self._fetch_queue
+        queued = self._fetch_queued_keys
+        out = self._fetch_out
+        while room > 0 and queue:
+            n = min(room, self._fence_every, len(queue))
+            batch = {}
+            for _ in range(n):
+                key, exp, vb = queue.popleft()
+                del queued[key]
+                opaque = self._fetch_seq
+                self._fetch_seq = (opaque + 1) & _FENCE_MASK
+                batch[opaque] = (key, exp, vb)
+                out += encode_request(OP_GETKQ, key, opaque=opaque)
+            noop = FENCE_BIT | self._fetch_batch_seq
+            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & _FENCE_MASK
+            out += encode_noop(noop)
+            self._fetch_batches.append((noop, batch))
+            self._fetch_in_flight += n
+            room -= n
+        data = bytes(out)
+        out.clear()
+        return data
+
+    def feed_fetch(self, data) -> None:
+        """Take a chunk of the source's answers to ``fetch_requests``."""
+        buf = self._fch
+        if self._fch_head:
+            del buf[:self._fch_head]
+            self._fch_head = 0
+        buf += data
+        pos = 0
+        end = len(buf)
+        try:
+            while pos < end:
+                offset = self._fch_offset
+                size = _header_error(buf, pos, end - pos, offset, self.max_body)
+                if not size:
+                    break
+                self._on_fetch(_frame_at(buf, pos, size, offset))
+                pos += size
+                self._fch_offset += size
+        finally:
+            self._fch_head = pos
+
+    def _on_fetch(self, f):
+        offset = f.offset
+        if f.magic != MAGIC_RESPONSE or not self._fetch_batches:
+            raise UnexpectedFrame(f"unexpected opcode 0x{f.opcode:02x} on the fetch connection", offset)
+        noop, batch = self._fetch_batches[0]
+        if f.opcode == OP_NOOP and f.opaque == noop:
+            self._fetch_batches.popleft()
+            self.vanished += len(batch)
+            self._fetch_in_flight -= len(batch)
+            return
+        if f.opcode not in (OP_GETKQ, OP_GETK) or f.opaque not in batch:
+            raise UnexpectedFrame(
+                f"response opcode 0x{f.opcode:02x} with unexpected opaque 0x{f.opaque:08x} on the fetch connection",
+                offset)
+        key, exp, vb = batch.pop(f.opaque)
+        self._fetch_in_flight -= 1
+        status = f.status
+        if status == STATUS_SUCCESS:
+            if len(f.extras) != 4:
+                raise MalformedFrame(f"GETKQ response extras length {len(f.extras)}, expected 4", offset)
+            if f.key != key:
+                raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
+            self._accept(key, f.value, _U32.unpack(f.extras)[0], exp, vb, f.size)
+        elif status == STATUS_KEY_ENOENT:
+            self.vanished += 1
+        else:
+            name = _STATUS_NAMES.get(status, "unknown status")
+            self.failed += 1
+            self.last_error = (f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} "
+                               f"{bytes(f.value[:200]).decode('utf-8', 'replace')!r}")
+
+
+__all__ = [
+    "MAGIC_REQUEST", "MAGIC_RESPONSE",
+    "OP_GET", "OP_SET", "OP_ADD", "OP_REPLACE", "OP_DELETE", "OP_QUIT", "OP_GETQ", "OP_NOOP",
+    "OP_VERSION", "OP_GETK", "OP_GETKQ", "OP_SETQ", "OP_ADDQ", "OP_REPLACEQ",
+    "OP_TAP_CONNECT", "OP_TAP_MUTATION", "OP_TAP_DELETE", "OP_TAP_FLUSH", "OP_TAP_OPAQUE",
+    "OP_TAP_VBUCKET_SET", "OP_TAP_CHECKPOINT_START", "OP_TAP_CHECKPOINT_END",
+    "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
+    "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
+    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
+    "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
+    "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
+    "Frame", "TapMutation", "FrameParser", "Writer",
+    "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
+    "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
+    "encode_add", "encode_addq", "encode_set", "encode_setq", "encode_replace",
+    "encode_delete", "encode_noop", "encode_version", "encode_tap_mutation", "encode_batch",
+]

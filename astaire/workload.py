@@ -146,7 +146,8 @@ def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
                 time.sleep(0.1)
                 continue
             break
-    for line in buf.split(b"\r\n"):
+    for line in buf.split(b"\n"):  # metadump lines end in "\n", END in "\r\n"
+        line = line.rstrip(b"\r")
         if not line.startswith(b"key="):
             continue
         fields = dict(f.split(b"=", 1) for f in line.split(b" ") if b"=" in f)

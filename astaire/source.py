@@ -1,0 +1,279 @@
+"""The source side: an old replica streamed over TAP (Clearwater fork) or the LRU crawler (stock).
+
+Everything here runs before the bulk transfer starts, on blocking sockets with timeouts,
+and hands ``astaire.stream`` connected sockets plus any bytes already read from them.
+
+TAP: one connection, one ``TAP_CONNECT`` (DUMP, LIST_VBUCKETS), then the server sends its
+whole dump and closes. The fork ignores the vbucket list; the Writer filters.
+
+Telling TAP from stock memcached safely (DESIGN.md): the TAP_CONNECT is sent on a fresh
+connection that becomes the real stream if the server speaks TAP. Stock memcached answers
+an unknown opcode only after discarding ``extras + key`` bytes *more* than the frame had,
+so it says nothing at first. If nothing arrives within ``probe_wait`` the probe sends
+that many zero bytes; stock memcached then answers ``0x81 0x40 status 0x0081`` and the
+connection, desynchronised, is closed. A fork that was only slow to start receives a few
+stray bytes that never form a frame. The probe never sends anything else, so a TAP stream
+is never disturbed.
+
+Crawler: a binary connection (VERSION checked, later used by the Writer for pipelined
+GETKQ) and a text connection carrying ``lru_crawler metadump all`` alone. ``BUSY`` (another
+crawl running) is retried with back-off a bounded number of times.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from astaire import codec
+from astaire.protocol_errors import ProtocolError
+from astaire.sink import _reason, connect
+
+log = logging.getLogger("astaire.stream")
+
+TAP = "tap"
+CRAWLER = "crawler"
+AUTO = "auto"
+KINDS = (TAP, CRAWLER, AUTO)
+
+MAGIC_REQUEST = 0x80
+MAGIC_RESPONSE = 0x81
+OP_TAP_CONNECT = 0x40
+TAP_FLAG_DUMP = 0x02
+
+MIN_CRAWLER_VERSION = (1, 6, 18)
+METADUMP_COMMAND = b"lru_crawler metadump all\r\n"
+
+_kinds: dict[str, str] = {}  # server -> "tap" | "crawler", decided by a probe in this process
+_kinds_lock = threading.Lock()
+
+
+class SourceError(Exception):
+    """The source cannot be streamed: unreachable, no TAP, crawler unusable or busy."""
+
+
+class NoTap(SourceError):
+    """The server answered TAP_CONNECT with a response: it has no TAP."""
+
+
+@dataclass
+class TapSource:
+    server: str
+    sock: socket.socket
+    initial: bytes = b""      # stream bytes already read by the probe
+    eof: bool = False         # the probe already saw the server close (empty dump)
+    kind: str = field(default=TAP, init=False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class CrawlerSource:
+    server: str
+    dump_sock: socket.socket   # text: lru_crawler metadump all
+    fetch_sock: socket.socket  # binary: the Writer's GETKQ + NOOP
+    initial: bytes = b""       # metadump bytes already read while checking for BUSY
+    version: str = ""
+    kind: str = field(default=CRAWLER, init=False)
+
+    def close(self) -> None:
+        self.dump_sock.close()
+        self.fetch_sock.close()
+
+
+def cached_kind(server: str) -> str | None:
+    with _kinds_lock:
+        return _kinds.get(server)
+
+
+def forget_kind(server: str) -> None:
+    """Drop the cached decision for ``server`` (call after any failure with it)."""
+    with _kinds_lock:
+        _kinds.pop(server, None)
+
+
+def _remember(server: str, kind: str) -> None:
+    with _kinds_lock:
+        _kinds[server] = kind
+
+
+def open_source(server: str, vbuckets, kind: str = AUTO, *, connect_timeout: float = 5.0,
+                idle_timeout: float = 60.0, probe_wait: float = 0.5, busy_retries: int = 10,
+                busy_backoff: float = 0.1) -> TapSource | CrawlerSource:
+    """Open ``server`` as a source of ``kind`` ("tap", "crawler" or "auto"); SourceError if it cannot be."""
+    if kind not in KINDS:
+        raise ValueError(f"source kind {kind!r} is not one of {', '.join(KINDS)}")
+    crawler_args = dict(connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+                        busy_retries=busy_retries, busy_backoff=busy_backoff)
+    if kind == CRAWLER:
+        return open_crawler(server, **crawler_args)
+    if kind == TAP:
+        return open_tap(server, vbuckets, connect_timeout=connect_timeout, probe_wait=probe_wait)
+
+    known = cached_kind(server)
+    if known == CRAWLER:
+        return open_crawler(server, **crawler_args)
+    try:
+        src = open_tap(server, vbuckets, connect_timeout=connect_timeout, probe_wait=probe_wait)
+    except NoTap:
+        _remember(server, CRAWLER)
+        log.info("source %s has no TAP (stock memcached): using the LRU crawler", server)
+        return open_crawler(server, **crawler_args)
+    if known is None:
+        log.info("source %s speaks TAP: streaming its dump", server)
+    _remember(server, TAP)
+    return src
+
+
+def open_tap(server: str, vbuckets, *, connect_timeout: float = 5.0, probe_wait: float = 0.5) -> TapSource:
+    """Send TAP_CONNECT (DUMP, LIST_VBUCKETS) and wait until the server shows it speaks TAP.
+
+    Returns the stream with whatever was read so far; raises NoTap if the server answered
+    with a response (it has no TAP), SourceError for anything else.
+    """
+    try:
+        sock = connect(server, connect_timeout)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot connect to source {server}: {_reason(e)}") from e
+    ok = False
+    try:
+        request = codec.encode_tap_connect(codec.TAP_FLAG_DUMP, vbuckets=list(vbuckets))
+        sock.sendall(request)
+        pad = request[4] + int.from_bytes(request[2:4], "big")  # extras + key lengths
+        got, eof = _first_bytes(sock, probe_wait)
+        if not got and not eof:
+            # Silence: stock memcached is waiting for the bytes it will wrongly discard.
+            sock.sendall(b"\0" * pad)
+            got, eof = _first_bytes(sock, connect_timeout)
+            if not got and not eof:
+                raise SourceError(f"source {server} did not answer TAP_CONNECT within "
+                                  f"{probe_wait + connect_timeout:g} s")
+        if got and got[0] == MAGIC_RESPONSE:
+            got, eof = _at_least(sock, got, eof, 2, connect_timeout)
+            if len(got) >= 2 and got[1] == OP_TAP_CONNECT:
+                raise NoTap(f"source {server} has no TAP: it answered TAP_CONNECT with a response")
+            raise SourceError(f"source {server} answered TAP_CONNECT with an unexpected response "
+                              f"(opcode 0x{got[1]:02x})" if len(got) >= 2 else
+                              f"source {server} closed after one byte of its answer to TAP_CONNECT")
+        if got and got[0] != MAGIC_REQUEST:
+            raise SourceError(f"source {server} answered TAP_CONNECT with a bad magic byte 0x{got[0]:02x}")
+        ok = True
+        return TapSource(server, sock, bytes(got), eof)
+    except OSError as e:
+        raise SourceError(f"source {server} failed while opening TAP: {_reason(e)}") from e
+    finally:
+        if not ok:
+            sock.close()
+
+
+def _first_bytes(sock: socket.socket, wait: float) -> tuple[bytes, bool]:
+    """(data, eof) from the first recv within ``wait``; (b"", False) on silence."""
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(256 * 1024)
+    except socket.timeout:
+        return b"", False
+    return data, not data
+
+
+def _at_least(sock: socket.socket, got: bytes, eof: bool, n: int, timeout: float) -> tuple[bytes, bool]:
+    sock.settimeout(timeout)
+    while len(got) < n and not eof:
+        more = sock.recv(256 * 1024)
+        got, eof = got + more, not more
+    return got, eof
+
+
+def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: float = 60.0,
+                 busy_retries: int = 10, busy_backoff: float = 0.1) -> CrawlerSource:
+    """Check the server is a memcached with a usable LRU crawler and start ``metadump all``.
+
+    BUSY (another crawl is running) is retried ``busy_retries`` times, waiting
+    ``busy_backoff`` s and doubling up to 2 s; after that, SourceError.
+    """
+    socks: list[socket.socket] = []
+    try:
+        try:
+            fetch = connect(server, connect_timeout)
+            socks.append(fetch)
+            dump = connect(server, connect_timeout)
+            socks.append(dump)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"cannot connect to source {server}: {_reason(e)}") from e
+        version = _binary_version(server, fetch, connect_timeout)
+        parsed = _version_tuple(version)
+        if parsed is not None and parsed < MIN_CRAWLER_VERSION:
+            log.warning("source %s runs memcached %s, older than %s: trying its LRU crawler anyway",
+                        server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
+        first = _start_metadump(server, dump, idle_timeout, busy_retries, busy_backoff)
+        src = CrawlerSource(server, dump, fetch, first, version)
+        socks.clear()
+        return src
+    except OSError as e:
+        raise SourceError(f"source {server} failed while starting the crawler: {_reason(e)}") from e
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _binary_version(server: str, sock: socket.socket, timeout: float) -> str:
+    sock.settimeout(timeout)
+    sock.sendall(codec.encode_version())
+    parser = codec.FrameParser(1 << 16)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                raise SourceError(f"source {server} closed the connection instead of answering VERSION")
+            parser.feed(data)
+            for frame in parser:
+                if frame.magic != MAGIC_RESPONSE or frame.opcode != codec.OP_VERSION or frame.status != 0:
+                    raise SourceError(f"source {server} gave an unusable answer to VERSION "
+                                      f"(opcode 0x{frame.opcode:02x}, status 0x{frame.status:04x})")
+                return bytes(frame.value).decode("ascii", "replace")
+    except socket.timeout as e:
+        raise SourceError(f"source {server} did not answer VERSION within {timeout:g} s") from e
+    except ProtocolError as e:
+        raise SourceError(f"source {server} does not speak the binary protocol: {e}") from e
+
+
+def _version_tuple(version: str) -> tuple[int, ...] | None:
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def _start_metadump(server: str, sock: socket.socket, idle_timeout: float, retries: int, backoff: float) -> bytes:
+    """Send ``lru_crawler metadump all`` until it is not BUSY; return the bytes read so far."""
+    sock.settimeout(idle_timeout)
+    delay = backoff
+    for attempt in range(retries + 1):
+        sock.sendall(METADUMP_COMMAND)
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                more = sock.recv(256 * 1024)
+                if not more:
+                    raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
+                buf += more
+        except socket.timeout as e:
+            raise SourceError(f"source {server} sent nothing for {idle_timeout:g} s after "
+                              "lru_crawler metadump") from e
+        first = buf.split(b"\n", 1)[0].rstrip(b"\r")
+        if first.startswith(b"BUSY"):
+            if attempt == retries:
+                break
+            log.info("source %s: LRU crawler busy (%s), retrying in %.1f s", server,
+                     first.decode("ascii", "replace"), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
+            raise SourceError(f"source {server} cannot run lru_crawler metadump: "
+                              f"{first.decode('ascii', 'replace')}")
+        return buf
+    raise SourceError(f"source {server}: LRU crawler still busy after {retries + 1} attempts "
+                      "(another crawl is running)")

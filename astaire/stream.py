@@ -1,0 +1,389 @@
+"""One stream: the records of some vbuckets, from one old replica into the local memcached.
+
+``run_stream`` opens the target, then the source (TAP or the LRU crawler, see
+``astaire.source``), and moves bytes between non-blocking sockets and the codec's
+``Writer``, which does all per-record work. Python here only does I/O in large chunks:
+
+- reads of up to 256 KiB go straight into the Writer;
+- whatever the Writer wants sent is queued per connection and sent as the socket allows;
+- the source is not read while the Writer holds ``window`` unsettled records or the
+  target's send queue is over ``MAX_PENDING_OUT`` bytes, so memory stays flat however
+  long the stream is;
+- a peer that makes no progress for ``idle_timeout`` seconds fails the stream.
+
+A TAP stream is always read to the server's close (the Clearwater fork can crash when a
+client closes first), even after a failure elsewhere or a stop request: the rest is then
+read and discarded. Only a TAP stream that is itself broken is closed early.
+
+``run_stream`` never raises for network or protocol problems; it returns ``ok=False`` with
+a readable reason, and logs it on ``astaire.stream``.
+"""
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from astaire import codec, source
+from astaire.protocol_errors import ProtocolError
+from astaire.sink import _reason, connect
+
+log = logging.getLogger("astaire.stream")
+
+CHUNK = 256 * 1024
+MAX_PENDING_OUT = 16 * 1024 * 1024
+
+
+@dataclass
+class StreamJob:
+    source: str            # "host:port" of an old replica
+    vbuckets: list[int]    # vbuckets to take from it
+    target: str            # "host:port" of the local memcached
+    source_kind: str = "auto"   # "tap" | "crawler" | "auto"
+    vbucket_count: int = 128
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0  # no progress from a peer for this long: fail the stream
+    window: int = 4096
+    crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    error: str | None     # why it failed, readable
+    kind: str | None      # "tap" or "crawler", what was used
+    stats: dict           # Writer.stats()
+    vbucket_counts: dict  # {vb: (entries, bytes)}
+    seconds: float
+    drained_bytes: int = field(default=0)  # TAP bytes read and discarded after a failure or stop
+
+
+class _Failure(Exception):
+    """Ends the stream. ``source_done``: the source itself broke or went silent, so a TAP
+    stream is not drained (there is nothing sane left to read)."""
+
+    def __init__(self, message: str, source_done: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.source_done = source_done
+
+
+class _Peer:
+    """A non-blocking socket with a pending-out buffer."""
+
+    def __init__(self, sock: socket.socket, what: str):
+        sock.setblocking(False)
+        self.sock = sock
+        self.what = what  # "source 1.2.3.4:11211", for messages
+        self.out = bytearray()
+        self.mask = 0
+        self.closed = False
+
+    def send_pending(self) -> int:
+        sent = 0
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            del self.out[:n]
+            sent += n
+        return sent
+
+    def recv(self) -> bytes | None:
+        """Data, b"" at EOF, None if nothing is ready."""
+        try:
+            return self.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+def run_stream(job: StreamJob, progress: Callable[[dict], None] | None = None, progress_interval: float = 0.25,
+               should_stop: Callable[[], bool] | None = None) -> StreamResult:
+    """Stream ``job.vbuckets`` from ``job.source`` into ``job.target``; see the module docstring."""
+    return _Stream(job, progress, progress_interval, should_stop).run()
+
+
+class _Stream:
+    def __init__(self, job, progress, progress_interval, should_stop):
+        self.job = job
+        self.progress = progress
+        self.progress_interval = progress_interval
+        self.should_stop = should_stop
+        self.writer = None
+        self.kind: str | None = None
+        self.sel = selectors.DefaultSelector()
+        self.peers: list[_Peer] = []
+        self.target: _Peer | None = None
+        self.src: _Peer | None = None      # TAP stream, or the metadump text connection
+        self.fetch: _Peer | None = None    # crawler: binary GETKQ connection
+        self.source_ended = False
+        self.error: str | None = None
+        self.drained = 0
+        self.last_progress = time.monotonic()
+        self.reported: dict = {}
+        self.next_report = 0.0
+
+    # -- the whole stream ------------------------------------------------------------
+
+    def run(self) -> StreamResult:
+        job = self.job
+        t0 = time.monotonic()
+        try:
+            self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window)
+            self._open()
+            self._pump()
+        except _Failure as e:
+            self.error = e.message
+            if self.kind == source.TAP and not self.source_ended and not e.source_done:
+                self._drain()
+        except (ValueError, TypeError) as e:  # a malformed job
+            self.error = f"bad stream job: {e}"
+        finally:
+            for p in self.peers:
+                p.close()
+            self.sel.close()
+        seconds = time.monotonic() - t0
+        stats = self.writer.stats() if self.writer is not None else {}
+        counts = self.writer.vbucket_counts() if self.writer is not None else {}
+        if self.error is None:
+            if stats.get("failed"):
+                self.error = (f"{stats['failed']} record(s) from {job.source} could not be written to "
+                              f"target {job.target}: {stats['last_error']}")
+        self._report(force=True)
+        ok = self.error is None
+        if ok:
+            log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
+                     "%d kept in %.2f s", job.source, job.target, self.kind, len(job.vbuckets),
+                     stats["entries"], stats["bytes"], stats["added"], stats["replaced"], stats["kept"], seconds)
+        else:
+            source.forget_kind(job.source)
+            log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,
+                        self.kind or "kind unknown", seconds, self.error)
+        return StreamResult(ok, self.error, self.kind, stats, counts, seconds, self.drained)
+
+    def _open(self) -> None:
+        job = self.job
+        try:
+            tsock = connect(job.target, job.connect_timeout)
+        except (OSError, ValueError) as e:
+            raise _Failure(f"cannot connect to target {job.target}: {_reason(e)}") from e
+        self.target = self._add(tsock, f"target {job.target}")
+        try:
+            src = source.open_source(job.source, job.vbuckets, job.source_kind,
+                                     connect_timeout=job.connect_timeout, idle_timeout=job.idle_timeout,
+                                     busy_retries=job.crawler_busy_retries)
+        except source.SourceError as e:
+            raise _Failure(str(e)) from e
+        except ValueError as e:
+            raise _Failure(f"bad source {job.source!r}: {e}") from e
+        self.kind = src.kind
+        if isinstance(src, source.TapSource):
+            self.src = self._add(src.sock, f"source {job.source}")
+            if src.initial:
+                self._feed_source(src.initial)
+            if src.eof:
+                self._source_eof()
+        else:
+            self.src = self._add(src.dump_sock, f"source {job.source} (metadump)")
+            self.fetch = self._add(src.fetch_sock, f"source {job.source} (fetch)")
+            if src.initial:
+                self._feed_source(src.initial)
+
+    def _add(self, sock: socket.socket, what: str) -> _Peer:
+        peer = _Peer(sock, what)
+        self.peers.append(peer)
+        return peer
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        job = self.job
+        w = self.writer
+        while True:
+            if self.should_stop is not None and self.should_stop():
+                self._stop("stopped on request")
+                return
+            self._produce()
+            if self.source_ended and w.done and not self.target.out:
+                return
+            self._watch(self.target, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.target.out else 0))
+            room = w.backlog < job.window and len(self.target.out) < MAX_PENDING_OUT
+            if self.fetch is None:
+                self._watch(self.src, selectors.EVENT_READ if room and not self.source_ended else 0)
+            else:
+                self._watch(self.src, selectors.EVENT_READ
+                            if not self.source_ended and w.fetch_backlog < job.window else 0)
+                self._watch(self.fetch, (selectors.EVENT_READ if room else 0)
+                            | (selectors.EVENT_WRITE if self.fetch.out else 0))
+            now = time.monotonic()
+            timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
+            for key, mask in self.sel.select(max(timeout, 0.001)):
+                peer = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._send(peer)
+                if mask & selectors.EVENT_READ:
+                    self._read(peer)
+            now = time.monotonic()
+            if now - self.last_progress > job.idle_timeout:
+                who, source_done = self._idle_culprit()
+                raise _Failure(f"no progress from {who} for {job.idle_timeout:g} s{self._so_far()}", source_done)
+            if now >= self.next_report:
+                self._report()
+
+    def _produce(self) -> None:
+        w = self.writer
+        if self.fetch is not None:
+            self.fetch.out += w.fetch_requests()
+            if self.fetch.out:
+                self._send(self.fetch)
+        self.target.out += w.target_requests()
+        if self.target.out:
+            self._send(self.target)
+
+    def _watch(self, peer: _Peer, mask: int) -> None:
+        if mask == peer.mask or peer.closed:
+            return
+        if peer.mask == 0:
+            self.sel.register(peer.sock, mask, peer)
+        elif mask == 0:
+            self.sel.unregister(peer.sock)
+        else:
+            self.sel.modify(peer.sock, mask, peer)
+        peer.mask = mask
+
+    def _unwatch(self, peer: _Peer) -> None:
+        self._watch(peer, 0)
+
+    def _send(self, peer: _Peer) -> None:
+        try:
+            if peer.send_pending():
+                self.last_progress = time.monotonic()
+        except OSError as e:
+            raise _Failure(f"{peer.what}: sending failed: {_reason(e)}{self._so_far()}") from e
+
+    def _read(self, peer: _Peer) -> None:
+        try:
+            data = peer.recv()
+        except OSError as e:
+            raise _Failure(f"{peer.what}: {_reason(e)}{self._so_far()}", peer is not self.target) from e
+        if data is None:
+            return
+        self.last_progress = time.monotonic()
+        if peer is self.target:
+            if not data:
+                raise _Failure(f"target {self.job.target} closed the connection{self._so_far()}")
+            try:
+                self.writer.feed_target(data)
+            except ProtocolError as e:
+                raise _Failure(f"target {self.job.target} broke the protocol: {e}") from e
+        elif peer is self.src:
+            if not data:
+                self._source_eof()
+            else:
+                self._feed_source(data)
+        else:  # crawler fetch connection
+            if not data:
+                raise _Failure(f"{peer.what} closed the connection{self._so_far()}", True)
+            try:
+                self.writer.feed_fetch(data)
+            except ProtocolError as e:
+                raise _Failure(f"{peer.what} broke the protocol: {e}", True) from e
+
+    def _feed_source(self, data: bytes) -> None:
+        w = self.writer
+        try:
+            if self.fetch is None:
+                w.feed_tap(data)
+            elif w.feed_metadump(data):
+                # END: the text connection has nothing more to say.
+                self.source_ended = True
+                w.finish()
+                self._unwatch(self.src)
+                self.src.close()
+        except ProtocolError as e:
+            raise _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True) from e
+
+    def _source_eof(self) -> None:
+        if self.fetch is not None:
+            raise _Failure(f"source {self.job.source} closed the metadump before END{self._so_far()}", True)
+        try:
+            self.writer.finish()
+        except ProtocolError as e:
+            raise _Failure(f"source {self.job.source} closed the TAP stream mid-frame: {e}{self._so_far()}",
+                           True) from e
+        self.source_ended = True
+        self._unwatch(self.src)
+
+    # -- ending early ----------------------------------------------------------------
+
+    def _stop(self, why: str) -> None:
+        self.error = why
+        if self.kind == source.TAP and not self.source_ended:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read a TAP stream to the server's close and discard it (never close it first)."""
+        for p in (self.target, self.fetch):
+            if p is not None:
+                self._unwatch(p)
+                p.close()
+        src = self.src
+        last = time.monotonic()
+        self._watch(src, selectors.EVENT_READ)
+        while True:
+            if time.monotonic() - last > self.job.idle_timeout:
+                log.warning("gave up draining the TAP stream of %s after %g s of silence", self.job.source,
+                            self.job.idle_timeout)
+                return
+            for _key, _mask in self.sel.select(min(1.0, self.job.idle_timeout)):
+                try:
+                    data = src.recv()
+                except OSError:
+                    return
+                if data is None:
+                    continue
+                if not data:
+                    return
+                self.drained += len(data)
+                last = time.monotonic()
+
+    def _idle_culprit(self) -> tuple[str, bool]:
+        w = self.writer
+        if self.target.out or w.backlog:
+            return f"target {self.job.target}", False
+        if self.fetch is not None and (self.fetch.out or w.fetch_backlog):
+            return self.fetch.what, True
+        return f"source {self.job.source}", True
+
+    def _so_far(self) -> str:
+        w = self.writer
+        return f" (after {w.stats()['entries']} entries)" if w is not None else ""
+
+    # -- progress ----------------------------------------------------------------------
+
+    def _report(self, force: bool = False) -> None:
+        self.next_report = time.monotonic() + self.progress_interval
+        if self.progress is None or self.writer is None:
+            return
+        counts = self.writer.vbucket_counts()
+        delta = {}
+        for vb, (entries, nbytes) in counts.items():
+            e0, b0 = self.reported.get(vb, (0, 0))
+            if entries != e0 or nbytes != b0:
+                delta[vb] = (entries - e0, nbytes - b0)
+        if not delta and not force:
+            return
+        self.reported = counts
+        try:
+            self.progress(delta)
+        except Exception:  # the daemon's bug must not cut a TAP stream short
+            log.exception("progress callback failed")

@@ -715,7 +715,11 @@ class Writer:
         self._vb_bytes[vb] += size
         if not value:
             self.tombstones += 1
-        self._queue.append(_Record(key, value, flags, exp))
+        rec = _Record(key, value, flags, exp)
+        if self._free and not self._queue:
+            self._start(rec)  # straight into a slot: same order as queueing then pumping
+        else:
+            self._queue.append(rec)
 
     def feed_tap(self, data) -> int:
         """Take a chunk of the TAP stream; returns how many records it accepted."""
@@ -770,25 +774,24 @@ class Writer:
         if self._unfenced:
             self._emit_fence()
 
+    def _start(self, rec):
+        """Give a record a free slot (its opaque) and send its quiet ADD; fence every batch."""
+        slot = self._free.pop()
+        self._slots[slot] = rec
+        self._in_use += 1
+        rec.state = _ST_ADDQ
+        rec.fence = self._fence_seq
+        self._out += _store(OP_ADDQ, rec.key, rec.value, rec.flags, rec.exp, slot, 0)
+        self._addq_fifo.append((slot, rec.fence))
+        self._unfenced += 1
+        if self._unfenced >= self._fence_every:
+            self._emit_fence()
+
     def _pump(self):
-        """Give queued records free slots: a quiet ADD each, a fence every batch."""
         queue = self._queue
         free = self._free
-        out = self._out
-        fifo = self._addq_fifo
-        slots = self._slots
         while queue and free:
-            rec = queue.popleft()
-            slot = free.pop()
-            slots[slot] = rec
-            self._in_use += 1
-            rec.state = _ST_ADDQ
-            rec.fence = self._fence_seq
-            out += _store(OP_ADDQ, rec.key, rec.value, rec.flags, rec.exp, slot, 0)
-            fifo.append((slot, rec.fence))
-            self._unfenced += 1
-            if self._unfenced >= self._fence_every:
-                self._emit_fence()
+            self._start(queue.popleft())
         self._close_batch()
 
     def target_requests(self) -> bytes:
@@ -940,6 +943,8 @@ class Writer:
                     if len(buf) - pos > MAX_METADUMP_LINE:
                         raise CrawlerError("metadump line too long", self._md_offset)
                     break
+                if nl - pos > MAX_METADUMP_LINE:
+                    raise CrawlerError("metadump line too long", self._md_offset)
                 end = nl
                 if end > pos and buf[end - 1] == 0x0D:
                     end -= 1
@@ -964,10 +969,10 @@ class Writer:
             if sp >= 0:
                 for field in line[sp + 1:].split(b" "):
                     if field.startswith(b"exp="):
-                        try:
-                            exp = int(field[4:])
-                        except ValueError:
-                            raise CrawlerError("bad exp in metadump line", offset) from None
+                        digits = field[5:] if field[4:5] == b"-" else field[4:]
+                        if not digits.isdigit():  # ASCII digits only (int() would take "+1", "1_0")
+                            raise CrawlerError("bad exp in metadump line", offset)
+                        exp = int(field[4:])
                         break
             if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)

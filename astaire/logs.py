@@ -36,14 +36,24 @@ def python_level(clearwater_level: int) -> int:
     return CLEARWATER_LEVELS[min(5, max(0, int(clearwater_level)))]
 
 
+_LEVEL_NAMES = {logging.ERROR: "Error", logging.WARNING: "Warning", STATUS: "Status", logging.INFO: "Info",
+                VERBOSE: "Verbose", logging.DEBUG: "Debug"}
+
+
 class _Formatter(logging.Formatter):
+    """Clearwater's shape: ``25-11-2025 16:11:00.123 UTC Status ...``."""
+
     converter = time.gmtime
+
+    def format(self, record):
+        record.cwlevel = _LEVEL_NAMES.get(record.levelno, record.levelname)
+        return super().format(record)
 
     def formatTime(self, record, datefmt=None):  # noqa: N802 (logging's name)
         return time.strftime("%d-%m-%Y %H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d} UTC"
 
 
-FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(module)s: %(message)s"
+FORMAT = "%(asctime)s %(cwlevel)s [%(process)d] %(name)s: %(message)s"
 
 
 def setup_logging(log_dir: str, level: int = 2) -> logging.Handler:
@@ -159,7 +169,7 @@ RESYNC_FAILED = Event(
     "'astaire full-resync'.")
 RESYNC_STARTED = Event(
     BASE + 6, syslog.LOG_NOTICE,
-    "Astaire has started a%s resync operation.",
+    "Astaire has started a %sresync operation.",
     "The cluster view changed, an operator asked for a full resync, or the local memcached restarted.",
     "Astaire copies the data the local memcached should hold from the other nodes.",
     "Wait for the resync to complete ('astaire wait-sync') before changing the cluster again.")

@@ -1,0 +1,811 @@
+"""The arbiter: signals, the view, the worklist, the workers and the statistics.
+
+Modelled on gunicorn's arbiter. Signal handlers only queue the signal (and the wake-up
+fd set with ``signal.set_wakeup_fd`` ends the main loop's wait); the main loop reaps
+dead workers with ``waitpid(-1, WNOHANG)``, handles one queued signal per turn, keeps the
+worker count right, checks the resync tag, hands streams to idle workers and publishes
+the statistics.
+
+    SIGHUP          re-read cluster_settings; resync if the view changed
+    SIGUSR1         full resync
+    SIGTERM/INT/QUIT stop the workers and exit 0
+
+A resync runs the worklist's rounds: every (server, vbuckets) stream of a round goes to an
+idle worker, the next round starts when the round's streams have ended. A request that
+arrives during a resync (SIGHUP with a changed view, SIGUSR1, missing tag) never aborts a
+running stream (TAP streams are read to their end); the old worklist is no longer
+dispatched and the new resync starts once the running streams have ended.
+
+Counting of streams redone after a worker died: entries and bytes are counted live from
+the workers' progress messages (so wait-sync and status see them move); each stream
+remembers what it reported, and when its worker dies that amount is subtracted before the
+stream is queued again. A stream's final result replaces its live counts, and buckets
+resynchronized grows only when a stream returns ok.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from astaire import logs, stats, worker
+from astaire.config import ConfigError, read_cluster_settings, settings_digest
+from astaire.view import ClusterView
+from astaire.worklist import Worklist
+
+log = logging.getLogger("astaire.supervisor")
+
+EXIT_OK = 0
+EXIT_ALREADY_RUNNING = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+STOP_GRACE = 3.0          # seconds workers get to exit on SIGTERM before SIGKILL
+MAX_STREAM_ATTEMPTS = 3   # a stream whose worker dies this often counts as a failed source
+BOOT_BACKOFF_MAX = 30.0
+HEARTBEAT = 1.0
+
+
+@dataclass
+class Options:
+    local_name: str
+    cluster_settings_file: str
+    log_dir: str
+    log_level: int
+    pidfile: str
+    stats_file: str
+    workers: int
+    source: str = "auto"
+    tag_interval: float = 10.0
+    daemon: bool = False
+    vbuckets: int = 128
+    replicas: int = 2
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+
+
+# -- pidfile -------------------------------------------------------------------------------
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None, path: str):
+        self.pid, self.path = pid, path
+        who = f"with pid {pid}" if pid else "(pid unknown)"
+        super().__init__(f"astaire is already running {who}: {path} is held by it; stop it first")
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (an exited child not yet reaped) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def daemon_pid(path: str) -> int | None:
+    """The pid of the daemon holding ``path``, or None when no daemon holds it (no file, a
+    stale file whose lock nobody holds, or a pid that is not alive)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pid = read_pid(path)  # locked: a daemon holds it
+            return pid if pid_alive(pid) else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class Pidfile:
+    """The pidfile, locked (flock) for the daemon's lifetime: a live lock means a running
+    daemon; a file without one is stale and is replaced."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise AlreadyRunning(read_pid(self.path), self.path) from None
+            raise
+        self.fd = fd
+
+    def write(self, pid: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if read_pid(self.path) == os.getpid():
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def daemonize() -> None:
+    """Double fork, new session, cwd /, standard streams to /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o022)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+# -- resync bookkeeping (no I/O) -------------------------------------------------------------
+
+@dataclass
+class Stream:
+    id: int
+    server: str
+    vbuckets: list[int]
+    worker: int | None = None               # pid of the worker running it
+    reported: dict[int, list[int]] = field(default_factory=dict)  # vb -> [entries, bytes] so far
+    attempts: int = 0
+
+    def totals(self) -> tuple[int, int]:
+        return sum(e for e, _ in self.reported.values()), sum(b for _, b in self.reported.values())
+
+
+class Resync:
+    """One resync: the worklist's rounds, the streams waiting and running, the counters."""
+
+    def __init__(self, worklist: Worklist, full: bool, ids=None):
+        self.worklist = worklist
+        self.full = full
+        self.pending: collections.deque[Stream] = collections.deque()
+        self.running: dict[int, Stream] = {}
+        self.superseded = False       # a newer request replaces it once running streams end
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.resynchronized = 0
+        self.entries = 0
+        self.bytes = 0
+        self.rounds = 0
+        self._ids = ids if ids is not None else itertools.count(1)
+
+    @property
+    def needing(self) -> int:
+        return self.worklist.needing
+
+    def next_round(self) -> bool:
+        """Queue the next round's streams; False when the worklist is exhausted."""
+        groups = self.worklist.next_round()
+        if not groups:
+            return False
+        self.rounds += 1
+        for server, vbuckets in groups.items():
+            self.pending.append(Stream(next(self._ids), server, list(vbuckets)))
+        return True
+
+    def take(self, pid: int) -> Stream | None:
+        if self.superseded or not self.pending:
+            return None
+        s = self.pending.popleft()
+        s.worker = pid
+        self.running[s.id] = s
+        return s
+
+    def progress(self, stream: Stream, delta: dict) -> tuple[int, int]:
+        entries = nbytes = 0
+        for vb, (e, b) in delta.items():
+            counts = stream.reported.setdefault(int(vb), [0, 0])
+            counts[0] += e
+            counts[1] += b
+            entries += e
+            nbytes += b
+        self.entries += entries
+        self.bytes += nbytes
+        return entries, nbytes
+
+    def finished(self, stream: Stream, ok: bool, counts: dict) -> tuple[int, int]:
+        """The stream's result: its final counts replace what it reported; returns the bytes
+        and entries that were not reported before (for the bandwidth)."""
+        self.running.pop(stream.id, None)
+        e0, b0 = stream.totals()
+        stream.reported = {int(vb): [int(e), int(b)] for vb, (e, b) in counts.items()} if counts else stream.reported
+        e1, b1 = stream.totals()
+        self.entries += e1 - e0
+        self.bytes += b1 - b0
+        if ok:
+            self.worklist.stream_succeeded(stream.server, stream.vbuckets)
+            self.resynchronized += len(stream.vbuckets)
+        else:
+            self.worklist.server_failed(stream.server)
+        return e1 - e0, b1 - b0
+
+    def worker_lost(self, stream: Stream) -> bool:
+        """Its worker died: forget what it reported and queue it again (first), or give up
+        on the source after MAX_STREAM_ATTEMPTS. Returns True when it was queued again."""
+        self.running.pop(stream.id, None)
+        entries, nbytes = stream.totals()
+        self.entries -= entries
+        self.bytes -= nbytes
+        stream.reported = {}
+        stream.worker = None
+        stream.attempts += 1
+        if stream.attempts >= MAX_STREAM_ATTEMPTS:
+            self.worklist.server_failed(stream.server)
+            return False
+        self.pending.appendleft(stream)
+        return True
+
+
+# -- workers as the supervisor sees them -----------------------------------------------------------
+
+@dataclass
+class WorkerHandle:
+    pid: int
+    sock: object
+    messages: object
+    spawned: float
+    ready: bool = False
+    stream: Stream | None = None
+
+
+# -- the arbiter ----------------------------------------------------------------------------------
+
+class Supervisor:
+    SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+    SIG_NAMES = {s: s.name for s in SIGNALS}
+
+    def __init__(self, options: Options, view: ClusterView, digest: str, pidfile: Pidfile | None = None):
+        self.options = options
+        self.local = options.local_name
+        self.view = view
+        self.view_digest = digest
+        self.pidfile = pidfile
+        self.workers: dict[int, WorkerHandle] = {}
+        self.sig_queue: list[int] = []
+        self.resync: Resync | None = None
+        self.requested: bool | None = None  # None, or "full?" of the resync to start next
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.boot_failures = 0
+        self.spawn_not_before = 0.0
+        self.next_tag_check = 0.0
+        self.next_heartbeat = 0.0
+        self.stream_ids = itertools.count(1)  # unique over the daemon's life
+        self.stats: stats.StatsWriter | None = None
+        self.selector: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+
+    # Injectable for tests; the real ones talk to the local memcached.
+    @staticmethod
+    def set_tag(target: str) -> None:
+        from astaire.sink import set_tag
+
+        set_tag(target)
+
+    @staticmethod
+    def tag_present(target: str) -> bool:
+        from astaire.sink import tag_present
+
+        return tag_present(target)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        try:
+            self._initial_resync()
+            while not self.stopping:
+                self.reap_workers()
+                sig = self.sig_queue.pop(0) if self.sig_queue else None
+                if sig is not None:
+                    self.handle_signal(sig)
+                    if self.stopping:
+                        break
+                self.manage_workers()
+                self.check_tag()
+                self.advance()
+                self.heartbeat()
+                if sig is None:
+                    self.wait()
+        finally:
+            self._teardown()
+        return self.exit_code
+
+    def _setup(self) -> None:
+        o = self.options
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.stats = stats.StatsWriter(o.stats_file, vbucket_count=o.vbuckets,
+                                       max_connections=max(16, o.workers))
+        self.stats.local_name = self.local
+        self.stats.workers = o.workers
+        self.stats.settings_digest = ""  # set when the first resync starts from this view
+        self.stats.publish()
+        log.log(logs.STATUS, "astaire %d started: local node %s, %d workers, source %s, cluster %s",
+                os.getpid(), self.local, o.workers, o.source, self._describe_view(self.view))
+        logs.STARTED.log()
+
+    def _teardown(self) -> None:
+        self.stop_workers()
+        signal.set_wakeup_fd(-1)
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if self.selector is not None:
+            self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self.stats is not None:
+            self.stats.close()
+        if self.pidfile is not None:
+            self.pidfile.release()
+        logs.ENDED.log()
+
+    def _on_signal(self, sig, frame) -> None:
+        # Only queue it: the main loop does the work (the wake-up fd ends its wait).
+        if sig != signal.SIGCHLD and len(self.sig_queue) < 5:
+            self.sig_queue.append(sig)
+
+    def handle_signal(self, sig: int) -> None:
+        name = self.SIG_NAMES.get(sig, str(sig))
+        log.info("handling %s", name)
+        if sig == signal.SIGHUP:
+            self.handle_hup()
+        elif sig == signal.SIGUSR1:
+            self.handle_usr1()
+        elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.handle_term(sig)
+
+    def handle_hup(self) -> None:
+        path = self.options.cluster_settings_file
+        digest = settings_digest(path)  # before reading: an edit in between only makes wait-sync wait
+        try:
+            settings = read_cluster_settings(path)
+        except ConfigError as e:
+            log.error("SIGHUP: invalid cluster settings, keeping the current view (%s): %s",
+                      self._describe_view(self.view), e)
+            return
+        view = ClusterView.from_settings(settings, self.options.vbuckets, self.options.replicas)
+        if view == self.view:
+            log.log(logs.STATUS, "SIGHUP: cluster settings re-read, view unchanged (%s)", self._describe_view(view))
+            self.view_digest = digest
+            if self.resync is None and self.requested is None:
+                self.stats.settings_digest = digest
+                self.stats.publish()
+            return
+        log.log(logs.STATUS, "SIGHUP: cluster view changed from %s to %s",
+                self._describe_view(self.view), self._describe_view(view))
+        self.view, self.view_digest = view, digest
+        self.request_resync(full=False, why="the cluster view changed")
+
+    def handle_usr1(self) -> None:
+        log.log(logs.STATUS, "SIGUSR1: full resync requested")
+        self.request_resync(full=True, why="a full resync was requested")
+
+    def handle_term(self, sig: int) -> None:
+        log.log(logs.STATUS, "%s: stopping", self.SIG_NAMES.get(sig, sig))
+        logs.TERMINATED.log(int(sig))
+        self.stopping = True
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        timeout = min(HEARTBEAT, max(0.0, self.next_heartbeat - now))
+        if self.resync is None and self.requested is None:
+            timeout = min(timeout, max(0.0, self.next_tag_check - now))
+        if len(self.workers) < self.options.workers:
+            timeout = min(timeout, max(0.0, self.spawn_not_before - now))
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self.read_worker(key.data)
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.stats.publish()  # heartbeat time and a decaying bandwidth
+            self.next_heartbeat = now + HEARTBEAT
+
+    # -- workers --------------------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        now = time.monotonic()
+        while not self.stopping and len(self.workers) < self.options.workers and now >= self.spawn_not_before:
+            self.spawn_worker()
+
+    def spawn_worker(self) -> None:
+        close_fds = [self._wake_r, self._wake_w, self.selector.fileno()]
+        close_fds += [w.sock.fileno() for w in self.workers.values()]
+        if self.pidfile is not None and self.pidfile.fd is not None:
+            close_fds.append(self.pidfile.fd)
+        pid, sock = worker.spawn(close_fds)
+        sock.setblocking(False)
+        self.workers[pid] = WorkerHandle(pid, sock, worker.unpacker(), time.monotonic())
+        self.selector.register(sock, selectors.EVENT_READ, pid)
+        log.info("worker %d spawned", pid)
+
+    def read_worker(self, pid: int) -> None:
+        w = self.workers.get(pid)
+        if w is None or w.sock is None:
+            return
+        while True:
+            try:
+                data = w.sock.recv(262144)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the worker is exiting; reap_workers deals with it
+                self.selector.unregister(w.sock)
+                w.sock.close()
+                w.sock = None
+                return
+            w.messages.feed(data)
+            for msg in w.messages:
+                self.on_message(w, msg)
+
+    def on_message(self, w: WorkerHandle, msg: dict) -> None:
+        kind = msg.get("t")
+        if kind == "ready":
+            w.ready = True
+            self.boot_failures = 0
+            return
+        s = w.stream
+        if s is None or msg.get("id") != s.id:
+            log.warning("worker %d sent %s for stream %s it is not running", w.pid, kind, msg.get("id"))
+            return
+        if kind == "progress":
+            self.on_progress(s, msg["d"])
+        elif kind == "result":
+            w.stream = None
+            self.on_result(s, msg)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.get(pid)
+            if w is None:
+                continue
+            self.read_worker(pid)  # a result it sent just before dying still counts
+            self.workers.pop(pid)
+            if w.sock is not None:
+                self.selector.unregister(w.sock)
+                w.sock.close()
+            self.worker_exited(w, status)
+
+    def worker_exited(self, w: WorkerHandle, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if self.stopping:
+            return
+        if code in worker.BOOT_FAILURE_CODES or not w.ready:
+            self.boot_failures += 1
+            delay = min(BOOT_BACKOFF_MAX, 0.5 * 2 ** (self.boot_failures - 1))
+            self.spawn_not_before = time.monotonic() + delay
+            level = logging.ERROR if self.boot_failures >= 3 else logging.WARNING
+            log.log(level, "worker %d failed to boot (%s), %d in a row; next spawn in %.1f s",
+                    w.pid, how, self.boot_failures, delay)
+        elif w.stream is None:
+            log.warning("worker %d exited (%s) while idle; replacing it", w.pid, how)
+        s = w.stream
+        if s is not None and self.resync is not None and s.id in self.resync.running:
+            self.stats.connections.pop(s.id, None)
+            entries, nbytes = s.totals()
+            if self.resync.worker_lost(s):
+                log.warning("worker %d died (%s) streaming %d vbuckets from %s; redoing the stream "
+                            "(%d entries, %d bytes it had reported are not counted)",
+                            w.pid, how, len(s.vbuckets), s.server, entries, nbytes)
+            else:
+                log.error("worker %d died (%s) streaming from %s, the %d time for this stream; "
+                          "treating %s as failed", w.pid, how, s.server, s.attempts, s.server)
+            self._publish_counters()
+
+    def stop_workers(self) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self._forget_worker(pid)
+            else:
+                time.sleep(0.02)
+        for pid in list(self.workers):
+            log.warning("worker %d did not stop within %.0f s; killing it", pid, STOP_GRACE)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._forget_worker(pid)
+
+    def _forget_worker(self, pid: int) -> None:
+        w = self.workers.pop(pid, None)
+        if w is not None and w.sock is not None:
+            try:
+                self.selector.unregister(w.sock)
+            except (KeyError, ValueError):
+                pass
+            w.sock.close()
+
+    # -- resync ---------------------------------------------------------------------------
+
+    def _initial_resync(self) -> None:
+        present = self._tag_state()
+        if present is False:
+            log.log(logs.STATUS, "no resync tag in the local memcached %s: full resync", self.local)
+        self.request_resync(full=present is False, why="astaire started")
+
+    def _tag_state(self) -> bool | None:
+        """True/False: the tag is there or not; None: the local memcached did not answer."""
+        try:
+            return bool(self.tag_present(self.local))
+        except Exception as e:
+            log.warning("cannot read the resync tag from the local memcached %s (%s); "
+                        "trying again in %g s", self.local, e, self.options.tag_interval)
+            return None
+        finally:
+            self.next_tag_check = time.monotonic() + self.options.tag_interval
+
+    def check_tag(self) -> None:
+        if self.resync is not None or self.requested is not None or time.monotonic() < self.next_tag_check:
+            return
+        if self._tag_state() is False:
+            log.log(logs.STATUS, "the resync tag is gone from the local memcached %s (it restarted): "
+                    "full resync", self.local)
+            self.request_resync(full=True, why="the local memcached restarted")
+
+    def request_resync(self, full: bool, why: str) -> None:
+        self.requested = bool(full or self.requested)
+        if self.resync is not None and not self.resync.superseded:
+            self.resync.superseded = True
+            log.log(logs.STATUS, "%s during a resync: %d running streams finish, then a new %sresync starts",
+                    why, len(self.resync.running), "full " if self.requested else "")
+
+    def advance(self) -> None:
+        """Move the resync on: start a requested one, start rounds, finish, dispatch."""
+        r = self.resync
+        if r is not None and r.superseded:
+            if r.running:
+                return
+            log.log(logs.STATUS, "superseded resync stopped after %d rounds (%d entries)", r.rounds, r.entries)
+            self.resync = r = None
+        if r is None:
+            if self.requested is None or self.stopping:
+                return
+            r = self.start_resync()
+        while not r.pending and not r.running:
+            if not r.next_round():
+                self.finish_resync()
+                return
+            log.info("round %d: %s", r.rounds,
+                     ", ".join(f"{s.server} ({len(s.vbuckets)} vbuckets)" for s in r.pending))
+        self.dispatch()
+
+    def start_resync(self) -> Resync:
+        full = bool(self.requested)
+        self.requested = None
+        wl = Worklist(self.view, self.local, full=full)
+        r = self.resync = Resync(wl, full, ids=self.stream_ids)
+        st = self.stats
+        st.reset_counters()
+        st.state = stats.STATE_RESYNCING
+        st.resync_started_at = r.started_at
+        st.resync_full = full
+        st.buckets_needing = wl.needing
+        st.settings_digest = self.view_digest
+        st.publish()
+        servers = sorted({s for srcs in wl.sources.values() for s in srcs})
+        log.log(logs.STATUS, "%s resync started: %d vbuckets to pull, %d (vbucket, source) pairs, from %s",
+                "full" if full else "view", len(wl.sources), wl.needing, ", ".join(servers) or "nobody")
+        logs.RESYNC_STARTED.log("full " if full else "")
+        return r
+
+    def dispatch(self) -> None:
+        r = self.resync
+        o = self.options
+        for w in self.workers.values():
+            if not (w.ready and w.stream is None and w.sock is not None):
+                continue
+            s = r.take(w.pid)
+            if s is None:
+                return
+            job = {"source": s.server, "vbuckets": s.vbuckets, "target": self.local, "source_kind": o.source,
+                   "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
+                   "idle_timeout": o.idle_timeout}
+            try:
+                w.sock.setblocking(True)
+                w.sock.sendall(worker.pack({"t": "job", "id": s.id, "job": job}))
+            except OSError as e:
+                log.warning("cannot hand a stream to worker %d (%s); it will be replaced", w.pid, e)
+                r.running.pop(s.id, None)
+                s.worker = None
+                r.pending.appendleft(s)
+                continue
+            finally:
+                if w.sock is not None:
+                    w.sock.setblocking(False)
+            w.stream = s
+            host, port = stats.split_server(s.server)
+            self.stats.connections[s.id] = stats.Connection(host, port, list(s.vbuckets))
+            log.info("stream %d: %d vbuckets from %s to worker %d", s.id, len(s.vbuckets), s.server, w.pid)
+        self._publish_counters()
+
+    def on_progress(self, s: Stream, delta: dict) -> None:
+        r = self.resync
+        if r is None or s.id not in r.running:
+            return
+        _, nbytes = r.progress(s, delta)
+        self.stats.bandwidth.add(nbytes)
+        conn = self.stats.connections.get(s.id)
+        if conn is not None:
+            for vb, (e, b) in delta.items():
+                conn.entries[vb] = conn.entries.get(vb, 0) + e
+                conn.bytes[vb] = conn.bytes.get(vb, 0) + b
+        self._publish_counters()
+
+    def on_result(self, s: Stream, msg: dict) -> None:
+        r = self.resync
+        if r is None or s.id not in r.running:
+            return
+        ok = bool(msg.get("ok"))
+        _, nbytes = r.finished(s, ok, msg.get("counts") or {})
+        self.stats.bandwidth.add(max(0, nbytes))
+        self.stats.connections.pop(s.id, None)
+        entries, total_bytes = s.totals()
+        if ok:
+            log.info("stream %d from %s (%s) done: %d vbuckets, %d entries, %d bytes in %.2f s",
+                     s.id, s.server, msg.get("kind"), len(s.vbuckets), entries, total_bytes, msg.get("seconds", 0))
+        else:
+            log.warning("stream %d from %s failed (%s): %s; it is dropped as a source for this resync",
+                        s.id, s.server, msg.get("kind") or "?", msg.get("error"))
+        self._publish_counters()
+
+    def finish_resync(self) -> None:
+        r = self.resync
+        wl = r.worklist
+        failed = wl.failed_vbuckets
+        try:
+            self.set_tag(self.local)
+        except Exception as e:
+            log.error("cannot set the resync tag in the local memcached %s: %s", self.local, e)
+        seconds = time.monotonic() - r.started
+        st = self.stats
+        st.last_resync = {"result": "failed" if failed else "ok", "failed_vbuckets": failed, "full": r.full,
+                          "finished_at": time.time(), "seconds": seconds, "entries": r.entries, "bytes": r.bytes}
+        st.resyncs_completed += 1
+        st.reset_counters()
+        st.publish()
+        self.resync = None
+        self.next_tag_check = time.monotonic() + self.options.tag_interval
+        if failed:
+            log.error("resync finished in %.2f s with %d vbuckets no source could serve: %s "
+                      "(failed sources: %s); %d entries, %d bytes", seconds, len(failed),
+                      _ranges(failed), ", ".join(wl.failed_servers) or "none", r.entries, r.bytes)
+            logs.RESYNC_FAILED.log(_ranges(failed))
+        else:
+            log.log(logs.STATUS, "resync completed in %.2f s: %d vbuckets, %d entries, %d bytes, %d rounds",
+                    seconds, len(wl.sources), r.entries, r.bytes, r.rounds)
+            logs.RESYNC_COMPLETED.log()
+
+    def _publish_counters(self) -> None:
+        r = self.resync
+        if r is None:
+            return
+        st = self.stats
+        st.buckets_needing = r.needing
+        st.buckets_resynchronized = r.resynchronized
+        st.entries = max(0, r.entries)
+        st.bytes = max(0, r.bytes)
+        st.publish()
+
+    @staticmethod
+    def _describe_view(view: ClusterView) -> str:
+        if view.resizing:
+            return f"servers={','.join(view.servers)} new_servers={','.join(view.new_servers)}"
+        return f"servers={','.join(view.servers or view.new_servers)}"
+
+
+def _ranges(vbuckets: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3,7"."""
+    out, start, prev = [], None, None
+    for vb in vbuckets:
+        if start is None:
+            start = prev = vb
+        elif vb == prev + 1:
+            prev = vb
+        else:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = vb
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(out)
+
+
+def main(options: Options) -> int:
+    """Start the daemon with checked ``options``: refuse a second instance, read the
+    settings (exit 3 if invalid), detach if asked, run until stopped."""
+    logs.setup_logging(options.log_dir, options.log_level)
+    digest = settings_digest(options.cluster_settings_file)
+    try:
+        settings = read_cluster_settings(options.cluster_settings_file)
+    except ConfigError as e:
+        print(f"astaire: invalid cluster settings: {e}", file=sys.stderr)
+        log.error("invalid cluster settings at start: %s", e)
+        return EXIT_CONFIG
+    view = ClusterView.from_settings(settings, options.vbuckets, options.replicas)
+    pidfile = Pidfile(options.pidfile)
+    try:
+        pidfile.acquire()
+    except AlreadyRunning as e:
+        print(f"astaire: {e}", file=sys.stderr)
+        log.error("%s", e)
+        return EXIT_ALREADY_RUNNING
+    except OSError as e:
+        print(f"astaire: cannot use pidfile {options.pidfile}: {e}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    if options.daemon:
+        daemonize()
+        logs.setup_logging(options.log_dir, options.log_level)  # a fresh handler in the daemon
+    pidfile.write(os.getpid())
+    return Supervisor(options, view, digest, pidfile).run()

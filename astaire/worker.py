@@ -1,0 +1,173 @@
+"""Worker processes: each takes whole streams (one source server and its vbuckets).
+
+The supervisor forks a worker with ``spawn()`` and talks to it over a socketpair in
+msgpack messages (maps with a ``"t"`` type):
+
+    supervisor -> worker   {"t": "job", "id": n, "job": {StreamJob keywords}}
+                           {"t": "quit"}
+    worker -> supervisor   {"t": "ready", "pid": pid}                     once, after boot
+                           {"t": "progress", "id": n, "d": {vb: [entries, bytes]}}  deltas
+                           {"t": "result", "id": n, "ok": bool, "error": str|None, "kind": str,
+                            "counts": {vb: [entries, bytes]}, "seconds": s, "stats": {...}}
+
+A worker runs one stream at a time and always to its end (a TAP stream closed early can
+crash the Clearwater fork). It exits 0 when the supervisor says quit or goes away, and
+with ``EXIT_BOOT_ERROR`` when it cannot set itself up, so the supervisor can tell a crash
+loop from a one-off (as gunicorn's workers do).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import traceback
+
+import msgpack
+
+from astaire import logs
+
+log = logging.getLogger("astaire.worker")
+
+EXIT_OK = 0
+EXIT_CRASH = 1          # an unexpected exception in the worker loop
+EXIT_BOOT_ERROR = 3     # could not import or set up the stream machinery: retrying will not help soon
+EXIT_CHANNEL_ERROR = 4  # the supervisor's messages made no sense
+
+BOOT_FAILURE_CODES = frozenset({EXIT_BOOT_ERROR})
+
+# Signals the supervisor handles; a worker must not act on them (a SIGHUP or SIGINT sent to
+# the process group is the supervisor's business), except SIGTERM, which ends it at once.
+_IGNORED_IN_WORKER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT, signal.SIGQUIT)
+_DEFAULT_IN_WORKER = (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpacker() -> msgpack.Unpacker:
+    # vbucket numbers are map keys; bound the buffer so a corrupt peer cannot grow it without limit.
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=64 * 1024 * 1024)
+
+
+def _plain(value):
+    """Something msgpack can carry (stream stats may hold tuples, floats, enums...)."""
+    if isinstance(value, dict):
+        return {(k if isinstance(k, (int, str)) else str(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    return str(value)
+
+
+def _load_stream():
+    """The stream machinery, imported after fork so an import failure is a boot failure."""
+    from astaire.stream import StreamJob, run_stream
+
+    return StreamJob, run_stream
+
+
+class Worker:
+    """The worker side of the channel; ``run()`` returns the process exit code."""
+
+    def __init__(self, sock: socket.socket, progress_interval: float = 0.25):
+        self.sock = sock
+        self.progress_interval = progress_interval
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall(pack(message))
+
+    def run(self) -> int:
+        try:
+            stream_job, run_stream = _load_stream()
+        except Exception:
+            log.error("worker %d cannot load the stream machinery:\n%s", os.getpid(), traceback.format_exc())
+            return EXIT_BOOT_ERROR
+        self.send({"t": "ready", "pid": os.getpid()})
+        messages = unpacker()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionError:
+                return EXIT_OK
+            if not data:
+                return EXIT_OK  # the supervisor went away
+            messages.feed(data)
+            for msg in messages:
+                kind = msg.get("t") if isinstance(msg, dict) else None
+                if kind == "quit":
+                    return EXIT_OK
+                if kind != "job":
+                    log.error("worker %d: unexpected message from the supervisor: %r", os.getpid(), msg)
+                    return EXIT_CHANNEL_ERROR
+                self.run_job(msg["id"], msg["job"], stream_job, run_stream)
+
+    def run_job(self, job_id: int, spec: dict, stream_job, run_stream) -> None:
+        def progress(delta) -> None:
+            self.send({"t": "progress", "id": job_id, "d": {int(vb): [int(e), int(b)] for vb, (e, b) in delta.items()}})
+
+        try:
+            job = stream_job(**spec)
+            result = run_stream(job, progress=progress, progress_interval=self.progress_interval)
+            reply = {
+                "t": "result", "id": job_id, "ok": bool(result.ok), "error": result.error,
+                "kind": str(result.kind or ""),
+                "counts": {int(vb): [int(e), int(b)] for vb, (e, b) in (result.vbucket_counts or {}).items()},
+                "seconds": float(result.seconds or 0.0), "stats": _plain(result.stats or {}),
+            }
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the supervisor is gone: nothing to report to
+        except Exception as exc:  # a bug, not a network problem (run_stream reports those)
+            log.error("worker %d: stream from %s failed unexpectedly:\n%s", os.getpid(), spec.get("source"),
+                      traceback.format_exc())
+            reply = {"t": "result", "id": job_id, "ok": False, "error": f"internal error: {exc!r}",
+                     "kind": "", "counts": {}, "seconds": 0.0, "stats": {}}
+        self.send(reply)
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in _IGNORED_IN_WORKER:
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in _DEFAULT_IN_WORKER:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def spawn(close_fds=(), progress_interval: float = 0.25) -> tuple[int, socket.socket]:
+    """Fork a worker; returns (pid, the supervisor's end of the channel).
+
+    ``close_fds`` are the supervisor's descriptors the child must not keep (its wake-up
+    pipe, the other workers' channels: a sibling holding a channel open would hide the
+    supervisor's death from that worker).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid:
+        theirs.close()
+        return pid, ours
+    code = EXIT_CRASH
+    try:
+        _reset_signals()
+        ours.close()
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        logs.reopen_for_worker()
+        code = Worker(theirs, progress_interval).run()
+    except (BrokenPipeError, ConnectionResetError):
+        code = EXIT_OK
+    except BaseException:
+        try:
+            log.error("worker %d crashed:\n%s", os.getpid(), traceback.format_exc())
+        except BaseException:
+            pass
+    finally:
+        try:
+            logging.shutdown()
+        except BaseException:
+            pass
+        os._exit(code)

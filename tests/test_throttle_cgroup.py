@@ -9,9 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+
+try:
+    import astaire_throttle  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # running from a bare checkout: the package lives in throttle/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "throttle"))
 
 from astaire_throttle.cgroup import (
     CgroupUnavailable,
@@ -121,6 +127,9 @@ def test_v1_group_gets_quota_members_and_lifted_limit(group_name, sleeper):
     assert limiter.attach(sleeper) == []  # already there: no writes
     assert {int(p) for p in open(os.path.join(path, "cgroup.procs")).read().split()} == set(sleeper)
     assert limiter.attach([2 ** 22 + 12345]) == []  # no such process: skipped, not fatal
+    Path(path, "cpu.cfs_quota_us").write_text("-1")  # someone lifts it behind our back
+    limiter.attach(sleeper)
+    assert int(Path(path, "cpu.cfs_quota_us").read_text()) == quota_us(100_000, CPUS, 20)
     limiter.release()
     assert open(os.path.join(path, "cpu.cfs_quota_us")).read().strip() == "-1"
     # A second limiter (a restarted throttle) reuses the group.
@@ -158,6 +167,9 @@ def test_v2_on_a_layout_like_cgroup2(fake_v2):
     assert limiter.attach([os.getpid(), os.getppid()]) == [os.getpid(), os.getppid()]
     assert (fake_v2 / "astaire" / "cgroup.procs").read_text() == f"{os.getpid()}\n{os.getppid()}\n"
     assert limiter.attach([os.getpid()]) == []
+    (fake_v2 / "astaire" / "cpu.max").write_text("max 100000\n")
+    limiter.attach([os.getpid()])
+    assert (fake_v2 / "astaire" / "cpu.max").read_text() == "10000 100000"
     limiter.release()
     assert (fake_v2 / "astaire" / "cpu.max").read_text() == "max 100000"
 

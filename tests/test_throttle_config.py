@@ -1,7 +1,14 @@
 """astaire-throttle's reading of /etc/clearwater/config: parsed as shell text, never run."""
 import logging
+import sys
+from pathlib import Path
 
 import pytest
+
+try:
+    import astaire_throttle  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # running from a bare checkout: the package lives in throttle/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "throttle"))
 
 from astaire_throttle.config import (
     DEFAULT_PERCENTAGE,

@@ -18,6 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+try:
+    import astaire_throttle  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # running from a bare checkout: the package lives in throttle/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "throttle"))
+
 from astaire_throttle.cgroup import find_v1_cpu_root, find_v2_root, quota_us, read_mounts
 
 REPO = Path(__file__).resolve().parents[1]

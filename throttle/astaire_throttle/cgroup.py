@@ -145,6 +145,7 @@ class CgroupV1Limiter:
         self.path = os.path.join(self.root, self.name)
         self.percentage: float | None = None
         self._group: CpuController | None = None
+        self._quota: int | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} group {self.path}"
@@ -172,7 +173,7 @@ class CgroupV1Limiter:
         except OSError as exc:
             raise CgroupUnavailable(f"cannot set the cpu quota of {self.path}: "
                                     f"{exc.strerror}") from exc
-        self._group, self.percentage = group, percentage
+        self._group, self.percentage, self._quota = group, percentage, quota
         log.info("%s: cpu.cfs_quota_us=%d per cpu.cfs_period_us=%d (%g%% of each of %d CPUs)",
                  self, quota, period, percentage, self.cpus)
 
@@ -180,7 +181,10 @@ class CgroupV1Limiter:
         return set(self._group.procs) if self._group else set()
 
     def attach(self, pids: Iterable[int]) -> list[int]:
-        """Move *pids* into the group (one pid per write); the ones newly moved."""
+        """Move *pids* into the group (one pid per write); the ones newly moved.
+
+        Also puts the quota back if something else changed it.
+        """
         if self._group is None:
             raise RuntimeError("set_percentage() first")
         try:
@@ -190,6 +194,11 @@ class CgroupV1Limiter:
             self._group = None
             self.set_percentage(self.percentage)
             present = set()
+        current = self._group.cfs_quota_us  # None means -1
+        if current != self._quota:
+            log.warning("%s: cpu.cfs_quota_us was changed to %s; setting it back to %d",
+                        self, -1 if current is None else current, self._quota)
+            self._group.cfs_quota_us = self._quota
         moved = []
         for pid in pids:
             if pid not in present and _moved(pid, lambda p: setattr(self._group, "procs", [p])):
@@ -220,6 +229,7 @@ class CgroupV2Limiter:
         self.path = os.path.join(self.root, self.name)
         self.percentage: float | None = None
         self._ready = False
+        self._cpu_max = ""
 
     def __str__(self) -> str:
         return f"{self.kind} group {self.path}"
@@ -266,7 +276,7 @@ class CgroupV2Limiter:
                 f.write(f"{quota} {period}")
         except (OSError, ValueError) as exc:
             raise CgroupUnavailable(f"cannot set {self._file('cpu.max')}: {exc}") from exc
-        self.percentage = percentage
+        self.percentage, self._cpu_max = percentage, f"{quota} {period}"
         log.info("%s: cpu.max=\"%d %d\" (%g%% of each of %d CPUs)",
                  self, quota, period, percentage, self.cpus)
 
@@ -284,7 +294,10 @@ class CgroupV2Limiter:
             os.close(fd)
 
     def attach(self, pids: Iterable[int]) -> list[int]:
-        """Move *pids* into the group (one pid per write); the ones newly moved."""
+        """Move *pids* into the group (one pid per write); the ones newly moved.
+
+        Also puts ``cpu.max`` back if something else changed it.
+        """
         if not self._ready:
             raise RuntimeError("set_percentage() first")
         try:
@@ -294,6 +307,13 @@ class CgroupV2Limiter:
             self._ready = False
             self.set_percentage(self.percentage)
             present = set()
+        with open(self._file("cpu.max")) as f:
+            current = " ".join(f.read().split())
+        if current != self._cpu_max:
+            log.warning("%s: cpu.max was changed to %r; setting it back to %r",
+                        self, current, self._cpu_max)
+            with open(self._file("cpu.max"), "w") as f:
+                f.write(self._cpu_max)
         return [pid for pid in pids if pid not in present and _moved(pid, self._write_pid)]
 
     def hold(self, seconds: float, waker) -> bool:

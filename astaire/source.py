@@ -262,6 +262,8 @@ def _start_metadump(server: str, sock: socket.socket, idle_timeout: float, retri
         except socket.timeout as e:
             raise SourceError(f"source {server} sent nothing for {idle_timeout:g} s after "
                               "lru_crawler metadump") from e
+        except OSError as e:
+            raise SourceError(f"source {server} failed after lru_crawler metadump: {_reason(e)}") from e
         first = buf.split(b"\n", 1)[0].rstrip(b"\r")
         if first.startswith(b"BUSY"):
             if attempt == retries:

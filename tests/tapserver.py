@@ -244,11 +244,11 @@ class TapServer:
                 if header is None:
                     return
                 magic, opcode, keylen, extlen, _dt, _vb, bodylen, opaque, _cas = HEADER.unpack(header)
+                if magic != MAGIC_REQ:  # e.g. a text command: hang up rather than wait for a "body"
+                    self.errors.append(f"bad magic 0x{magic:02x} from client")
+                    return
                 body = self._recv_exact(conn, bodylen) if bodylen else b""
                 if body is None:
-                    return
-                if magic != MAGIC_REQ:
-                    self.errors.append(f"bad magic 0x{magic:02x} from client")
                     return
                 extras, key, value = body[:extlen], body[extlen:extlen + keylen], body[extlen + keylen:]
                 if opcode == OP_NOOP:
@@ -317,7 +317,8 @@ class TapServer:
                     mutations += 1
                 if self.delay_per_frame:
                     flush()
-                    time.sleep(self.delay_per_frame)
+                    if self._stopping.wait(self.delay_per_frame):
+                        return True
                     conn.sendall(frame)
                 else:
                     batch += frame

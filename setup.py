@@ -12,7 +12,8 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("astaire._tap", ["astaire/_tap.pyx"], extra_compile_args=["-O3"])],
+        [Extension("astaire._tap", ["astaire/_tap.pyx"], extra_compile_args=["-O3"],
+                   include_dirs=["astaire"], depends=["astaire/_md5.h"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,
@@ -25,6 +26,6 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
 setup(
     packages=["astaire", "astaire_throttle"],
     package_dir={"astaire": "astaire", "astaire_throttle": "throttle/astaire_throttle"},
-    package_data={"astaire": ["*.pyx", "*.pxd", "py.typed"]},
+    package_data={"astaire": ["*.pyx", "*.pxd", "*.h", "py.typed"]},
     ext_modules=ext_modules,
 )

@@ -1,0 +1,1809 @@
+# cython: language_level=3
+"""Binary-protocol / TAP codec and the per-record resync loop, compiled.
+
+The twin of ``astaire._tap_py`` (same names, same results, same errors). The per-record
+work (frame parse, MD5 vbucket hash, vbucket filter, ADDQ/GETK/SET encoding, timestamp
+comparison) runs in C on raw pointers without the GIL and builds no Python object;
+Python sees whole chunks. Records waiting for the target live in per-slot C buffers;
+a record's slot index is its opaque.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memcmp, memmove, memchr
+from libc.stdlib cimport malloc, realloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+
+from collections import deque
+
+from astaire.protocol_errors import (
+    BadLengths,
+    BadMagic,
+    CrawlerBusy,
+    CrawlerError,
+    FrameTooLarge,
+    MalformedFrame,
+    ProtocolError,
+    TapNotSupported,
+    UnexpectedFrame,
+)
+
+cdef extern from "_md5.h" nogil:
+    uint32_t astaire_md5_first32(const unsigned char *data, size_t n)
+
+cdef extern from *:
+    """
+    /* "astaire" followed by two backslashes: Astaire's own records, never copied. */
+    static const char astaire_own_prefix[9] = {97, 115, 116, 97, 105, 114, 101, 92, 92};
+    static const char astaire_key_eq[4] = {107, 101, 121, 61};  /* "key=" */
+    static const char astaire_exp_eq[4] = {101, 120, 112, 61};  /* "exp=" */
+    """
+    const char astaire_own_prefix[9]
+    const char astaire_key_eq[4]
+    const char astaire_exp_eq[4]
+
+MAGIC_REQUEST = 0x80
+MAGIC_RESPONSE = 0x81
+
+OP_GET = 0x00
+OP_SET = 0x01
+OP_ADD = 0x02
+OP_REPLACE = 0x03
+OP_DELETE = 0x04
+OP_QUIT = 0x07
+OP_GETQ = 0x09
+OP_NOOP = 0x0A
+OP_VERSION = 0x0B
+OP_GETK = 0x0C
+OP_GETKQ = 0x0D
+OP_SETQ = 0x11
+OP_ADDQ = 0x12
+OP_REPLACEQ = 0x13
+OP_TAP_CONNECT = 0x40
+OP_TAP_MUTATION = 0x41
+OP_TAP_DELETE = 0x42
+OP_TAP_FLUSH = 0x43
+OP_TAP_OPAQUE = 0x44
+OP_TAP_VBUCKET_SET = 0x45
+OP_TAP_CHECKPOINT_START = 0x46
+OP_TAP_CHECKPOINT_END = 0x47
+
+STATUS_SUCCESS = 0x00
+STATUS_KEY_ENOENT = 0x01
+STATUS_KEY_EEXISTS = 0x02
+STATUS_E2BIG = 0x03
+STATUS_EINVAL = 0x04
+STATUS_NOT_STORED = 0x05
+STATUS_NOT_MY_VBUCKET = 0x07
+STATUS_UNKNOWN_COMMAND = 0x81
+STATUS_ENOMEM = 0x82
+
+TAP_FLAG_DUMP = 0x02
+TAP_FLAG_LIST_VBUCKETS = 0x04
+
+HEADER_SIZE = 24
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+OWN_PREFIX = b"astaire\\\\"
+
+FENCE_BIT = 0x80000000
+MAX_METADUMP_LINE = 8192
+
+# C-level mirrors of the constants above.
+cdef enum:
+    C_HEADER = 24
+    C_MAGIC_REQ = 0x80
+    C_MAGIC_RES = 0x81
+    C_OP_SET = 0x01
+    C_OP_ADD = 0x02
+    C_OP_NOOP = 0x0A
+    C_OP_GETK = 0x0C
+    C_OP_GETKQ = 0x0D
+    C_OP_ADDQ = 0x12
+    C_OP_TAP_CONNECT = 0x40
+    C_OP_TAP_MUTATION = 0x41
+    C_OP_TAP_FIRST_OTHER = 0x42
+    C_OP_TAP_LAST_OTHER = 0x47
+    C_ST_SUCCESS = 0x00
+    C_ST_ENOENT = 0x01
+    C_ST_EEXISTS = 0x02
+    C_ST_NOT_STORED = 0x05
+    C_OWN_LEN = 9
+    C_MAX_LINE = 8192
+    C_MAX_KEY = 250
+
+# Characters, as the C code compares them.
+cdef enum:
+    CH_NL = 10
+    CH_CR = 13
+    CH_SP = 32
+    CH_PCT = 37
+    CH_MINUS = 45
+    CH_0 = 48
+    CH_9 = 57
+    CH_A = 65
+    CH_F = 70
+    CH_a = 97
+    CH_f = 102
+
+cdef uint32_t C_FENCE_BIT = 0x80000000u
+cdef uint32_t C_FENCE_MASK = 0x7FFFFFFFu
+
+# Results of the frame scanners: >= 0 what was found, < 0 what is wrong.
+cdef enum:
+    R_INCOMPLETE = 0
+    R_FRAME = 1
+    R_MUTATION = 2
+    R_OTHER_TAP = 3
+    E_BAD_MAGIC = -1
+    E_TOO_LARGE = -2
+    E_BAD_LENGTHS = -3
+    E_TAP_NOT_SUPPORTED = -4
+    E_UNEXPECTED = -5
+    E_MALFORMED = -6
+    E_TAP_BAD_LENGTHS = -7
+    E_NOMEM = -100
+
+# Record states: what the record waits for.
+cdef enum:
+    ST_FREE = 0
+    ST_ADDQ = 1   # quiet ADD sent: an error response, or its fence, settles it
+    ST_GETK = 2   # read of the local copy sent
+    ST_SET = 3    # CAS SET sent
+    ST_ADD = 4    # non-quiet ADD sent (after the key vanished)
+
+cdef enum:
+    OUT_ADDED = 0
+    OUT_REPLACED = 1
+    OUT_KEPT = 2
+    OUT_FAILED = 3
+
+_STATUS_NAMES = {
+    0x00: "SUCCESS", 0x01: "KEY_ENOENT", 0x02: "KEY_EEXISTS", 0x03: "E2BIG", 0x04: "EINVAL",
+    0x05: "NOT_STORED", 0x07: "NOT_MY_VBUCKET", 0x81: "UNKNOWN_COMMAND", 0x82: "ENOMEM",
+}
+_OP_NAMES = {0x12: "ADDQ", 0x02: "ADD", 0x0C: "GETK", 0x01: "SET", 0x0D: "GETKQ"}
+_STORAGE_OPS = frozenset((0x01, 0x02, 0x03, 0x11, 0x12, 0x13))
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+# ---------------------------------------------------------------------------------------
+# Byte helpers (no Python objects)
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((<uint16_t>p[0] << 8) | p[1])
+
+
+cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef inline uint64_t be64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>be32(p) << 32) | be32(p + 4)
+
+
+cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+
+cdef inline void put64(uint8_t *p, uint64_t v) noexcept nogil:
+    put32(p, <uint32_t>(v >> 32))
+    put32(p + 4, <uint32_t>v)
+
+
+cdef inline void put_header(uint8_t *p, uint8_t magic, uint8_t opcode, uint16_t keylen, uint8_t extlen,
+                            uint16_t vbucket, uint32_t body, uint32_t opaque, uint64_t cas) noexcept nogil:
+    p[0] = magic
+    p[1] = opcode
+    put16(p + 2, keylen)
+    p[4] = extlen
+    p[5] = 0
+    put16(p + 6, vbucket)
+    put32(p + 8, body)
+    put32(p + 12, opaque)
+    put64(p + 16, cas)
+
+
+# A growable byte buffer with a head offset (consumed part) that compacts instead of
+# copying per frame.
+cdef struct Buf:
+    char *data
+    size_t head
+    size_t len
+    size_t cap
+
+
+cdef int buf_reserve(Buf *b, size_t extra) noexcept nogil:
+    cdef size_t need = b.len + extra
+    cdef size_t cap
+    cdef char *p
+    if need <= b.cap:
+        return 0
+    if b.head:
+        memmove(b.data, b.data + b.head, b.len - b.head)
+        b.len -= b.head
+        b.head = 0
+        need = b.len + extra
+        if need <= b.cap:
+            return 0
+    cap = b.cap * 2 if b.cap else 4096
+    while cap < need:
+        cap *= 2
+    p = <char *>realloc(b.data, cap)
+    if p == NULL:
+        return -1
+    b.data = p
+    b.cap = cap
+    return 0
+
+
+cdef int inbuf_feed(Buf *b, const char *data, size_t n) noexcept nogil:
+    if b.head:
+        if b.head == b.len:
+            b.head = 0
+            b.len = 0
+        elif b.head >= 65536 or b.head * 2 >= b.len:
+            memmove(b.data, b.data + b.head, b.len - b.head)
+            b.len -= b.head
+            b.head = 0
+    if n == 0:
+        return 0
+    if buf_reserve(b, n) < 0:
+        return -1
+    memcpy(b.data + b.len, data, n)
+    b.len += n
+    return 0
+
+
+cdef inline void buf_free(Buf *b) noexcept nogil:
+    free(b.data)
+    b.data = NULL
+    b.head = b.len = b.cap = 0
+
+
+cdef int emit_store(Buf *out, uint8_t opcode, const char *key, uint32_t klen, const char *val, uint32_t vlen,
+                    uint32_t flags, uint32_t exp, uint32_t opaque, uint64_t cas) noexcept nogil:
+    cdef size_t size = C_HEADER + 8 + klen + vlen
+    cdef uint8_t *p
+    if buf_reserve(out, size) < 0:
+        return -1
+    p = <uint8_t *>out.data + out.len
+    put_header(p, C_MAGIC_REQ, opcode, <uint16_t>klen, 8, 0, 8 + klen + vlen, opaque, cas)
+    put32(p + 24, flags)
+    put32(p + 28, exp)
+    memcpy(p + 32, key, klen)
+    memcpy(p + 32 + klen, val, vlen)
+    out.len += size
+    return 0
+
+
+cdef int emit_key_only(Buf *out, uint8_t opcode, const char *key, uint32_t klen, uint32_t opaque) noexcept nogil:
+    cdef uint8_t *p
+    if buf_reserve(out, C_HEADER + klen) < 0:
+        return -1
+    p = <uint8_t *>out.data + out.len
+    put_header(p, C_MAGIC_REQ, opcode, <uint16_t>klen, 0, 0, klen, opaque, 0)
+    memcpy(p + 24, key, klen)
+    out.len += C_HEADER + klen
+    return 0
+
+
+# A FIFO of 64-bit entries (head/tail, compacting like Buf).
+cdef struct U64Q:
+    uint64_t *data
+    size_t head
+    size_t len
+    size_t cap
+
+
+cdef int q_push(U64Q *q, uint64_t v) noexcept nogil:
+    cdef size_t cap
+    cdef uint64_t *p
+    if q.len == q.cap:
+        if q.head:
+            memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(uint64_t))
+            q.len -= q.head
+            q.head = 0
+        if q.len == q.cap:
+            cap = q.cap * 2 if q.cap else 64
+            p = <uint64_t *>realloc(q.data, cap * sizeof(uint64_t))
+            if p == NULL:
+                return -1
+            q.data = p
+            q.cap = cap
+    q.data[q.len] = v
+    q.len += 1
+    return 0
+
+
+cdef inline void q_pop(U64Q *q) noexcept nogil:
+    q.head += 1
+    if q.head == q.len:
+        q.head = 0
+        q.len = 0
+
+
+# Borrow a contiguous byte buffer from any buffer-protocol object (bytes fast path).
+cdef struct CBuf:
+    const char *p
+    Py_ssize_t n
+    bint has_view
+    Py_buffer view
+
+
+cdef int cbuf_get(object obj, CBuf *b) except -1:
+    if type(obj) is bytes:
+        b.p = PyBytes_AS_STRING(obj)
+        b.n = PyBytes_GET_SIZE(obj)
+        b.has_view = False
+        return 0
+    PyObject_GetBuffer(obj, &b.view, PyBUF_SIMPLE)
+    b.p = <const char *>b.view.buf
+    b.n = b.view.len
+    b.has_view = True
+    return 0
+
+
+cdef inline void cbuf_release(CBuf *b) noexcept:
+    if b.has_view:
+        PyBuffer_Release(&b.view)
+        b.has_view = False
+
+
+# ---------------------------------------------------------------------------------------
+# Hashing
+
+def vbucket_hash(key):
+    """libmemcached's MD5 hash: the first 4 bytes of md5(key), little-endian."""
+    cdef CBuf b
+    cdef uint32_t h
+    cbuf_get(key, &b)
+    try:
+        with nogil:
+            h = astaire_md5_first32(<const unsigned char *>b.p, <size_t>b.n)
+    finally:
+        cbuf_release(&b)
+    return h
+
+
+def _check_vbuckets(vbuckets):
+    vbuckets = int(vbuckets)
+    if vbuckets < 1 or vbuckets > 65536 or vbuckets & (vbuckets - 1):
+        raise ValueError(f"vbuckets must be a power of 2 between 1 and 65536, not {vbuckets}")
+    return vbuckets
+
+
+def vbucket_of(key, vbuckets=128):
+    cdef uint32_t mask = <uint32_t>_check_vbuckets(vbuckets) - 1
+    return vbucket_hash(key) & mask
+
+
+def _wanted_table(wanted, vbuckets):
+    vbuckets = _check_vbuckets(vbuckets)
+    table = bytearray(vbuckets)
+    for vb in wanted:
+        vb = int(vb)
+        if vb < 0 or vb >= vbuckets:
+            raise ValueError(f"vbucket {vb} out of range 0..{vbuckets - 1}")
+        table[vb] = 1
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# Frames
+
+cdef class Frame:
+    """One binary-protocol frame. ``vbucket`` (request) and ``status`` (response) name
+    the same 16-bit header field."""
+
+    cdef readonly int magic
+    cdef readonly int opcode
+    cdef readonly int datatype
+    cdef int _vbucket_or_status
+    cdef readonly uint32_t opaque
+    cdef readonly uint64_t cas
+    cdef readonly object extras
+    cdef readonly object key
+    cdef readonly object value
+    cdef readonly Py_ssize_t size
+    cdef readonly uint64_t offset
+
+    def __init__(self, magic, opcode, datatype, vbucket_or_status, opaque, cas,
+                 extras, key, value, size, offset):
+        self.magic = magic
+        self.opcode = opcode
+        self.datatype = datatype
+        self._vbucket_or_status = vbucket_or_status
+        self.opaque = opaque
+        self.cas = cas
+        self.extras = extras
+        self.key = key
+        self.value = value
+        self.size = size
+        self.offset = offset
+
+    @property
+    def vbucket(self):
+        return self._vbucket_or_status
+
+    @property
+    def status(self):
+        return self._vbucket_or_status
+
+    def __repr__(self):
+        return (f"Frame(magic=0x{self.magic:02x}, opcode=0x{self.opcode:02x}, "
+                f"vbucket_or_status={self._vbucket_or_status}, opaque={self.opaque}, cas={self.cas}, "
+                f"extras={self.extras!r}, key={self.key!r}, value={self.value!r}, "
+                f"size={self.size}, offset={self.offset})")
+
+
+cdef class TapMutation:
+    """A decoded TAP_MUTATION: the item and its TAP metadata."""
+
+    cdef readonly object key
+    cdef readonly object value
+    cdef readonly uint32_t flags
+    cdef readonly uint32_t expiration
+    cdef readonly uint64_t cas
+    cdef readonly int ttl
+    cdef readonly int tap_flags
+    cdef readonly object engine_specific
+
+    def __init__(self, key, value, flags, expiration, cas, ttl, tap_flags, engine_specific):
+        self.key = key
+        self.value = value
+        self.flags = flags
+        self.expiration = expiration
+        self.cas = cas
+        self.ttl = ttl
+        self.tap_flags = tap_flags
+        self.engine_specific = engine_specific
+
+    def _astuple(self):
+        return (self.key, self.value, self.flags, self.expiration, self.cas, self.ttl,
+                self.tap_flags, self.engine_specific)
+
+    def __eq__(self, other):
+        if not isinstance(other, TapMutation):
+            return NotImplemented
+        return self._astuple() == (<TapMutation>other)._astuple()
+
+    def __ne__(self, other):
+        if not isinstance(other, TapMutation):
+            return NotImplemented
+        return self._astuple() != (<TapMutation>other)._astuple()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"TapMutation(key={self.key!r}, value={self.value!r}, flags=0x{self.flags:08x}, "
+                f"expiration={self.expiration}, cas={self.cas}, ttl={self.ttl}, "
+                f"tap_flags=0x{self.tap_flags:04x}, engine_specific={self.engine_specific!r})")
+
+
+cdef struct TapInfo:
+    size_t size       # whole frame
+    uint32_t keyoff   # from the frame's first byte
+    uint32_t keylen
+    uint32_t vallen
+    uint32_t flags
+    uint32_t exp
+
+
+cdef inline int check_header(const uint8_t *p, size_t avail, uint64_t max_body, size_t *size) noexcept nogil:
+    """R_FRAME (size set), R_INCOMPLETE or an E_ code. Magic is judged from the first byte
+    so that a text answer is not waited on for 24 bytes."""
+    cdef uint32_t body
+    if p[0] != C_MAGIC_REQ and p[0] != C_MAGIC_RES:
+        return E_BAD_MAGIC
+    if avail < C_HEADER:
+        return R_INCOMPLETE
+    body = be32(p + 8)
+    if body > max_body:
+        return E_TOO_LARGE
+    if <uint32_t>p[4] + <uint32_t>be16(p + 2) > body:
+        return E_BAD_LENGTHS
+    size[0] = C_HEADER + <size_t>body
+    if avail < size[0]:
+        return R_INCOMPLETE
+    return R_FRAME
+
+
+cdef inline int tap_frame(const uint8_t *p, size_t avail, uint64_t max_body, TapInfo *t) noexcept nogil:
+    """A TAP-stream frame: R_MUTATION (t filled), R_OTHER_TAP, R_INCOMPLETE or an E_ code."""
+    cdef int r = check_header(p, avail, max_body, &t.size)
+    cdef uint8_t op
+    cdef uint32_t eng, klen, body
+    if r != R_FRAME:
+        return r
+    op = p[1]
+    if p[0] == C_MAGIC_REQ:
+        if op == C_OP_TAP_MUTATION:
+            if p[4] != 16:
+                return E_MALFORMED
+            eng = be16(p + 24)
+            klen = be16(p + 2)
+            body = <uint32_t>(t.size - C_HEADER)
+            if 16 + eng + klen > body:
+                return E_TAP_BAD_LENGTHS
+            t.keyoff = C_HEADER + 16 + eng
+            t.keylen = klen
+            t.vallen = body - 16 - eng - klen
+            t.flags = be32(p + 32)
+            t.exp = be32(p + 36)
+            return R_MUTATION
+        if op >= C_OP_TAP_FIRST_OTHER and op <= C_OP_TAP_LAST_OTHER:
+            return R_OTHER_TAP
+        return E_UNEXPECTED
+    if op == C_OP_TAP_CONNECT:
+        return E_TAP_NOT_SUPPORTED
+    return E_UNEXPECTED
+
+
+cdef int raise_frame_error(int code, const uint8_t *p, uint64_t offset, uint64_t max_body) except -1:
+    """Raise the exception for scanner result ``code`` about the frame at ``p``."""
+    cdef uint32_t body
+    if code == E_NOMEM:
+        raise MemoryError()
+    if code == E_BAD_MAGIC:
+        raise BadMagic(f"bad magic 0x{p[0]:02x}", offset)
+    body = be32(p + 8)
+    if code == E_TOO_LARGE:
+        raise FrameTooLarge(f"frame body of {body} bytes exceeds the limit of {max_body}", offset)
+    if code == E_BAD_LENGTHS:
+        raise BadLengths(f"extras ({p[4]}) + key ({be16(p + 2)}) longer than the body ({body})", offset)
+    if code == E_TAP_NOT_SUPPORTED:
+        raise TapNotSupported(f"server answered TAP_CONNECT with status 0x{be16(p + 6):04x}: no TAP", offset)
+    if code == E_UNEXPECTED:
+        kind = "request" if p[0] == C_MAGIC_REQ else "response"
+        raise UnexpectedFrame(f"unexpected {kind} opcode 0x{p[1]:02x} on a TAP stream", offset)
+    if code == E_MALFORMED:
+        raise MalformedFrame(f"TAP_MUTATION extras length {p[4]}, expected 16", offset)
+    if code == E_TAP_BAD_LENGTHS:
+        raise BadLengths(
+            f"TAP_MUTATION extras (16) + engine ({be16(p + 24)}) + key ({be16(p + 2)}) longer than the body ({body})",
+            offset)
+    raise ProtocolError(f"scanner result {code}", offset)
+
+
+cdef Frame make_frame(const uint8_t *p, size_t size, uint64_t offset):
+    cdef Frame f = Frame.__new__(Frame)
+    cdef size_t extlen = p[4]
+    cdef size_t keylen = be16(p + 2)
+    cdef const char *b = <const char *>p + C_HEADER
+    f.magic = p[0]
+    f.opcode = p[1]
+    f.datatype = p[5]
+    f._vbucket_or_status = be16(p + 6)
+    f.opaque = be32(p + 12)
+    f.cas = be64(p + 16)
+    f.extras = PyBytes_FromStringAndSize(b, extlen)
+    f.key = PyBytes_FromStringAndSize(b + extlen, keylen)
+    f.value = PyBytes_FromStringAndSize(b + extlen + keylen, size - C_HEADER - extlen - keylen)
+    f.size = size
+    f.offset = offset
+    return f
+
+
+cdef uint64_t _max_body_arg(object max_body) except? 0:
+    if max_body < 0:
+        raise ValueError("max_body must be >= 0")
+    if max_body > 0xFFFFFFFF:
+        return 0xFFFFFFFF
+    return max_body
+
+
+cdef class FrameParser:
+    """Streaming frame parser: ``feed`` chunks of any size, iterate complete frames.
+
+    One growable buffer with head/tail offsets, compacted when the consumed part
+    dominates (msgpack's Unpacker style). Headers are validated as soon as they are
+    complete, so a hostile length is refused before anything is allocated for it.
+    """
+
+    cdef Buf _buf
+    cdef uint64_t _offset
+    cdef uint64_t _max_body
+    cdef readonly object max_body
+
+    def __init__(self, max_body=DEFAULT_MAX_BODY):
+        self._max_body = _max_body_arg(max_body)
+        self.max_body = int(max_body)
+
+    def __dealloc__(self):
+        buf_free(&self._buf)
+
+    @property
+    def buffered(self):
+        return self._buf.len - self._buf.head
+
+    @property
+    def offset(self):
+        return self._offset
+
+    def feed(self, data):
+        cdef CBuf b
+        cdef int r
+        cbuf_get(data, &b)
+        try:
+            r = inbuf_feed(&self._buf, b.p, <size_t>b.n)
+        finally:
+            cbuf_release(&b)
+        if r < 0:
+            raise MemoryError()
+
+    cdef Frame _next(self):
+        cdef Buf *b = &self._buf
+        cdef size_t size = 0
+        cdef const uint8_t *p
+        cdef int r
+        cdef Frame f
+        if b.head >= b.len:
+            return None
+        p = <const uint8_t *>b.data + b.head
+        r = check_header(p, b.len - b.head, self._max_body, &size)
+        if r == R_INCOMPLETE:
+            return None
+        if r < 0:
+            raise_frame_error(r, p, self._offset, self._max_body)
+        f = make_frame(p, size, self._offset)
+        b.head += size
+        self._offset += size
+        return f
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef Frame f = self._next()
+        if f is None:
+            raise StopIteration
+        return f
+
+    def frames(self):
+        """All complete frames buffered now."""
+        cdef list out = []
+        cdef Frame f
+        while True:
+            f = self._next()
+            if f is None:
+                return out
+            out.append(f)
+
+
+def decode_tap_mutation(frame):
+    """Decode a TAP_MUTATION frame in the Clearwater fork's layout (DESIGN.md)."""
+    if frame.magic != MAGIC_REQUEST or frame.opcode != OP_TAP_MUTATION:
+        raise UnexpectedFrame(
+            f"not a TAP_MUTATION (magic 0x{frame.magic:02x}, opcode 0x{frame.opcode:02x})", frame.offset)
+    extras = bytes(frame.extras)
+    keylen = len(frame.key)
+    if len(extras) != 16:
+        raise MalformedFrame(f"TAP_MUTATION extras length {len(extras)}, expected 16", frame.offset)
+    cdef const uint8_t *e = <const uint8_t *>PyBytes_AS_STRING(extras)
+    cdef Py_ssize_t engine_len = be16(e)
+    rest = bytes(frame.key) + bytes(frame.value)
+    body = 16 + len(rest)
+    if 16 + engine_len + keylen > body:
+        raise BadLengths(
+            f"TAP_MUTATION extras (16) + engine ({engine_len}) + key ({keylen}) longer than the body ({body})",
+            frame.offset)
+    return TapMutation(rest[engine_len:engine_len + keylen], rest[engine_len + keylen:], be32(e + 8),
+                       be32(e + 12), frame.cas, e[4], be16(e + 2), rest[:engine_len])
+
+
+cdef TapMutation make_mutation(const uint8_t *p, TapInfo *t):
+    cdef TapMutation m = TapMutation.__new__(TapMutation)
+    cdef const char *k = <const char *>p + t.keyoff
+    cdef uint32_t eng = be16(p + 24)
+    m.key = PyBytes_FromStringAndSize(k, t.keylen)
+    m.value = PyBytes_FromStringAndSize(k + t.keylen, t.vallen)
+    m.flags = t.flags
+    m.expiration = t.exp
+    m.cas = be64(p + 16)
+    m.ttl = p[28]
+    m.tap_flags = be16(p + 26)
+    m.engine_specific = PyBytes_FromStringAndSize(k - eng, eng)
+    return m
+
+
+# Up to this many kept frames are found without the GIL before their objects are built.
+cdef enum:
+    BATCH_KEPT = 256
+
+
+def filter_mutations(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
+    """Parse a buffer of TAP frames, keep the TAP_MUTATIONs of wanted vbuckets.
+
+    Returns (records, consumed): consumed = bytes of whole frames. Other TAP opcodes are
+    skipped; frames with no place on a TAP stream raise as ``Writer.feed_tap`` does.
+    Filtered-out frames cost no Python object."""
+    table = _wanted_table(wanted, vbuckets)
+    cdef const uint8_t *tab = <const uint8_t *><char *>table
+    cdef uint32_t mask = <uint32_t>len(table) - 1
+    cdef uint64_t mb = _max_body_arg(max_body)
+    cdef CBuf b
+    cdef const uint8_t *p
+    cdef size_t n, pos = 0
+    cdef TapInfo t
+    cdef TapInfo kept_info[BATCH_KEPT]
+    cdef size_t kept_pos[BATCH_KEPT]
+    cdef int nkept, i
+    cdef int r = R_INCOMPLETE
+    cdef list records = []
+    cbuf_get(data, &b)
+    try:
+        p = <const uint8_t *>b.p
+        n = <size_t>b.n
+        while True:
+            nkept = 0
+            with nogil:
+                while pos < n and nkept < BATCH_KEPT:
+                    r = tap_frame(p + pos, n - pos, mb, &t)
+                    if r <= 0:
+                        break
+                    if r == R_MUTATION and tab[astaire_md5_first32(p + pos + t.keyoff, t.keylen) & mask]:
+                        kept_info[nkept] = t
+                        kept_pos[nkept] = pos
+                        nkept += 1
+                    pos += t.size
+            for i in range(nkept):
+                records.append(make_mutation(p + kept_pos[i], &kept_info[i]))
+            if r < 0:
+                raise_frame_error(r, p + pos, pos, mb)
+            if pos >= n or r == R_INCOMPLETE:
+                break
+    finally:
+        cbuf_release(&b)
+    return records, pos
+
+
+def filter_count(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
+    """Like filter_mutations but only counts: (kept, seen, consumed). No allocation per frame."""
+    table = _wanted_table(wanted, vbuckets)
+    cdef const uint8_t *tab = <const uint8_t *><char *>table
+    cdef uint32_t mask = <uint32_t>len(table) - 1
+    cdef uint64_t mb = _max_body_arg(max_body)
+    cdef CBuf b
+    cdef const uint8_t *p
+    cdef size_t n, pos = 0
+    cdef TapInfo t
+    cdef int r = R_INCOMPLETE
+    cdef uint64_t kept = 0, seen = 0
+    cbuf_get(data, &b)
+    try:
+        p = <const uint8_t *>b.p
+        n = <size_t>b.n
+        with nogil:
+            while pos < n:
+                r = tap_frame(p + pos, n - pos, mb, &t)
+                if r <= 0:
+                    break
+                if r == R_MUTATION:
+                    seen += 1
+                    kept += tab[astaire_md5_first32(p + pos + t.keyoff, t.keylen) & mask]
+                pos += t.size
+        if r < 0:
+            raise_frame_error(r, p + pos, pos, mb)
+    finally:
+        cbuf_release(&b)
+    return kept, seen, pos
+
+
+# ---------------------------------------------------------------------------------------
+# Encoders
+
+cdef bytes _encode(uint8_t magic, uint8_t opcode, CBuf *key, CBuf *value, const char *extras, size_t extlen,
+                   uint16_t vbucket, uint32_t opaque, uint64_t cas, const char *engine=NULL, size_t englen=0):
+    cdef size_t body = extlen + englen + <size_t>key.n + <size_t>value.n
+    cdef bytes out
+    cdef uint8_t *p
+    if key.n > 0xFFFF:
+        raise ValueError(f"key of {key.n} bytes is longer than 65535")
+    if extlen > 0xFF:
+        raise ValueError(f"extras of {extlen} bytes is longer than 255")
+    if body > 0xFFFFFFFF:
+        raise ValueError(f"body of {body} bytes is longer than 4 GiB")
+    out = PyBytes_FromStringAndSize(NULL, C_HEADER + body)
+    p = <uint8_t *>PyBytes_AS_STRING(out)
+    put_header(p, magic, opcode, <uint16_t>key.n, <uint8_t>extlen, vbucket, <uint32_t>body, opaque, cas)
+    p += C_HEADER
+    if extlen:
+        memcpy(p, extras, extlen)
+        p += extlen
+    if englen:
+        memcpy(p, engine, englen)
+        p += englen
+    if key.n:
+        memcpy(p, key.p, key.n)
+        p += key.n
+    if value.n:
+        memcpy(p, value.p, value.n)
+    return out
+
+
+cdef bytes _request(uint8_t opcode, object key, object value, const char *extras, size_t extlen,
+                    uint32_t opaque, uint64_t cas, uint16_t vbucket):
+    cdef CBuf k, v
+    k.has_view = False
+    v.has_view = False
+    cbuf_get(key, &k)
+    try:
+        cbuf_get(value, &v)
+        return _encode(C_MAGIC_REQ, opcode, &k, &v, extras, extlen, vbucket, opaque, cas)
+    finally:
+        cbuf_release(&v)
+        cbuf_release(&k)
+
+
+def encode_request(uint8_t opcode, key=b"", value=b"", extras=b"", uint32_t opaque=0, uint64_t cas=0,
+                   uint16_t vbucket=0):
+    cdef CBuf e
+    cbuf_get(extras, &e)
+    try:
+        if e.n > 0xFF:
+            raise ValueError(f"extras of {e.n} bytes is longer than 255")
+        return _request(opcode, key, value, e.p, <size_t>e.n, opaque, cas, vbucket)
+    finally:
+        cbuf_release(&e)
+
+
+def encode_tap_connect(uint32_t flags=TAP_FLAG_DUMP, vbuckets=None, name=b""):
+    cdef uint8_t ext[4]
+    cdef bytearray value = bytearray()
+    cdef list ids
+    if vbuckets is not None:
+        ids = [int(v) for v in vbuckets]
+        if len(ids) > 0xFFFF:
+            raise ValueError("too many vbuckets in TAP_CONNECT")
+        for v in ids:
+            if v < 0 or v > 0xFFFF:
+                raise OverflowError(f"vbucket {v} does not fit in 16 bits")
+        flags |= TAP_FLAG_LIST_VBUCKETS
+        value += len(ids).to_bytes(2, "big")
+        for v in ids:
+            value += (<int>v).to_bytes(2, "big")
+    put32(ext, flags)
+    return _request(C_OP_TAP_CONNECT, name, bytes(value), <const char *>ext, 4, 0, 0, 0)
+
+
+def encode_get(key, uint32_t opaque=0):
+    return _request(0x00, key, b"", NULL, 0, opaque, 0, 0)
+
+
+def encode_getk(key, uint32_t opaque=0):
+    return _request(C_OP_GETK, key, b"", NULL, 0, opaque, 0, 0)
+
+
+def encode_getkq(key, uint32_t opaque=0):
+    return _request(C_OP_GETKQ, key, b"", NULL, 0, opaque, 0, 0)
+
+
+cdef inline bytes _store(uint8_t opcode, key, value, uint32_t flags, uint32_t expiration, uint32_t opaque,
+                         uint64_t cas):
+    cdef uint8_t ext[8]
+    put32(ext, flags)
+    put32(ext + 4, expiration)
+    return _request(opcode, key, value, <const char *>ext, 8, opaque, cas, 0)
+
+
+def encode_add(key, value, uint32_t flags=0, uint32_t expiration=0, uint32_t opaque=0, uint64_t cas=0):
+    return _store(C_OP_ADD, key, value, flags, expiration, opaque, cas)
+
+
+def encode_addq(key, value, uint32_t flags=0, uint32_t expiration=0, uint32_t opaque=0, uint64_t cas=0):
+    return _store(C_OP_ADDQ, key, value, flags, expiration, opaque, cas)
+
+
+def encode_set(key, value, uint32_t flags=0, uint32_t expiration=0, uint32_t opaque=0, uint64_t cas=0):
+    return _store(C_OP_SET, key, value, flags, expiration, opaque, cas)
+
+
+def encode_setq(key, value, uint32_t flags=0, uint32_t expiration=0, uint32_t opaque=0, uint64_t cas=0):
+    return _store(0x11, key, value, flags, expiration, opaque, cas)
+
+
+def encode_replace(key, value, uint32_t flags=0, uint32_t expiration=0, uint32_t opaque=0, uint64_t cas=0):
+    return _store(0x03, key, value, flags, expiration, opaque, cas)
+
+
+def encode_delete(key, uint32_t opaque=0, uint64_t cas=0):
+    return _request(0x04, key, b"", NULL, 0, opaque, cas, 0)
+
+
+def encode_noop(uint32_t opaque=0):
+    return _request(C_OP_NOOP, b"", b"", NULL, 0, opaque, 0, 0)
+
+
+def encode_version(uint32_t opaque=0):
+    return _request(0x0B, b"", b"", NULL, 0, opaque, 0, 0)
+
+
+def encode_tap_mutation(key, value, uint32_t flags=0, uint32_t expiration=0, uint64_t cas=0, uint8_t ttl=0xFF,
+                        uint16_t tap_flags=0, engine_specific=b"", uint32_t opaque=0):
+    """A TAP_MUTATION in the Clearwater fork's layout (used by the test TAP server)."""
+    cdef uint8_t ext[16]
+    cdef CBuf k, v, e
+    k.has_view = v.has_view = e.has_view = False
+    cbuf_get(engine_specific, &e)
+    try:
+        if e.n > 0xFFFF:
+            raise ValueError("engine_specific longer than 65535 bytes")
+        put16(ext, <uint16_t>e.n)
+        put16(ext + 2, tap_flags)
+        ext[4] = ttl
+        ext[5] = ext[6] = ext[7] = 0
+        put32(ext + 8, flags)
+        put32(ext + 12, expiration)
+        cbuf_get(key, &k)
+        cbuf_get(value, &v)
+        return _encode(C_MAGIC_REQ, C_OP_TAP_MUTATION, &k, &v, <const char *>ext, 16, 0, opaque, cas,
+                       e.p, <size_t>e.n)
+    finally:
+        cbuf_release(&v)
+        cbuf_release(&k)
+        cbuf_release(&e)
+
+
+cdef inline bint _is_storage_op(int opcode) noexcept:
+    return opcode == 0x01 or opcode == 0x02 or opcode == 0x03 or opcode == 0x11 or opcode == 0x12 or opcode == 0x13
+
+
+def encode_batch(requests):
+    """Encode (opcode, key, value, flags, expiration, opaque, cas) tuples into one buffer.
+    Storage opcodes get flags + expiration extras; the others ignore them."""
+    cdef Buf out
+    cdef CBuf k, v
+    cdef uint8_t opc
+    cdef uint32_t fl, ex, op
+    cdef uint64_t c
+    cdef size_t extlen, body, size
+    cdef uint8_t *p
+    cdef int iop
+    out.data = NULL
+    out.head = out.len = out.cap = 0
+    k.has_view = v.has_view = False
+    try:
+        for opcode, key, value, flags, expiration, opaque, cas in requests:
+            iop = opcode
+            if _is_storage_op(iop):
+                fl = flags
+                ex = expiration
+                extlen = 8
+            else:
+                fl = ex = 0
+                extlen = 0
+            opc = opcode
+            op = opaque
+            c = cas
+            cbuf_get(key, &k)
+            try:
+                cbuf_get(value, &v)
+                if k.n > 0xFFFF:
+                    raise ValueError(f"key of {k.n} bytes is longer than 65535")
+                body = extlen + <size_t>k.n + <size_t>v.n
+                if body > 0xFFFFFFFF:
+                    raise ValueError(f"body of {body} bytes is longer than 4 GiB")
+                size = C_HEADER + body
+                if buf_reserve(&out, size) < 0:
+                    raise MemoryError()
+                p = <uint8_t *>out.data + out.len
+                put_header(p, C_MAGIC_REQ, opc, <uint16_t>k.n, <uint8_t>extlen, 0, <uint32_t>body, op, c)
+                p += C_HEADER
+                if extlen:
+                    put32(p, fl)
+                    put32(p + 4, ex)
+                    p += 8
+                memcpy(p, k.p, k.n)
+                memcpy(p + k.n, v.p, v.n)
+                out.len += size
+            finally:
+                cbuf_release(&v)
+                cbuf_release(&k)
+        return PyBytes_FromStringAndSize(out.data, out.len)
+    finally:
+        buf_free(&out)
+
+
+# ---------------------------------------------------------------------------------------
+# The Writer: per-record resync loop
+
+cdef struct Slot:
+    char *data        # key then value
+    size_t cap
+    uint32_t klen
+    uint32_t vlen
+    uint32_t flags
+    uint32_t exp
+    uint32_t rounds
+    uint32_t fence
+    uint8_t state
+
+# A queued record in the Writer's queue buffer: this header, then key, then value.
+cdef struct QRec:
+    uint32_t flags
+    uint32_t exp
+    uint32_t klen
+    uint32_t vlen
+
+# Slot buffers above this size are given back when their record settles.
+cdef enum:
+    SLOT_KEEP = 65536
+
+
+def _key_text(key):
+    return repr(bytes(key[:80]))
+
+
+cdef class Writer:
+    """Writes one source stream's records into the local memcached (the target), by the
+    conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
+    only for records the ADDQ found present. Python does the socket I/O and hands whole
+    chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
+    what ``target_requests`` and ``fetch_requests`` return."""
+
+    cdef uint8_t *_table
+    cdef uint32_t _mask
+    cdef readonly uint32_t vbuckets
+    cdef readonly uint32_t window
+    cdef readonly uint64_t max_body
+    cdef readonly uint32_t max_retries
+    cdef uint32_t _fence_every
+    # Counters.
+    cdef readonly uint64_t entries
+    cdef uint64_t _nbytes
+    cdef readonly uint64_t added
+    cdef readonly uint64_t replaced
+    cdef readonly uint64_t kept
+    cdef readonly uint64_t failed
+    cdef readonly uint64_t retries
+    cdef readonly uint64_t skipped_own
+    cdef readonly uint64_t skipped_unwanted
+    cdef readonly uint64_t tombstones
+    cdef readonly uint64_t other_tap
+    cdef readonly uint64_t vanished
+    cdef readonly uint64_t duplicates
+    cdef readonly str last_error
+    cdef uint64_t *_vb_entries
+    cdef uint64_t *_vb_bytes
+    # Source side (TAP).
+    cdef Buf _src
+    cdef uint64_t _src_offset
+    cdef bint _finished
+    # Records accepted but not yet given a slot, and the slots (opaque = index).
+    cdef Buf _queue
+    cdef size_t _q_count
+    cdef Slot *_slots
+    cdef uint32_t *_free
+    cdef uint32_t _n_free
+    cdef uint32_t _in_use
+    # Quiet ADDs in flight in send order (slot << 32 | fence seq), and fences awaited.
+    cdef U64Q _fifo
+    cdef U64Q _fences
+    cdef uint32_t _fence_seq
+    cdef uint32_t _unfenced
+    cdef Buf _out
+    # Target side.
+    cdef Buf _tgt
+    cdef uint64_t _tgt_offset
+    # Crawler side (not per-record hot: Python containers are fine here).
+    cdef Buf _md
+    cdef uint64_t _md_offset
+    cdef bint _md_ended
+    cdef object _fetch_queue
+    cdef dict _fetch_queued_keys
+    cdef object _fetch_batches
+    cdef size_t _fetch_in_flight
+    cdef uint32_t _fetch_seq
+    cdef uint32_t _fetch_batch_seq
+    cdef Buf _fetch_out
+    cdef Buf _fch
+    cdef uint64_t _fch_offset
+
+    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64):
+        cdef uint32_t i
+        table = _wanted_table(wanted, vbuckets)
+        window = int(window)
+        if window < 1 or window > 0x7FFFFFFF:
+            raise ValueError(f"window must be between 1 and {0x7FFFFFFF}, not {window}")
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self._table != NULL:
+            raise RuntimeError("Writer.__init__ called twice")
+        self.vbuckets = len(table)
+        self._mask = self.vbuckets - 1
+        self.window = window
+        self.max_body = _max_body_arg(max_body)
+        self.max_retries = min(int(max_retries), 0xFFFFFFFF)
+        self._fence_every = max(1, self.window // 4)
+        self.last_error = ""
+        self._table = <uint8_t *>malloc(self.vbuckets)
+        self._vb_entries = <uint64_t *>malloc(self.vbuckets * sizeof(uint64_t))
+        self._vb_bytes = <uint64_t *>malloc(self.vbuckets * sizeof(uint64_t))
+        self._slots = <Slot *>malloc(self.window * sizeof(Slot))
+        self._free = <uint32_t *>malloc(self.window * sizeof(uint32_t))
+        if (self._table == NULL or self._vb_entries == NULL or self._vb_bytes == NULL or self._slots == NULL
+                or self._free == NULL):
+            raise MemoryError()
+        for i in range(self.vbuckets):
+            self._table[i] = table[i]
+            self._vb_entries[i] = 0
+            self._vb_bytes[i] = 0
+        for i in range(self.window):
+            self._slots[i].data = NULL
+            self._slots[i].cap = 0
+            self._slots[i].state = ST_FREE
+            self._free[i] = self.window - 1 - i
+        self._n_free = self.window
+        self._fetch_queue = deque()
+        self._fetch_queued_keys = {}
+        self._fetch_batches = deque()
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self._slots != NULL:
+            for i in range(self.window):
+                free(self._slots[i].data)
+        free(self._slots)
+        free(self._free)
+        free(self._table)
+        free(self._vb_entries)
+        free(self._vb_bytes)
+        free(self._fifo.data)
+        free(self._fences.data)
+        buf_free(&self._src)
+        buf_free(&self._queue)
+        buf_free(&self._out)
+        buf_free(&self._tgt)
+        buf_free(&self._md)
+        buf_free(&self._fetch_out)
+        buf_free(&self._fch)
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def bytes(self):
+        return self._nbytes
+
+    @property
+    def backlog(self):
+        """Records accepted but not yet settled."""
+        return self._q_count + self._in_use
+
+    @property
+    def fetch_backlog(self):
+        """Crawler fetches listed but not yet answered."""
+        return len(self._fetch_queue) + self._fetch_in_flight
+
+    @property
+    def done(self):
+        return ((self._finished or self._md_ended) and self._q_count == 0 and self._in_use == 0
+                and self._fences.len == self._fences.head and self._out.len == 0
+                and len(self._fetch_queue) == 0 and self._fetch_in_flight == 0)
+
+    def stats(self):
+        return {
+            "entries": self.entries, "bytes": self._nbytes, "added": self.added,
+            "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
+            "retries": self.retries, "skipped_own": self.skipped_own,
+            "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "last_error": self.last_error, "backlog": self.backlog,
+            "fetch_backlog": self.fetch_backlog, "done": self.done,
+        }
+
+    def vbucket_counts(self):
+        """{vbucket: (entries, bytes)} for every wanted vbucket, cumulative."""
+        cdef uint32_t vb
+        return {vb: (self._vb_entries[vb], self._vb_bytes[vb])
+                for vb in range(self.vbuckets) if self._table[vb]}
+
+    def finish(self):
+        """The source ended cleanly. A frame cut short by the end is a protocol error."""
+        if self._src.head < self._src.len:
+            raise MalformedFrame(
+                f"source stream ended inside a frame ({self._src.len - self._src.head} bytes buffered)",
+                self._src_offset)
+        self._finished = True
+        if self._close_batch() < 0:
+            raise MemoryError()
+
+    # -- records and slots (C only) --------------------------------------------------
+
+    cdef int _emit_fence(self) noexcept nogil:
+        cdef uint32_t seq = self._fence_seq
+        cdef uint8_t *p
+        self._fence_seq = (seq + 1) & C_FENCE_MASK
+        if q_push(&self._fences, seq) < 0 or buf_reserve(&self._out, C_HEADER) < 0:
+            return -1
+        p = <uint8_t *>self._out.data + self._out.len
+        put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, C_FENCE_BIT | seq, 0)
+        self._out.len += C_HEADER
+        self._unfenced = 0
+        return 0
+
+    cdef inline int _close_batch(self) noexcept nogil:
+        if self._unfenced:
+            return self._emit_fence()
+        return 0
+
+    cdef int _start(self, const char *key, uint32_t klen, const char *val, uint32_t vlen,
+                    uint32_t flags, uint32_t exp) noexcept nogil:
+        """Give a record a free slot (its opaque) and send its quiet ADD; fence every batch."""
+        cdef uint32_t slot
+        cdef Slot *s
+        cdef size_t need = <size_t>klen + vlen
+        cdef size_t cap
+        cdef char *d
+        self._n_free -= 1
+        slot = self._free[self._n_free]
+        s = &self._slots[slot]
+        if s.cap < need:
+            cap = need if need > 256 else 256
+            d = <char *>realloc(s.data, cap)
+            if d == NULL:
+                self._n_free += 1
+                return -1
+            s.data = d
+            s.cap = cap
+        memcpy(s.data, key, klen)
+        memcpy(s.data + klen, val, vlen)
+        s.klen = klen
+        s.vlen = vlen
+        s.flags = flags
+        s.exp = exp
+        s.rounds = 0
+        s.state = ST_ADDQ
+        s.fence = self._fence_seq
+        self._in_use += 1
+        if emit_store(&self._out, C_OP_ADDQ, key, klen, val, vlen, flags, exp, slot, 0) < 0:
+            return -1
+        if q_push(&self._fifo, (<uint64_t>slot << 32) | s.fence) < 0:
+            return -1
+        self._unfenced += 1
+        if self._unfenced >= self._fence_every:
+            return self._emit_fence()
+        return 0
+
+    cdef int _accept(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
+                     uint32_t exp, uint32_t vb, uint64_t size) noexcept nogil:
+        cdef QRec h
+        self.entries += 1
+        self._nbytes += size
+        self._vb_entries[vb] += 1
+        self._vb_bytes[vb] += size
+        if vlen == 0:
+            self.tombstones += 1
+        if self._n_free and self._q_count == 0:
+            return self._start(key, klen, val, vlen, flags, exp)  # same order as queueing then pumping
+        if buf_reserve(&self._queue, sizeof(QRec) + klen + vlen) < 0:
+            return -1
+        h.flags = flags
+        h.exp = exp
+        h.klen = klen
+        h.vlen = vlen
+        memcpy(self._queue.data + self._queue.len, &h, sizeof(QRec))
+        memcpy(self._queue.data + self._queue.len + sizeof(QRec), key, klen)
+        memcpy(self._queue.data + self._queue.len + sizeof(QRec) + klen, val, vlen)
+        self._queue.len += sizeof(QRec) + klen + vlen
+        self._q_count += 1
+        return 0
+
+    cdef int _pump(self) noexcept nogil:
+        cdef QRec h
+        cdef const char *p
+        while self._q_count and self._n_free:
+            p = self._queue.data + self._queue.head
+            memcpy(&h, p, sizeof(QRec))
+            if self._start(p + sizeof(QRec), h.klen, p + sizeof(QRec) + h.klen, h.vlen, h.flags, h.exp) < 0:
+                return -1
+            self._queue.head += sizeof(QRec) + h.klen + h.vlen
+            self._q_count -= 1
+        if self._q_count == 0:
+            self._queue.head = self._queue.len = 0
+        return self._close_batch()
+
+    cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
+        cdef Slot *s = &self._slots[slot]
+        s.state = ST_FREE
+        if s.cap > SLOT_KEEP:
+            free(s.data)
+            s.data = NULL
+            s.cap = 0
+        self._free[self._n_free] = slot
+        self._n_free += 1
+        self._in_use -= 1
+        if outcome == OUT_ADDED:
+            self.added += 1
+        elif outcome == OUT_REPLACED:
+            self.replaced += 1
+        elif outcome == OUT_KEPT:
+            self.kept += 1
+        else:
+            self.failed += 1
+
+    cdef int _send(self, uint32_t slot, int state) noexcept nogil:
+        cdef Slot *s = &self._slots[slot]
+        s.state = state
+        if state == ST_GETK:
+            return emit_key_only(&self._out, C_OP_GETK, s.data, s.klen, slot)
+        return emit_store(&self._out, C_OP_ADD, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp, slot, 0)
+
+    cdef object _slot_key(self, uint32_t slot):
+        return PyBytes_FromStringAndSize(self._slots[slot].data, self._slots[slot].klen)
+
+    cdef int _fail(self, uint32_t slot, str what) except -1:
+        self.last_error = what
+        self._settle(slot, OUT_FAILED)
+        return 0
+
+    cdef int _retry(self, uint32_t slot, int state) except -1:
+        """Another round for a record that lost a race: re-read (GETK) or re-add (ADD)."""
+        cdef Slot *s = &self._slots[slot]
+        s.rounds += 1
+        self.retries += 1
+        if s.rounds > self.max_retries:
+            self._fail(slot, f"gave up on key {_key_text(self._slot_key(slot))} after {self.max_retries} retries")
+            return 0
+        if self._send(slot, state) < 0:
+            raise MemoryError()
+        return 0
+
+    # -- source: TAP -----------------------------------------------------------------
+
+    cdef int _tap_loop(self, Py_ssize_t *accepted) noexcept nogil:
+        """Consume whole TAP frames from the source buffer. Returns 0, or a scanner error
+        code with the buffer's head left on the offending frame."""
+        cdef Buf *b = &self._src
+        cdef const uint8_t *p
+        cdef const char *key
+        cdef TapInfo t
+        cdef int r
+        cdef uint32_t vb
+        while b.head < b.len:
+            p = <const uint8_t *>b.data + b.head
+            r = tap_frame(p, b.len - b.head, self.max_body, &t)
+            if r == R_INCOMPLETE:
+                return 0
+            if r < 0:
+                return r
+            if r == R_OTHER_TAP:
+                self.other_tap += 1
+            else:
+                key = <const char *>p + t.keyoff
+                if t.keylen >= C_OWN_LEN and memcmp(key, astaire_own_prefix, C_OWN_LEN) == 0:
+                    self.skipped_own += 1
+                else:
+                    vb = astaire_md5_first32(<const unsigned char *>key, t.keylen) & self._mask
+                    if self._table[vb]:
+                        if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size) < 0:
+                            return E_NOMEM
+                        accepted[0] += 1
+                    else:
+                        self.skipped_unwanted += 1
+            b.head += t.size
+            self._src_offset += t.size
+        return 0
+
+    def feed_tap(self, data):
+        """Take a chunk of the TAP stream; returns how many records it accepted."""
+        cdef CBuf b
+        cdef int r
+        cdef Py_ssize_t accepted = 0
+        cbuf_get(data, &b)
+        try:
+            r = inbuf_feed(&self._src, b.p, <size_t>b.n)
+        finally:
+            cbuf_release(&b)
+        if r < 0:
+            raise MemoryError()
+        with nogil:
+            r = self._tap_loop(&accepted)
+        if r < 0:
+            raise_frame_error(r, <const uint8_t *>self._src.data + self._src.head, self._src_offset, self.max_body)
+        return accepted
+
+    # -- target ----------------------------------------------------------------------
+
+    def target_requests(self):
+        """The frames to send to the local memcached now (the buffer is cleared)."""
+        cdef int r
+        with nogil:
+            r = self._pump()
+        if r < 0:
+            raise MemoryError()
+        out = PyBytes_FromStringAndSize(self._out.data, self._out.len)
+        self._out.len = 0
+        if self._out.cap > (1 << 24):  # do not keep a burst's worth of memory
+            buf_free(&self._out)
+        return out
+
+    def feed_target(self, data):
+        """Take a chunk of the local memcached's responses."""
+        cdef CBuf b
+        cdef int r
+        cdef Buf *t = &self._tgt
+        cdef const uint8_t *p
+        cdef size_t size = 0
+        cbuf_get(data, &b)
+        try:
+            r = inbuf_feed(t, b.p, <size_t>b.n)
+        finally:
+            cbuf_release(&b)
+        if r < 0:
+            raise MemoryError()
+        while t.head < t.len:
+            p = <const uint8_t *>t.data + t.head
+            r = check_header(p, t.len - t.head, self.max_body, &size)
+            if r == R_INCOMPLETE:
+                break
+            if r < 0:
+                raise_frame_error(r, p, self._tgt_offset, self.max_body)
+            self._on_target(p, size, self._tgt_offset)
+            t.head += size
+            self._tgt_offset += size
+
+    cdef int _on_target(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
+        cdef uint8_t opcode = p[1]
+        cdef uint16_t status = be16(p + 6)
+        cdef uint32_t opaque = be32(p + 12)
+        cdef uint32_t seq, slot, local, extlen, keylen
+        cdef uint64_t entry
+        cdef Slot *s
+        cdef int state, expected
+        if p[0] != C_MAGIC_RES:
+            raise UnexpectedFrame(f"request opcode 0x{opcode:02x} from the target", offset)
+        if opcode == C_OP_NOOP and opaque & C_FENCE_BIT:
+            seq = opaque & C_FENCE_MASK
+            if self._fences.head == self._fences.len or self._fences.data[self._fences.head] != seq:
+                raise UnexpectedFrame(f"NOOP response with unexpected opaque 0x{opaque:08x} from the target",
+                                      offset)
+            q_pop(&self._fences)
+            while self._fifo.head < self._fifo.len:
+                entry = self._fifo.data[self._fifo.head]
+                if <uint32_t>entry != seq:
+                    break
+                q_pop(&self._fifo)
+                slot = <uint32_t>(entry >> 32)
+                s = &self._slots[slot]
+                if s.state == ST_ADDQ and s.fence == seq:
+                    self._settle(slot, OUT_ADDED)
+            return 0
+        if opaque >= self.window or self._slots[opaque].state == ST_FREE:
+            expected = -1
+        else:
+            state = self._slots[opaque].state
+            expected = (C_OP_ADDQ if state == ST_ADDQ else C_OP_GETK if state == ST_GETK
+                        else C_OP_SET if state == ST_SET else C_OP_ADD)
+        if expected != opcode:
+            raise UnexpectedFrame(
+                f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} from the target", offset)
+        slot = opaque
+        s = &self._slots[slot]
+        state = s.state
+        extlen = p[4]
+        keylen = be16(p + 2)
+        if state == ST_GETK:
+            if status == C_ST_SUCCESS:
+                if extlen != 4:
+                    raise MalformedFrame(f"GETK response extras length {extlen}, expected 4", offset)
+                if keylen != s.klen or memcmp(p + C_HEADER + 4, s.data, keylen) != 0:
+                    raise UnexpectedFrame("GETK response for another key from the target", offset)
+                local = be32(p + C_HEADER)
+                if (local - s.flags) & 0x80000000u:  # int32(local - record) < 0: the local copy is older
+                    s.state = ST_SET
+                    if emit_store(&self._out, C_OP_SET, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp,
+                                  slot, be64(p + 16)) < 0:
+                        raise MemoryError()
+                else:
+                    self._settle(slot, OUT_KEPT)
+                return 0
+            if status == C_ST_ENOENT:
+                return self._retry(slot, ST_ADD)
+        elif state == ST_ADDQ or state == ST_ADD:
+            if status == C_ST_SUCCESS:
+                self._settle(slot, OUT_ADDED)
+                return 0
+            if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
+                if state == ST_ADDQ:
+                    if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
+                        raise MemoryError()
+                    return 0
+                return self._retry(slot, ST_GETK)
+        else:  # ST_SET
+            if status == C_ST_SUCCESS:
+                self._settle(slot, OUT_REPLACED)
+                return 0
+            if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
+                return self._retry(slot, ST_GETK)
+            if status == C_ST_ENOENT:
+                return self._retry(slot, ST_ADD)
+        name = _STATUS_NAMES.get(status, "unknown status")
+        vstart = C_HEADER + extlen + keylen
+        vlen = min(size - vstart, 200)
+        text = PyBytes_FromStringAndSize(<const char *>p + vstart, vlen).decode("utf-8", "replace")
+        self._fail(slot, f"{_OP_NAMES[opcode]} of key {_key_text(self._slot_key(slot))} failed: "
+                         f"status 0x{status:04x} {name} {text!r}")
+        return 0
+
+    # -- source: crawler -------------------------------------------------------------
+
+    def feed_metadump(self, data):
+        """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
+        cdef CBuf b
+        cdef int r
+        cdef Buf *m = &self._md
+        cdef const char *line
+        cdef const char *nl
+        cdef size_t n, end
+        if self._md_ended:
+            if len(data):
+                raise CrawlerError("data after END", self._md_offset)
+            return True
+        cbuf_get(data, &b)
+        try:
+            r = inbuf_feed(m, b.p, <size_t>b.n)
+        finally:
+            cbuf_release(&b)
+        if r < 0:
+            raise MemoryError()
+        while True:
+            line = m.data + m.head
+            n = m.len - m.head
+            nl = <const char *>memchr(line, CH_NL, n) if n else NULL
+            if nl == NULL:
+                if n > C_MAX_LINE:
+                    raise CrawlerError("metadump line too long", self._md_offset)
+                break
+            end = <size_t>(nl - line)
+            if end > C_MAX_LINE:
+                raise CrawlerError("metadump line too long", self._md_offset)
+            offset = self._md_offset
+            self._md_offset += end + 1
+            m.head += end + 1
+            if end > 0 and line[end - 1] == CH_CR:
+                end -= 1
+            if self._metadump_line(line, end, offset):
+                self._md_ended = True
+                if m.head < m.len:
+                    raise CrawlerError("data after END", self._md_offset)
+                break
+        return self._md_ended
+
+    cdef bint _metadump_line(self, const char *line, size_t n, uint64_t offset) except -1:
+        cdef const char *sp
+        cdef const char *f
+        cdef const char *fend
+        cdef const char *lend = line + n
+        cdef const char *raw
+        cdef size_t rawlen, i, dlen
+        cdef char dec[C_MAX_LINE]
+        cdef bint found = False, neg, big
+        cdef uint64_t val
+        cdef int64_t exp = 0
+        cdef int hi, lo
+        cdef uint32_t vb
+        if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
+            sp = <const char *>memchr(line, CH_SP, n)
+            raw = line + 4
+            rawlen = (sp if sp != NULL else lend) - raw
+            if sp != NULL:
+                f = sp + 1
+                while f <= lend:
+                    fend = <const char *>memchr(f, CH_SP, lend - f) if f < lend else NULL
+                    if fend == NULL:
+                        fend = lend
+                    if fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
+                        f += 4
+                        neg = f < fend and f[0] == CH_MINUS
+                        if neg:
+                            f += 1
+                        if f == fend:
+                            raise CrawlerError("bad exp in metadump line", offset)
+                        val = 0
+                        big = False
+                        while f < fend:
+                            if f[0] < CH_0 or f[0] > CH_9:
+                                raise CrawlerError("bad exp in metadump line", offset)
+                            if not big:
+                                val = val * 10 + <uint64_t>(f[0] - CH_0)
+                                if val > 0xFFFFFFFF:
+                                    big = True
+                            f += 1
+                        found = not big and (not neg or val <= 1)
+                        exp = -<int64_t>val if neg else <int64_t>val
+                        break
+                    f = fend + 1
+            if not found:
+                raise CrawlerError("metadump line without a valid exp", offset)
+            dlen = 0
+            i = 0
+            while i < rawlen:
+                if raw[i] == CH_PCT:
+                    if i + 2 >= rawlen:
+                        raise CrawlerError("bad %-escape in metadump key", offset)
+                    hi = _hexval(raw[i + 1])
+                    lo = _hexval(raw[i + 2])
+                    if hi < 0 or lo < 0:
+                        raise CrawlerError("bad %-escape in metadump key", offset)
+                    dec[dlen] = <char>(hi * 16 + lo)
+                    i += 3
+                else:
+                    dec[dlen] = raw[i]
+                    i += 1
+                dlen += 1
+            if dlen == 0 or dlen > C_MAX_KEY:
+                raise CrawlerError("bad key in metadump line", offset)
+            if exp < 0:
+                exp = 0
+            if dlen >= C_OWN_LEN and memcmp(dec, astaire_own_prefix, C_OWN_LEN) == 0:
+                self.skipped_own += 1
+                return False
+            vb = astaire_md5_first32(<const unsigned char *>dec, dlen) & self._mask
+            if not self._table[vb]:
+                self.skipped_unwanted += 1
+                return False
+            key = PyBytes_FromStringAndSize(dec, dlen)
+            if key in self._fetch_queued_keys:
+                self.duplicates += 1  # the one queued fetch will read the latest copy
+                return False
+            self._fetch_queued_keys[key] = 1
+            self._fetch_queue.append((key, exp, vb))
+            return False
+        return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
+
+    def fetch_requests(self):
+        """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
+        ``window`` fetches and unsettled records are in flight together."""
+        cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
+        cdef Py_ssize_t n, j
+        cdef uint32_t opaque, noop
+        cdef CBuf k
+        cdef dict batch
+        cdef uint8_t *p
+        queue = self._fetch_queue
+        queued = self._fetch_queued_keys
+        while room > 0 and queue:
+            n = min(room, <Py_ssize_t>self._fence_every, len(queue))
+            batch = {}
+            for j in range(n):
+                item = queue.popleft()
+                key = item[0]
+                del queued[key]
+                opaque = self._fetch_seq
+                self._fetch_seq = (opaque + 1) & C_FENCE_MASK
+                batch[opaque] = item
+                if emit_key_only(&self._fetch_out, C_OP_GETKQ, PyBytes_AS_STRING(key), <uint32_t>PyBytes_GET_SIZE(key),
+                                 opaque) < 0:
+                    raise MemoryError()
+            noop = C_FENCE_BIT | self._fetch_batch_seq
+            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & C_FENCE_MASK
+            if buf_reserve(&self._fetch_out, C_HEADER) < 0:
+                raise MemoryError()
+            p = <uint8_t *>self._fetch_out.data + self._fetch_out.len
+            put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, noop, 0)
+            self._fetch_out.len += C_HEADER
+            self._fetch_batches.append((noop, batch))
+            self._fetch_in_flight += n
+            room -= n
+        out = PyBytes_FromStringAndSize(self._fetch_out.data, self._fetch_out.len)
+        self._fetch_out.len = 0
+        return out
+
+    def feed_fetch(self, data):
+        """Take a chunk of the source's answers to ``fetch_requests``."""
+        cdef CBuf b
+        cdef int r
+        cdef Buf *t = &self._fch
+        cdef const uint8_t *p
+        cdef size_t size = 0
+        cbuf_get(data, &b)
+        try:
+            r = inbuf_feed(t, b.p, <size_t>b.n)
+        finally:
+            cbuf_release(&b)
+        if r < 0:
+            raise MemoryError()
+        while t.head < t.len:
+            p = <const uint8_t *>t.data + t.head
+            r = check_header(p, t.len - t.head, self.max_body, &size)
+            if r == R_INCOMPLETE:
+                break
+            if r < 0:
+                raise_frame_error(r, p, self._fch_offset, self.max_body)
+            self._on_fetch(p, size, self._fch_offset)
+            t.head += size
+            self._fch_offset += size
+
+    cdef int _on_fetch(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
+        cdef uint8_t opcode = p[1]
+        cdef uint16_t status = be16(p + 6)
+        cdef uint32_t opaque = be32(p + 12)
+        cdef uint32_t extlen = p[4]
+        cdef uint32_t keylen = be16(p + 2)
+        cdef dict batch
+        cdef const char *k
+        if p[0] != C_MAGIC_RES or not self._fetch_batches:
+            raise UnexpectedFrame(f"unexpected opcode 0x{opcode:02x} on the fetch connection", offset)
+        noop, batch = self._fetch_batches[0]
+        if opcode == C_OP_NOOP and opaque == noop:
+            self._fetch_batches.popleft()
+            self.vanished += len(batch)
+            self._fetch_in_flight -= len(batch)
+            return 0
+        if (opcode != C_OP_GETKQ and opcode != C_OP_GETK) or opaque not in batch:
+            raise UnexpectedFrame(
+                f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} on the fetch connection",
+                offset)
+        key, exp, vb = batch.pop(opaque)
+        self._fetch_in_flight -= 1
+        if status == C_ST_SUCCESS:
+            if extlen != 4:
+                raise MalformedFrame(f"GETKQ response extras length {extlen}, expected 4", offset)
+            k = <const char *>p + C_HEADER + 4
+            if keylen != <uint32_t>PyBytes_GET_SIZE(key) or memcmp(k, PyBytes_AS_STRING(key), keylen) != 0:
+                raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
+            if self._accept(k, keylen, k + keylen, <uint32_t>(size - C_HEADER - 4 - keylen), be32(p + C_HEADER),
+                            <uint32_t>exp, <uint32_t>vb, size) < 0:
+                raise MemoryError()
+        elif status == C_ST_ENOENT:
+            self.vanished += 1
+        else:
+            name = _STATUS_NAMES.get(status, "unknown status")
+            vstart = C_HEADER + extlen + keylen
+            text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, 200)).decode(
+                "utf-8", "replace")
+            self.failed += 1
+            self.last_error = f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} {text!r}"
+        return 0
+
+
+cdef inline int _hexval(unsigned char c) noexcept nogil:
+    if c >= CH_0 and c <= CH_9:
+        return c - CH_0
+    if c >= CH_a and c <= CH_f:
+        return c - CH_a + 10
+    if c >= CH_A and c <= CH_F:
+        return c - CH_A + 10
+    return -1
+
+
+def _other_metadump_line(line, offset):
+    """A metadump line that lists no key: END (True), OK (False) or an error."""
+    if line == b"END":
+        return True
+    if line == b"OK":
+        return False
+    if line == b"BUSY" or line.startswith(b"BUSY "):
+        raise CrawlerBusy(f"crawler busy: {line[:200].decode('utf-8', 'replace')}", offset)
+    if line == b"ERROR" or line.startswith((b"ERROR ", b"CLIENT_ERROR", b"SERVER_ERROR")):
+        raise CrawlerError(f"crawler error: {line[:200].decode('utf-8', 'replace')}", offset)
+    raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
+
+
+__all__ = [
+    "MAGIC_REQUEST", "MAGIC_RESPONSE",
+    "OP_GET", "OP_SET", "OP_ADD", "OP_REPLACE", "OP_DELETE", "OP_QUIT", "OP_GETQ", "OP_NOOP",
+    "OP_VERSION", "OP_GETK", "OP_GETKQ", "OP_SETQ", "OP_ADDQ", "OP_REPLACEQ",
+    "OP_TAP_CONNECT", "OP_TAP_MUTATION", "OP_TAP_DELETE", "OP_TAP_FLUSH", "OP_TAP_OPAQUE",
+    "OP_TAP_VBUCKET_SET", "OP_TAP_CHECKPOINT_START", "OP_TAP_CHECKPOINT_END",
+    "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
+    "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
+    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
+    "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
+    "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
+    "Frame", "TapMutation", "FrameParser", "Writer",
+    "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
+    "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
+    "encode_add", "encode_addq", "encode_set", "encode_setq", "encode_replace",
+    "encode_delete", "encode_noop", "encode_version", "encode_tap_mutation", "encode_batch",
+]

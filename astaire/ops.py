@@ -138,7 +138,8 @@ def register(sub) -> None:
     p = sub.add_parser("wait-sync", help="wait until the daemon has no bucket left to resync",
                        description="Block until the daemon has taken in the current cluster settings file and "
                        "no bucket needs resync, showing progress. Exit 0 then; 1 if the daemon is not running "
-                       "or stops; 4 after --timeout-without-progress seconds without progress.")
+                       "or stops; 2 if the cluster settings file cannot be read; 4 after "
+                       "--timeout-without-progress seconds without progress.")
     _add_pidfile(p)
     _add_stats_file(p)
     p.add_argument("--cluster-settings-file", default=DEFAULT_CLUSTER_SETTINGS, metavar="FILE",
@@ -258,6 +259,10 @@ def _progress_line(snap: dict, width: int = 30) -> str:
 
 
 def cmd_wait_sync(args) -> int:
+    if not settings_digest(args.cluster_settings_file):
+        print(f"astaire wait-sync: cannot read the cluster settings file {args.cluster_settings_file}",
+              file=sys.stderr)
+        return EXIT_USAGE
     tty = sys.stdout.isatty() and not args.quiet
     out = sys.stdout
     started = last_progress = time.monotonic()

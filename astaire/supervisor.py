@@ -332,8 +332,8 @@ class Supervisor:
     # -- life cycle ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._setup()
         try:
+            self._setup()
             self._initial_resync()
             while not self.stopping:
                 self.reap_workers()
@@ -348,6 +348,10 @@ class Supervisor:
                 self.heartbeat()
                 if sig is None:
                     self.wait()
+        except Exception as e:  # a bug or an unusable environment: say so, stop cleanly
+            log.exception("supervisor stopping on an unexpected error")
+            print(f"astaire: stopping on an unexpected error: {e!r} (see the log)", file=sys.stderr)
+            self.exit_code = 1
         finally:
             self._teardown()
         return self.exit_code
@@ -785,7 +789,13 @@ def _ranges(vbuckets: list[int]) -> str:
 def main(options: Options) -> int:
     """Start the daemon with checked ``options``: refuse a second instance, read the
     settings (exit 3 if invalid), detach if asked, run until stopped."""
-    logs.setup_logging(options.log_dir, options.log_level)
+    try:
+        logs.setup_logging(options.log_dir, options.log_level)
+    except OSError as e:
+        message = f"cannot write the log in {options.log_dir}: {e.strerror or e}"
+        print(f"astaire: {message}", file=sys.stderr)
+        logs.INVALID_OPTION.log(f"--log-file {options.log_dir}: {e.strerror or e}")
+        return EXIT_USAGE
     digest = settings_digest(options.cluster_settings_file)
     try:
         settings = read_cluster_settings(options.cluster_settings_file)

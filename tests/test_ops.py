@@ -41,7 +41,11 @@ def test_commands_say_clearly_when_the_daemon_is_not_running(tmp_path):
     for command in ("reload", "full-resync"):
         r = astaire(command, "--pidfile", pidfile)
         assert r.returncode == 1 and "not running" in r.stderr
-    r = astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", str(tmp_path / "cs"))
+    settings = tmp_path / "cs"
+    r = astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", str(settings))
+    assert r.returncode == 2 and "cannot read" in r.stderr and str(settings) in r.stderr
+    settings.write_text("servers=127.0.0.1:11211\n")
+    r = astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", str(settings))
     assert r.returncode == 1 and "not running" in r.stderr
     r = astaire("status", "--pidfile", pidfile)
     assert r.returncode == 3 and "not running" in r.stdout

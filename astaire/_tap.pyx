@@ -1527,9 +1527,9 @@ cdef class Writer:
                 return self._retry(slot, ST_GETK)
             if status == C_ST_ENOENT:
                 return self._retry(slot, ST_ADD)
+        cdef size_t vstart = C_HEADER + extlen + keylen
+        cdef size_t vlen = min(size - vstart, <size_t>200)
         name = _STATUS_NAMES.get(status, "unknown status")
-        vstart = C_HEADER + extlen + keylen
-        vlen = min(size - vstart, 200)
         text = PyBytes_FromStringAndSize(<const char *>p + vstart, vlen).decode("utf-8", "replace")
         self._fail(slot, f"{_OP_NAMES[opcode]} of key {_key_text(self._slot_key(slot))} failed: "
                          f"status 0x{status:04x} {name} {text!r}")
@@ -1732,6 +1732,7 @@ cdef class Writer:
         cdef uint32_t keylen = be16(p + 2)
         cdef dict batch
         cdef const char *k
+        cdef size_t vstart
         if p[0] != C_MAGIC_RES or not self._fetch_batches:
             raise UnexpectedFrame(f"unexpected opcode 0x{opcode:02x} on the fetch connection", offset)
         noop, batch = self._fetch_batches[0]
@@ -1758,9 +1759,9 @@ cdef class Writer:
         elif status == C_ST_ENOENT:
             self.vanished += 1
         else:
-            name = _STATUS_NAMES.get(status, "unknown status")
             vstart = C_HEADER + extlen + keylen
-            text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, 200)).decode(
+            name = _STATUS_NAMES.get(status, "unknown status")
+            text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, <size_t>200)).decode(
                 "utf-8", "replace")
             self.failed += 1
             self.last_error = f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} {text!r}"

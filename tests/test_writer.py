@@ -1,0 +1,623 @@
+"""The Writer: the per-record resync loop (TAP and crawler sources, the conflict rule on
+the target), against hand-made responses and against real memcached processes. Every
+test runs against both codec builds."""
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from astaire import _tap_py
+from astaire.localcluster import MemcachedServer
+from astaire.protocol_errors import (
+    BadMagic,
+    CrawlerBusy,
+    CrawlerError,
+    FrameTooLarge,
+    MalformedFrame,
+    TapNotSupported,
+    UnexpectedFrame,
+)
+
+try:
+    from astaire import _tap as _tap_c
+
+    _NOT_BUILT = ""
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _tap_c = None
+    _NOT_BUILT = f"astaire._tap is not built (python setup.py build_ext --inplace): {exc}"
+
+IMPLS = [
+    pytest.param(_tap_py, id="python"),
+    pytest.param(_tap_c, id="cython", marks=pytest.mark.skipif(_tap_c is None, reason=_NOT_BUILT or "built")),
+]
+
+
+@pytest.fixture(params=IMPLS)
+def tap(request):
+    return request.param
+
+
+ALL = range(128)
+HEADER = struct.Struct(">BBHBBHIIQ")
+FENCE = 0x80000000
+NOW_MS = int(time.time() * 1000) & 0xFFFFFFFF  # item flags are ms timestamps (low 32 bits)
+
+
+def response(opcode, status=0, key=b"", value=b"", extras=b"", opaque=0, cas=0):
+    return HEADER.pack(0x81, opcode, len(key), len(extras), 0, status, len(extras) + len(key) + len(value),
+                       opaque, cas) + extras + key + value
+
+
+def frames_of(data):
+    parser = _tap_py.FrameParser()
+    parser.feed(data)
+    return parser.frames()
+
+
+def ops(data):
+    return [(f.opcode, f.opaque) for f in frames_of(data)]
+
+
+def key_in_vbucket(vb, prefix=b"t\\\\k", vbuckets=128):
+    i = 0
+    while True:
+        key = prefix + b"%d" % i
+        if _tap_py.vbucket_of(key, vbuckets) == vb:
+            return key
+        i += 1
+
+
+def mutation(tap, key, value=b"v", flags=1000, exp=0, cas=1):
+    return tap.encode_tap_mutation(key, value, flags=flags, expiration=exp, cas=cas)
+
+
+def ack_fences(out):
+    """The target's answers when every quiet ADD succeeded: one NOOP response per fence."""
+    return b"".join(response(0x0A, opaque=f.opaque) for f in frames_of(out) if f.opcode == 0x0A)
+
+
+# -- hand-made target responses ----------------------------------------------------------
+
+
+def test_records_go_out_as_quiet_adds_and_a_fence_settles_them(tap):
+    w = tap.Writer(ALL, window=16)
+    data = b"".join(mutation(tap, b"t\\\\k%d" % i, b"val%d" % i, flags=100 + i, exp=50 + i) for i in range(3))
+    assert w.feed_tap(data) == 3
+    assert w.backlog == 3 and not w.done
+    out = w.target_requests()
+    fs = frames_of(out)
+    assert [(f.opcode, f.opaque) for f in fs] == [(0x12, 0), (0x12, 1), (0x12, 2), (0x0A, FENCE)]
+    assert all(f.vbucket == 0 for f in fs)  # the fork refuses writes with vbucket != 0
+    assert fs[1].key == b"t\\\\k1" and fs[1].value == b"val1" and fs[1].extras == struct.pack(">II", 101, 51)
+    assert w.target_requests() == b""
+    w.feed_target(ack_fences(out))
+    assert w.added == 3 and w.backlog == 0
+    assert not w.done  # the source has not finished
+    w.finish()
+    assert w.done and w.target_requests() == b""
+
+
+def test_fences_come_every_quarter_window_and_the_window_bounds_records_in_flight(tap):
+    w = tap.Writer(ALL, window=8)
+    w.feed_tap(b"".join(mutation(tap, b"t\\\\k%d" % i) for i in range(20)))
+    assert w.backlog == 20
+    out = w.target_requests()
+    assert ops(out) == [(0x12, 0), (0x12, 1), (0x0A, FENCE), (0x12, 2), (0x12, 3), (0x0A, FENCE | 1),
+                        (0x12, 4), (0x12, 5), (0x0A, FENCE | 2), (0x12, 6), (0x12, 7), (0x0A, FENCE | 3)]
+    assert w.target_requests() == b""  # window full: nothing more until fences come back
+    w.feed_target(response(0x0A, opaque=FENCE))
+    assert w.added == 2 and w.backlog == 18
+    more = w.target_requests()
+    assert [f.opcode for f in frames_of(more)] == [0x12, 0x12, 0x0A]
+    answers = ack_fences(out)[24:] + ack_fences(more)  # the first fence was answered above
+    rounds = 0
+    while w.backlog:
+        assert w.backlog <= 18 and rounds < 20
+        w.feed_target(answers)
+        answers = ack_fences(w.target_requests())
+        rounds += 1
+    assert w.added == 20
+
+
+def test_a_present_key_is_read_and_compared_then_replaced_kept_or_retried(tap):
+    """The race sequence, played by hand: every branch of the conflict rule."""
+    w = tap.Writer(ALL, window=4, max_retries=10)
+    rec = 5000
+    w.feed_tap(mutation(tap, b"t\\\\race", b"R", flags=rec, exp=77))
+    assert ops(w.target_requests()) == [(0x12, 0), (0x0A, FENCE)]
+    w.feed_target(response(0x12, 2, opaque=0))  # ADDQ: KEY_EEXISTS
+    assert ops(w.target_requests()) == [(0x0C, 0)]  # GETK
+    w.feed_target(response(0x0A, opaque=FENCE))  # the fence does not settle a record that got an error
+    assert w.added == 0 and w.backlog == 1
+    w.feed_target(response(0x0C, 0, b"t\\\\race", b"old", struct.pack(">I", rec - 1), opaque=0, cas=77))
+    (s,) = frames_of(w.target_requests())
+    assert (s.opcode, s.cas, s.key, s.value, s.extras) == (0x01, 77, b"t\\\\race", b"R", struct.pack(">II", rec, 77))
+    w.feed_target(response(0x01, 2, opaque=0))  # CAS lost: someone wrote in between
+    assert ops(w.target_requests()) == [(0x0C, 0)]
+    w.feed_target(response(0x0C, 1, b"t\\\\race", opaque=0))  # ... and deleted it again
+    (a,) = frames_of(w.target_requests())
+    assert (a.opcode, a.value, a.extras) == (0x02, b"R", struct.pack(">II", rec, 77))
+    w.feed_target(response(0x02, 5, opaque=0))  # ADD lost (NOT_STORED)
+    assert ops(w.target_requests()) == [(0x0C, 0)]
+    w.feed_target(response(0x0C, 0, b"t\\\\race", b"new", struct.pack(">I", rec + 1), opaque=0, cas=80))
+    assert w.target_requests() == b""
+    assert (w.kept, w.added, w.replaced, w.failed, w.retries) == (1, 0, 0, 0, 3)
+    w.finish()
+    assert w.done
+
+
+@pytest.mark.parametrize("local,record,outcome", [
+    (100, 200, "replaced"), (200, 100, "kept"), (150, 150, "kept"),
+    (0xFFFFFFF0, 0x10, "replaced"),  # the clock wrapped: the record is newer
+    (0x10, 0xFFFFFFF0, "kept"),
+])
+def test_timestamp_comparison_is_wrap_safe(tap, local, record, outcome):
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\k", flags=record))
+    w.target_requests()
+    w.feed_target(response(0x12, 2, opaque=0))
+    w.target_requests()
+    w.feed_target(response(0x0C, 0, b"t\\\\k", b"L", struct.pack(">I", local), opaque=0, cas=9))
+    out = w.target_requests()
+    if outcome == "replaced":
+        assert ops(out) == [(0x01, 0)]
+        w.feed_target(response(0x01, 0, opaque=0))
+    else:
+        assert out == b""
+    assert getattr(w, outcome) == 1 and w.backlog == 0
+
+
+def test_gives_up_after_max_retries(tap):
+    w = tap.Writer(ALL, max_retries=2)
+    w.feed_tap(mutation(tap, b"t\\\\busy", flags=10))
+    w.target_requests()
+    w.feed_target(response(0x12, 2, opaque=0))
+    for _ in range(3):
+        w.target_requests()
+        w.feed_target(response(0x0C, 0, b"t\\\\busy", b"L", struct.pack(">I", 5), opaque=0, cas=1))
+        w.target_requests()
+        w.feed_target(response(0x01, 2, opaque=0))
+    assert w.failed == 1 and w.retries == 3 and w.backlog == 0
+    assert "gave up" in w.last_error and "busy" in w.last_error
+    assert w.target_requests() == b""
+
+
+@pytest.mark.parametrize("status,name", [(3, "E2BIG"), (4, "EINVAL"), (0x82, "ENOMEM"), (7, "NOT_MY_VBUCKET"),
+                                         (0x81, "UNKNOWN_COMMAND")])
+def test_hard_errors_fail_the_record_and_keep_the_text(tap, status, name):
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\a") + mutation(tap, b"t\\\\b"))
+    out = w.target_requests()
+    w.feed_target(response(0x12, status, value=b"Too large.", opaque=1) + ack_fences(out))
+    assert (w.added, w.failed) == (1, 1)
+    assert name in w.last_error and "Too large." in w.last_error and "t\\\\\\\\b" in w.last_error
+
+
+def test_target_frames_that_match_nothing_outstanding_raise(tap):
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\a"))
+    w.target_requests()
+    for bad, exc in [
+        (response(0x0A, opaque=FENCE | 5), UnexpectedFrame),  # a fence never sent
+        (response(0x0C, 0, opaque=0), UnexpectedFrame),  # GETK answer while an ADDQ is outstanding
+        (response(0x12, 2, opaque=3), UnexpectedFrame),  # free slot
+        (response(0x12, 2, opaque=99999), UnexpectedFrame),  # beyond the window
+        (HEADER.pack(0x80, 0x12, 0, 0, 0, 0, 0, 0, 0), UnexpectedFrame),  # a request from the target
+        (b"\x00" * 24, BadMagic),
+    ]:
+        w2 = tap.Writer(ALL)
+        w2.feed_tap(mutation(tap, b"t\\\\a"))
+        w2.target_requests()
+        w2.feed_target(response(0x0A, opaque=FENCE)[:10])  # a partial frame first: offsets count it
+        with pytest.raises(exc) as e:
+            w2.feed_target(response(0x0A, opaque=FENCE)[10:] + bad)
+        assert e.value.offset == 24
+
+
+def test_tap_source_counts_and_skips(tap):
+    wanted_vb = 5
+    mine = key_in_vbucket(wanted_vb)
+    other = key_in_vbucket(6)
+    own = b"astaire\\\\tag"
+    w = tap.Writer([wanted_vb])
+    frames = [mutation(tap, mine, b"x" * 10), mutation(tap, other), mutation(tap, own),
+              mutation(tap, key_in_vbucket(wanted_vb, b"t\\\\tomb"), b"")]
+    frames += [tap.encode_request(op, b"k", b"payload") for op in range(0x42, 0x48)]
+    data = b"".join(frames)
+    accepted = 0
+    for i in range(0, len(data), 5):
+        accepted += w.feed_tap(data[i:i + 5])
+    assert accepted == 2
+    s = w.stats()
+    assert (s["entries"], s["skipped_unwanted"], s["skipped_own"], s["tombstones"], s["other_tap"]) == (2, 1, 1, 1, 6)
+    assert s["bytes"] == len(frames[0]) + len(frames[3])
+    assert w.vbucket_counts() == {wanted_vb: (2, len(frames[0]) + len(frames[3]))}
+    assert tap.Writer(range(4)).vbucket_counts() == {0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0)}
+
+
+def test_tap_source_errors_carry_stream_offsets(tap):
+    good = mutation(tap, b"t\\\\a")
+    cases = [
+        (response(0x40, 0x81), TapNotSupported),
+        (tap.encode_get(b"x"), UnexpectedFrame),
+        (response(0x41), UnexpectedFrame),  # a mutation must be a request
+        (HEADER.pack(0x80, 0x41, 1, 4, 0, 0, 5, 0, 0) + b"\0\0\0\0k", MalformedFrame),
+        (b"GARBAGE", BadMagic),
+        (HEADER.pack(0x80, 0x41, 0, 0, 0, 0, 2**30, 0, 0), FrameTooLarge),
+    ]
+    for bad, exc in cases:
+        w = tap.Writer(ALL)
+        with pytest.raises(exc) as e:
+            w.feed_tap(good + good + bad)
+        assert e.value.offset == 2 * len(good), exc
+        assert w.entries == 2  # the records before the bad frame were taken
+    w = tap.Writer(ALL)
+    w.feed_tap(good + good[:30])
+    with pytest.raises(MalformedFrame) as e:
+        w.finish()  # the source stopped inside a frame
+    assert e.value.offset == len(good)
+
+
+def test_memory_stays_bounded_by_the_window_when_the_caller_respects_backlog(tap):
+    window = 32
+    w = tap.Writer(ALL, window=window)
+    stream = b"".join(mutation(tap, b"t\\\\k%d" % i, b"v" * 50) for i in range(3000))
+    chunk = 4096
+    pos = 0
+    peak = 0
+    while pos < len(stream) or w.backlog:
+        if w.backlog < window and pos < len(stream):
+            w.feed_tap(stream[pos:pos + chunk])
+            pos += chunk
+        peak = max(peak, w.backlog)
+        w.feed_target(ack_fences(w.target_requests()))
+    w.finish()
+    assert w.done and w.added == 3000
+    assert peak < window + chunk // 70 + 1
+
+
+# -- crawler source, by hand ---------------------------------------------------------------
+
+
+def test_metadump_lines_queue_fetches_for_wanted_keys(tap):
+    k1 = key_in_vbucket(1, b"t\\\\a b%")  # space and % get uri-encoded by memcached
+    k2 = key_in_vbucket(2)
+    enc = lambda k: "".join(c if c.isalnum() else "%%%02X" % ord(c) for c in k.decode()).encode()  # noqa: E731
+    w = tap.Writer([1], window=16)
+    text = (b"OK\r\n"
+            b"key=" + enc(k1) + b" exp=-1 la=1 cas=2 fetch=no cls=1 size=70 flags=0\n"
+            b"key=" + enc(k2) + b" exp=123 la=1 cas=3 fetch=no cls=1 size=70\n"
+            b"key=astaire%5C%5Ctag exp=0 la=1 cas=4 fetch=no cls=1 size=60\n"
+            b"key=" + enc(k1) + b" exp=-1 la=1 cas=5 fetch=no cls=1 size=70\n"
+            b"END\r\n")
+    done = False
+    for i in range(0, len(text), 3):
+        done = w.feed_metadump(text[i:i + 3])
+    assert done and w.feed_metadump(b"") is True
+    assert (w.skipped_unwanted, w.skipped_own, w.duplicates, w.fetch_backlog) == (1, 1, 1, 1)
+    req = w.fetch_requests()
+    assert ops(req) == [(0x0D, 0), (0x0A, FENCE)]
+    assert frames_of(req)[0].key == k1
+    assert not w.done
+    w.feed_fetch(response(0x0D, 0, k1, b"VALUE", struct.pack(">I", 4242), opaque=0, cas=9)
+                 + response(0x0A, opaque=FENCE))
+    assert w.fetch_backlog == 0 and w.entries == 1 and w.vanished == 0
+    out = w.target_requests()
+    (add, fence) = frames_of(out)
+    assert (add.opcode, add.key, add.value, add.extras) == (0x12, k1, b"VALUE", struct.pack(">II", 4242, 0))
+    w.feed_target(ack_fences(out))
+    assert w.added == 1 and w.done
+
+
+def test_fetch_without_an_answer_before_its_noop_vanished(tap):
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(b"key=a exp=5 la=1\nkey=b exp=6 la=1\nkey=c exp=-1 la=1\nEND\r\n")
+    req = w.fetch_requests()
+    assert [f.key for f in frames_of(req)] == [b"a", b"b", b"c", b""]
+    w.feed_fetch(response(0x0D, 0, b"b", b"B", struct.pack(">I", 7), opaque=1) + response(0x0A, opaque=FENCE))
+    assert (w.entries, w.vanished, w.fetch_backlog) == (1, 2, 0)
+    (add, _) = frames_of(w.target_requests())
+    assert add.extras == struct.pack(">II", 7, 6)  # the expiry from the listing travels with the record
+
+
+def test_fetches_in_flight_are_bounded_by_the_window(tap):
+    w = tap.Writer(ALL, window=8)
+    w.feed_metadump(b"".join(b"key=k%d exp=0\n" % i for i in range(30)))
+    req = w.fetch_requests()
+    assert sum(1 for f in frames_of(req) if f.opcode == 0x0D) == 8
+    assert w.fetch_requests() == b"" and w.fetch_backlog == 30
+
+
+@pytest.mark.parametrize("line,exc", [
+    (b"BUSY currently processing crawler request", CrawlerBusy),
+    (b"ERROR cannot pipeline other commands before metadump", CrawlerError),
+    (b"CLIENT_ERROR bad command line format", CrawlerError),
+    (b"SERVER_ERROR out of memory", CrawlerError),
+    (b"BADCLASS invalid class id", CrawlerError),
+    (b"key=abc la=1", CrawlerError),  # no exp
+    (b"key=abc exp=1_0", CrawlerError),
+    (b"key=abc exp=-2", CrawlerError),
+    (b"key=a%2 exp=1", CrawlerError),
+    (b"key=a%zz exp=1", CrawlerError),
+    (b"key= exp=1", CrawlerError),
+])
+def test_metadump_refusals_and_garbage_raise_with_the_line_offset(tap, line, exc):
+    w = tap.Writer(ALL)
+    first = b"key=ok exp=0 la=1\n"
+    with pytest.raises(exc) as e:
+        w.feed_metadump(first + line + b"\r\n")
+    assert e.value.offset == len(first)
+
+
+def test_metadump_data_after_end_and_overlong_lines_raise(tap):
+    w = tap.Writer(ALL)
+    with pytest.raises(CrawlerError):
+        w.feed_metadump(b"END\r\nkey=x exp=0\n")
+    w = tap.Writer(ALL)
+    with pytest.raises(CrawlerError):
+        w.feed_metadump(b"key=" + b"a" * 9000)
+
+
+# -- against real memcached ----------------------------------------------------------------
+
+
+def meta_get(server, key):
+    """(value, flags, ttl) from memcached's meta protocol, or None when absent."""
+    with socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(b"mg " + key + b" v f t\r\n")
+        data = b""
+        while not (data.startswith(b"EN\r\n") or (data.count(b"\r\n") >= 2 and data.startswith(b"VA"))):
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    if data.startswith(b"EN"):
+        return None
+    head, rest = data.split(b"\r\n", 1)
+    parts = head.split()
+    size = int(parts[1])
+    fields = {p[:1]: p[1:] for p in parts[2:]}
+    return rest[:size], int(fields[b"f"]), int(fields[b"t"])
+
+
+def binary_set(server, items):
+    """Store (key, value, flags, exp) items with one pipelined batch; wait for the answers."""
+    data = _tap_py.encode_batch([(0x01, k, v, f, e, i, 0) for i, (k, v, f, e) in enumerate(items)])
+    data += _tap_py.encode_noop(0xFFFF)
+    with socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(data)
+        parser = _tap_py.FrameParser()
+        while True:
+            parser.feed(s.recv(65536))
+            fs = parser.frames()
+            for f in fs:
+                assert f.opcode == 0x0A or f.status == 0, f
+            if fs and fs[-1].opcode == 0x0A:
+                return
+
+
+def drive(w, target, source=None, hook=None, timeout=20.0):
+    """The socket loop the stream layer runs, in small: send what the Writer has, feed it
+    what comes back, until it is done."""
+    deadline = time.monotonic() + timeout
+    socks = [target] + ([source] if source is not None else [])
+    while not w.done:
+        if source is not None:
+            req = w.fetch_requests()
+            if req:
+                source.sendall(req)
+        out = w.target_requests()
+        if out:
+            if hook is not None:
+                hook(out)
+            target.sendall(out)
+        if w.done:
+            break
+        ready, _, _ = select.select(socks, [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no progress: {w.stats()}"
+        for s in ready:
+            data = s.recv(1 << 20)
+            assert data, "connection closed"
+            (w.feed_target if s is target else w.feed_fetch)(data)
+
+
+def connect(server):
+    return socket.create_connection((server.host, server.port), timeout=10)
+
+
+def test_conflict_rule_against_real_memcached(tap, memcached):
+    t = NOW_MS
+    exp = int(time.time()) + 1000
+    binary_set(memcached, [
+        (b"t\\\\newer", b"LOCAL", t + 200, 0),
+        (b"t\\\\older", b"LOCAL", t - 100, 0),
+        (b"t\\\\equal", b"LOCAL", t, 0),
+        (b"t\\\\wrapped", b"LOCAL", 0xFFFFFFF0, 0),
+        (b"t\\\\notwrapped", b"LOCAL", 0x10, 0),
+        (b"t\\\\tomb-older", b"LOCAL", t - 5, 0),
+        (b"astaire\\\\tag", b"{}", 0, 0),
+    ])
+    unwanted = b"t\\\\unwanted"
+    wanted = set(ALL) - {tap.vbucket_of(unwanted)}
+    src = [
+        mutation(tap, b"t\\\\newer", b"R", t), mutation(tap, b"t\\\\older", b"R", t),
+        tap.encode_request(0x42, b"t\\\\x"), mutation(tap, b"t\\\\equal", b"R", t),
+        mutation(tap, b"t\\\\wrapped", b"R", 0x10), mutation(tap, b"t\\\\notwrapped", b"R", 0xFFFFFFF0),
+        tap.encode_request(0x43), tap.encode_request(0x44), tap.encode_request(0x45), tap.encode_request(0x46),
+        tap.encode_request(0x47),
+        mutation(tap, b"t\\\\absent", b"RECORD", t, exp), mutation(tap, b"t\\\\tomb-new", b"", t),
+        mutation(tap, b"t\\\\tomb-older", b"", t), mutation(tap, b"astaire\\\\tag", b"THEIRS", t),
+        mutation(tap, unwanted, b"R", t),
+    ]
+    w = tap.Writer(wanted, window=4)
+    for frame in src:
+        w.feed_tap(frame)
+    w.finish()
+    with connect(memcached) as target:
+        drive(w, target)
+    assert (w.added, w.replaced, w.kept, w.failed) == (2, 3, 3, 0)
+    assert (w.skipped_own, w.skipped_unwanted, w.other_tap, w.tombstones) == (1, 1, 6, 2)
+    get = lambda k: meta_get(memcached, k)  # noqa: E731
+    assert get(b"t\\\\newer")[:2] == (b"LOCAL", t + 200)
+    assert get(b"t\\\\older")[:2] == (b"R", t)
+    assert get(b"t\\\\equal")[:2] == (b"LOCAL", t)
+    assert get(b"t\\\\wrapped")[:2] == (b"R", 0x10)
+    assert get(b"t\\\\notwrapped")[:2] == (b"LOCAL", 0x10)
+    value, flags, ttl = get(b"t\\\\absent")
+    assert (value, flags) == (b"RECORD", t) and 990 <= ttl <= 1000
+    assert get(b"t\\\\tomb-new") == (b"", t, -1)
+    assert get(b"t\\\\tomb-older")[:2] == (b"", t)
+    assert get(b"astaire\\\\tag")[0] == b"{}"
+    assert get(unwanted) is None
+
+
+def test_thousands_of_records_through_a_small_window(tap, memcached):
+    n = 3000
+    stream = b"".join(mutation(tap, b"t\\\\bulk%d" % i, b"%d" % i * 10, NOW_MS + i) for i in range(n))
+    w = tap.Writer(ALL, window=64)
+    with connect(memcached) as target:
+        for i in range(0, len(stream), 8192):
+            w.feed_tap(stream[i:i + 8192])
+            while w.backlog >= 64:  # flow control: stop reading the source
+                target.sendall(w.target_requests())
+                w.feed_target(target.recv(1 << 20))
+        w.finish()
+        drive(w, target)
+        assert w.added == n
+        # Streaming the same records again keeps every one; a newer copy replaces every one.
+        again = tap.Writer(ALL, window=64)
+        again.feed_tap(stream)
+        again.finish()
+        drive(again, target)
+        assert (again.kept, again.added) == (n, 0)
+        newer = tap.Writer(ALL, window=64)
+        newer.feed_tap(b"".join(mutation(tap, b"t\\\\bulk%d" % i, b"new", NOW_MS + n + i) for i in range(n)))
+        newer.finish()
+        drive(newer, target)
+        assert newer.replaced == n
+    assert meta_get(memcached, b"t\\\\bulk7")[:2] == (b"new", NOW_MS + n + 7)
+
+
+def _has(out, opcode):
+    return any(f.opcode == opcode for f in frames_of(out))
+
+
+def test_a_newer_write_racing_the_cas_set_is_kept(tap, memcached):
+    binary_set(memcached, [(b"t\\\\race", b"OLD", 100, 0)])
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\race", b"RECORD", 200))
+    w.finish()
+
+    def other_client_writes_first(out):
+        if _has(out, 0x01):  # the CAS SET is about to go: another client gets there first
+            binary_set(memcached, [(b"t\\\\race", b"NEWEST", 300, 0)])
+
+    with connect(memcached) as target:
+        drive(w, target, hook=other_client_writes_first)
+    assert (w.kept, w.replaced, w.retries) == (1, 0, 1)
+    assert meta_get(memcached, b"t\\\\race")[:2] == (b"NEWEST", 300)
+
+
+def test_a_delete_racing_the_read_or_the_set_still_lands_the_record(tap, memcached):
+    binary_set(memcached, [(b"t\\\\r1", b"OLD", 100, 0), (b"t\\\\r2", b"OLD", 100, 0)])
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\r1", b"R1", 200) + mutation(tap, b"t\\\\r2", b"R2", 200))
+    w.finish()
+    deleted = set()
+
+    def delete(key):
+        with connect(memcached) as s:
+            s.sendall(b"delete " + key + b"\r\n")
+            assert s.recv(100) == b"DELETED\r\n"
+        deleted.add(key)
+
+    def hook(out):
+        for f in frames_of(out):
+            if f.opcode == 0x0C and f.key == b"t\\\\r1" and f.key not in deleted:
+                delete(f.key)  # gone between the ADDQ and the GETK
+            if f.opcode == 0x01 and f.key == b"t\\\\r2" and f.key not in deleted:
+                delete(f.key)  # gone between the GETK and the CAS SET
+
+    with connect(memcached) as target:
+        drive(w, target, hook=hook)
+    assert (w.added, w.replaced, w.failed, w.retries) == (2, 0, 0, 2)
+    assert meta_get(memcached, b"t\\\\r1")[:2] == (b"R1", 200)
+    assert meta_get(memcached, b"t\\\\r2")[:2] == (b"R2", 200)
+
+
+def test_a_value_the_target_refuses_fails_alone(tap, memcached):
+    w = tap.Writer(ALL)
+    w.feed_tap(mutation(tap, b"t\\\\huge", b"x" * (2 << 20)) + mutation(tap, b"t\\\\fine", b"ok"))
+    w.finish()
+    with connect(memcached) as target:
+        drive(w, target)
+    assert (w.failed, w.added) == (1, 1)
+    assert "E2BIG" in w.last_error
+    assert meta_get(memcached, b"t\\\\fine")[0] == b"ok"
+
+
+def metadump(server):
+    """The whole ``lru_crawler metadump all`` answer, as the stream layer would read it."""
+    with connect(server) as s:
+        s.sendall(b"lru_crawler metadump all\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            chunk = s.recv(1 << 20)
+            assert chunk
+            data += chunk
+    return data
+
+
+def test_crawler_mode_copies_a_stock_memcached_source(tap, memcached):
+    with MemcachedServer(memory_mb=64) as source:
+        t = NOW_MS
+        exp = int(time.time()) + 5000
+        items = [(b"t\\\\c%d" % i, b"value %d" % i, t + i, exp if i % 2 else 0) for i in range(500)]
+        items += [(b"astaire\\\\tag", b"{}", 0, 0), (b"t\\\\tomb", b"", t, 0), (b"t\\\\gone", b"bye", t, 0),
+                  (b"t\\\\sp%20ce%", b"odd key", t, 0)]
+        binary_set(source, items)
+        binary_set(memcached, [(b"t\\\\c3", b"LOCAL NEWER", t + 1000, 0), (b"t\\\\c4", b"LOCAL OLDER", 1, 0)])
+        listing = metadump(source)
+        with connect(source) as s:  # deleted after the listing, before the fetch
+            s.sendall(b"delete t\\\\gone\r\n")
+            assert s.recv(100) == b"DELETED\r\n"
+        w = tap.Writer(ALL, window=32)
+        chunks = [listing[i:i + 1000] for i in range(0, len(listing), 1000)]
+        with connect(memcached) as target, connect(source) as fetch:
+            for chunk in chunks:
+                w.feed_metadump(chunk)
+                while w.fetch_backlog >= 32 or w.backlog >= 32:  # flow control on the listing
+                    drive_once(w, target, fetch)
+            assert w.feed_metadump(b"") is True
+            drive(w, target, fetch)
+        assert (w.skipped_own, w.vanished, w.failed) == (1, 1, 0)
+        assert w.entries == 502 and w.tombstones == 1
+        assert (w.added, w.replaced, w.kept) == (500, 1, 1)
+        assert sum(e for e, _ in w.vbucket_counts().values()) == 502
+        assert meta_get(memcached, b"t\\\\c3")[0] == b"LOCAL NEWER"
+        assert meta_get(memcached, b"t\\\\c4")[:2] == (b"value 4", t + 4)
+        value, flags, ttl = meta_get(memcached, b"t\\\\c7")
+        assert (value, flags) == (b"value 7", t + 7) and 4990 <= ttl <= 5000
+        assert meta_get(memcached, b"t\\\\c8")[2] == -1
+        assert meta_get(memcached, b"t\\\\tomb") == (b"", t, -1)
+        assert meta_get(memcached, b"t\\\\sp%20ce%")[0] == b"odd key"
+        assert meta_get(memcached, b"astaire\\\\tag") is None
+        assert meta_get(memcached, b"t\\\\gone") is None
+
+
+def drive_once(w, target, fetch):
+    req = w.fetch_requests()
+    if req:
+        fetch.sendall(req)
+    out = w.target_requests()
+    if out:
+        target.sendall(out)
+    ready, _, _ = select.select([target, fetch], [], [], 10)
+    assert ready, w.stats()
+    for s in ready:
+        data = s.recv(1 << 20)
+        assert data
+        (w.feed_target if s is target else w.feed_fetch)(data)

@@ -247,35 +247,59 @@ def _version_tuple(version: str) -> tuple[int, ...] | None:
 
 
 def _start_metadump(server: str, sock: socket.socket, idle_timeout: float, retries: int, backoff: float) -> bytes:
-    """Send ``lru_crawler metadump all`` until it is not BUSY; return the bytes read so far."""
+    """Start ``lru_crawler metadump all`` once no other crawl runs; return the bytes read so far.
+
+    memcached 1.6.18 answers BUSY only when the running crawl is moving: while another
+    client's crawl is stalled (its reader not reading), a second crawl request blocks the
+    worker thread, and every connection on that thread, until that crawl ends. So the
+    ``lru_crawler_running`` stat is checked first, and a running crawl counts as BUSY.
+    """
     sock.settimeout(idle_timeout)
     delay = backoff
     for attempt in range(retries + 1):
-        sock.sendall(METADUMP_COMMAND)
-        buf = b""
         try:
-            while b"\n" not in buf:
-                more = sock.recv(256 * 1024)
-                if not more:
-                    raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
-                buf += more
+            busy = _crawler_running(server, sock)
+            if not busy:
+                sock.sendall(METADUMP_COMMAND)
+                buf = b""
+                while b"\n" not in buf:
+                    more = sock.recv(256 * 1024)
+                    if not more:
+                        raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
+                    buf += more
+                first = buf.split(b"\n", 1)[0].rstrip(b"\r")
+                if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
+                    raise SourceError(f"source {server} cannot run lru_crawler metadump: "
+                                      f"{first.decode('ascii', 'replace')}")
+                if not first.startswith(b"BUSY"):
+                    return buf
+                busy = first.decode("ascii", "replace")
         except socket.timeout as e:
             raise SourceError(f"source {server} sent nothing for {idle_timeout:g} s after "
                               "lru_crawler metadump") from e
         except OSError as e:
             raise SourceError(f"source {server} failed after lru_crawler metadump: {_reason(e)}") from e
-        first = buf.split(b"\n", 1)[0].rstrip(b"\r")
-        if first.startswith(b"BUSY"):
-            if attempt == retries:
-                break
-            log.info("source %s: LRU crawler busy (%s), retrying in %.1f s", server,
-                     first.decode("ascii", "replace"), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            continue
-        if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
-            raise SourceError(f"source {server} cannot run lru_crawler metadump: "
-                              f"{first.decode('ascii', 'replace')}")
-        return buf
+        if attempt == retries:
+            break
+        log.info("source %s: LRU crawler busy (%s), retrying in %.1f s", server, busy, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
     raise SourceError(f"source {server}: LRU crawler still busy after {retries + 1} attempts "
                       "(another crawl is running)")
+
+
+def _crawler_running(server: str, sock: socket.socket) -> str | None:
+    """"lru_crawler_running 1" if the ``stats`` say a crawl is running, else None."""
+    sock.sendall(b"stats\r\n")
+    buf = b""
+    while not (buf.endswith(b"END\r\n") or buf.endswith(b"ERROR\r\n")):
+        more = sock.recv(65536)
+        if not more:
+            raise SourceError(f"source {server} closed the connection after stats")
+        buf += more
+        if len(buf) > 1 << 20:
+            raise SourceError(f"source {server}: stats answer too long")
+    for line in buf.split(b"\r\n"):
+        if line.startswith(b"STAT lru_crawler_running ") and line.split()[-1] != b"0":
+            return "lru_crawler_running 1"
+    return None

@@ -1,0 +1,315 @@
+"""run_stream with stock memcached as the source (LRU crawler + binary fetches) into a real memcached."""
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from astaire import source
+from astaire.localcluster import MemcachedServer
+from astaire.stream import StreamJob, run_stream
+from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
+                                   vbucket)
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def pair(cluster_factory):
+    """(source, target): two real memcached servers."""
+    c = cluster_factory(2, memory_mb=256, threads=2)
+    return c.servers[0], c.servers[1]
+
+
+def job(src, target, vbs=WANTED, **kw) -> StreamJob:
+    kw.setdefault("source_kind", "crawler")
+    return StreamJob(source=src.name, vbuckets=sorted(vbs), target=target.name, **kw)
+
+
+def load(server, records: dict) -> None:
+    mc_store(server, [(k, v, f, e) for k, (v, f, e) in records.items()])
+
+
+def stat(server, name: bytes) -> int:
+    for line in mc_text(server, b"stats\r\n").split(b"\r\n"):
+        if line.startswith(b"STAT " + name + b" "):
+            return int(line.split()[2])
+    raise KeyError(name)
+
+
+def healthy(server) -> bool:
+    with socket.create_connection((server.host, server.port), timeout=2) as s:
+        s.sendall(b"set health 0 0 2\r\nok\r\nget health\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            more = s.recv(4096)
+            if not more:
+                return False
+            data += more
+    return data == b"STORED\r\nVALUE health 0 2\r\nok\r\nEND\r\n"
+
+
+class MetadumpHog:
+    """Another client's ``lru_crawler metadump all``: stalled (not read) until ``release()``,
+    or read slowly so the crawl stays running."""
+
+    def __init__(self, server, slow: bool = False):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((server.host, server.port))
+        self.sock.sendall(b"lru_crawler metadump all\r\n")
+        self.released = threading.Event()
+        self.slow = slow
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        tail = b""
+        while True:
+            if not self.released.is_set():
+                if not self.slow:
+                    self.released.wait()
+                    continue
+                time.sleep(0.02)
+            chunk = self.sock.recv(4096 if not self.released.is_set() else 1 << 20)
+            tail = (tail + chunk)[-5:]
+            if not chunk or tail == b"END\r\n":
+                return
+
+    def release(self):
+        self.released.set()
+        self.thread.join(30)
+        self.sock.close()
+
+
+def busy_records(n: int = 20000) -> dict:
+    # Long keys make a metadump of several MB, more than the socket buffers can hide.
+    return {b"hog\\\\%06d" % i + b"x" * 200: (b"v", 0, 0) for i in range(n)}
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+def test_crawler_copies_tens_of_thousands_of_records_intact(pair):
+    src, target = pair
+    rng = random.Random(7)
+    now = int(time.time())
+    records = {}
+    for i, k in enumerate(keys_in(WANTED, b"data\\\\k", 12000) + keys_in(UNWANTED, b"data\\\\u", 18000)):
+        size = rng.choice([0, 0, 1, 20, 100, 100, 300, 1000, 4000]) if i % 1500 else 100 * 1024
+        exp = rng.choice([0, now + 3600, now + 86400 * 40])
+        records[k] = (rng.randbytes(size), rng.getrandbits(32), exp)
+    odd = keys_in(WANTED, b"data\\\\has space and %41 and %", 5)  # metadump URL-encodes these
+    own = keys_in(WANTED, b"astaire\\\\y", 5)
+    for k in odd:
+        records[k] = (b"odd:" + k, 11, now + 7200)
+    for k in own:
+        records[k] = (b"{}", 0, 0)
+    load(src, records)
+    wanted = {k for k in records if vbucket(k) in WANTED and not k.startswith(b"astaire\\\\")}
+
+    t0 = time.monotonic()
+    result = run_stream(job(src, target))
+    elapsed = time.monotonic() - t0
+
+    assert result.ok, result.error
+    assert result.kind == "crawler"
+    got = mc_get_many(target, records)
+    assert set(got) == wanted
+    for k in wanted:
+        value, flags, ttl = got[k]
+        assert value == records[k][0], k
+        assert flags == records[k][1], k
+        assert_ttl(ttl, records[k][2])
+    s = result.stats
+    assert (s["entries"], s["added"], s["failed"], s["vanished"]) == (len(wanted), len(wanted), 0, 0)
+    assert s["tombstones"] == sum(1 for k in wanted if not records[k][0]) > 0
+    assert s["skipped_own"] == len(own)
+    assert s["skipped_unwanted"] == len(records) - len(wanted) - len(own)
+    log.info("crawler: %d records (%d wanted) in %.2f s, %.0f wanted records/s",
+             len(records), len(wanted), elapsed, len(wanted) / elapsed)
+
+
+def test_conflict_rule_through_the_crawler(pair):
+    src, target = pair
+    newer, older, absent = keys_in(WANTED, b"t\\\\c", 3)
+    load(src, {newer: (b"remote-older", 1500, 0), older: (b"remote-newer", 1500, 0), absent: (b"remote", 9, 0)})
+    load(target, {newer: (b"local-newer", 2000, 0), older: (b"local-older", 1000, 0)})
+    result = run_stream(job(src, target))
+    assert result.ok, result.error
+    got = mc_get_many(target, [newer, older, absent])
+    assert [got[k][:2] for k in (newer, older, absent)] == [
+        (b"local-newer", 2000), (b"remote-newer", 1500), (b"remote", 9)]
+    assert (result.stats["added"], result.stats["replaced"], result.stats["kept"]) == (1, 1, 1)
+
+
+def test_auto_picks_the_crawler_on_stock_memcached_and_leaves_it_healthy(pair, caplog):
+    src, target = pair
+    caplog.set_level(logging.INFO, logger="astaire.stream")
+    source.forget_kind(src.name)
+    records = {k: (b"val-" + k, 5, 0) for k in keys_in(WANTED, b"t\\\\a", 3000)}
+    load(src, records)
+    conns_before = stat(src, b"total_connections")
+
+    result = run_stream(job(src, target, source_kind="auto"))
+
+    assert result.ok, result.error
+    assert result.kind == "crawler"
+    assert f"source {src.name} has no TAP" in caplog.text
+    assert {k: v[:2] for k, v in mc_get_many(target, records).items()} == {k: v[:2] for k, v in records.items()}
+    # probe + fetch + metadump connections; the desynchronised probe is closed
+    assert stat(src, b"total_connections") - conns_before == 3 + 1  # + this stats connection
+    assert healthy(src)
+    deadline = time.monotonic() + 2
+    while stat(src, b"curr_connections") > stat(target, b"curr_connections") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stat(src, b"curr_connections") <= stat(target, b"curr_connections")  # nothing of ours left open
+
+    # The decision is cached: no second probe.
+    assert source.cached_kind(src.name) == "crawler"
+    conns_before = stat(src, b"total_connections")
+    again = run_stream(job(src, target, source_kind="auto"))
+    assert again.ok and again.kind == "crawler" and again.stats["kept"] == len(records)
+    assert stat(src, b"total_connections") - conns_before == 2 + 1
+
+
+def test_busy_crawler_is_waited_for_then_streamed(pair, caplog):
+    src, target = pair
+    caplog.set_level(logging.INFO, logger="astaire.stream")
+    load(src, busy_records())
+    records = {k: (b"x", 1, 0) for k in keys_in(WANTED, b"t\\\\b", 500)}
+    load(src, records)
+    hog = MetadumpHog(src, slow=True)
+    try:
+        time.sleep(0.3)
+        assert stat(src, b"lru_crawler_running") == 1
+        timer = threading.Timer(1.0, hog.release)
+        timer.start()
+        result = run_stream(job(src, target))
+        timer.join()
+    finally:
+        hog.release()
+    assert result.ok, result.error
+    assert "LRU crawler busy" in caplog.text
+    assert set(mc_get_many(target, records)) == set(records)
+
+
+def test_crawler_busy_for_good_fails_without_wedging_the_source(cluster_factory):
+    # One worker thread: had a second metadump been sent while the hog's crawl is stalled,
+    # memcached 1.6.18 would block that thread and with it every connection.
+    src = cluster_factory(1, memory_mb=64, threads=1).servers[0]
+    target = cluster_factory(1, memory_mb=64).servers[0]
+    load(src, busy_records())
+    hog = MetadumpHog(src)
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        result = run_stream(job(src, target, crawler_busy_retries=2))
+        assert time.monotonic() - t0 < 3
+        assert not result.ok and "busy" in result.error, result.error
+        assert healthy(src)
+    finally:
+        hog.release()
+
+
+def test_busy_answer_is_retried(monkeypatch):
+    """The BUSY line itself (a crawl moving, caught between its pauses) is retried like the stat."""
+    ours, theirs = socket.socketpair()
+    answers = [b"STAT lru_crawler_running 0\r\nEND\r\n", b"BUSY currently processing crawler request\r\n",
+               b"STAT lru_crawler_running 0\r\nEND\r\n", b"key=a exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n"]
+    heard = []
+
+    def server():
+        f = theirs.makefile("rb")
+        for a in answers:
+            heard.append(f.readline())
+            theirs.sendall(a)
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    first = source._start_metadump("fake:1", ours, 5, 3, 0.01)
+    t.join(5)
+    assert heard == [b"stats\r\n", b"lru_crawler metadump all\r\n"] * 2
+    assert first.endswith(b"END\r\n")
+    ours.close()
+    theirs.close()
+
+
+def test_keys_vanishing_between_listing_and_fetching_are_not_errors(pair):
+    src, target = pair
+    records = {k: (b"v-" + k, 3, 0) for k in keys_in(WANTED, b"t\\\\v", 3000)}
+    load(src, records)
+    flushed = []
+
+    def flush_source_once(_delta):
+        if not flushed:
+            flushed.append(mc_text(src, b"flush_all\r\n"))
+
+    result = run_stream(job(src, target, window=32), progress=flush_source_once, progress_interval=0.001)
+    assert result.ok, result.error
+    s = result.stats
+    # Keys flushed before the crawl reached them are not listed at all; listed ones either
+    # arrive or vanish.
+    assert s["vanished"] > 0 and s["entries"] + s["vanished"] <= len(records)
+    assert s["failed"] == 0
+    got = mc_get_many(target, records)
+    assert len(got) == s["entries"]
+    assert all(got[k][:2] == records[k][:2] for k in got)
+
+
+def test_source_killed_mid_stream_fails_and_what_was_written_is_right(pair):
+    src, target = pair
+    records = {k: (b"v-" + k, 4, 0) for k in keys_in(WANTED, b"t\\\\k", 5000)}
+    load(src, records)
+
+    def kill_source_once(_delta):
+        if src.proc is not None:
+            src.kill()
+
+    result = run_stream(job(src, target, window=64), progress=kill_source_once, progress_interval=0.001)
+    assert not result.ok and f"source {src.name}" in result.error, result.error
+    got = mc_get_many(target, records)
+    assert 0 < len(got) < len(records)
+    assert all(got[k][:2] == records[k][:2] for k in got)
+
+
+def test_target_killed_mid_stream_fails_the_stream(pair):
+    src, target = pair
+    load(src, {k: (b"v" * 100, 4, 0) for k in keys_in(WANTED, b"t\\\\t", 5000)})
+
+    def kill_target_once(_delta):
+        if target.proc is not None:
+            target.kill()
+
+    result = run_stream(job(src, target, window=64), progress=kill_target_once, progress_interval=0.001)
+    assert not result.ok and f"target {target.name}" in result.error, result.error
+    assert healthy(src)
+
+
+def test_stop_request_ends_a_crawler_stream_promptly(pair):
+    src, target = pair
+    load(src, {k: (b"v", 4, 0) for k in keys_in(WANTED, b"t\\\\s", 5000)})
+    result = run_stream(job(src, target, window=16), should_stop=lambda: True)
+    assert not result.ok and "stopped" in result.error
+    assert healthy(src)
+
+
+def test_source_that_is_not_memcached_fails_readably(pair):
+    _src, target = pair
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        name = "127.0.0.1:%d" % listener.getsockname()[1]
+
+        def answer_garbage():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+        t = threading.Thread(target=answer_garbage, daemon=True)
+        t.start()
+        result = run_stream(StreamJob(name, [1], target.name, source_kind="crawler", connect_timeout=2))
+        t.join(5)
+    assert not result.ok and name in result.error and "binary protocol" in result.error, result.error

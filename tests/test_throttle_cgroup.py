@@ -47,19 +47,27 @@ needs_v1 = pytest.mark.skipif(not _v1_writable(), reason="no writable cgroup v1 
 
 
 def remove_group(root: str, path: str) -> None:
-    """Move every process in the cgroup at *path* back to *root*, then remove it."""
-    if not os.path.isdir(path):
-        return
-    with open(os.path.join(path, "cgroup.procs")) as f:
-        pids = f.read().split()
-    for pid in pids:
+    """Move every process in the cgroup at *path* back to *root*, then remove it.
+
+    rmdir fails with EBUSY while a killed member is still being reaped: retry a while.
+    """
+    deadline = time.monotonic() + 10
+    while os.path.isdir(path):
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = f.read().split()
+        for pid in pids:
+            try:
+                with open(os.path.join(root, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
         try:
-            with open(os.path.join(root, "cgroup.procs"), "w") as f:
-                f.write(pid)
+            os.rmdir(path)
         except OSError as exc:
-            if exc.errno != errno.ESRCH:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-    os.rmdir(path)
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -72,11 +80,20 @@ def group_name():
             remove_group(root, os.path.join(root, name))
 
 
+def _process(pid):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 @pytest.fixture
 def sleeper():
     """A process (with a child) to move around; killed afterwards."""
     proc = subprocess.Popen([sys.executable, "-c",
-                             "import os, time\nos.fork()\ntime.sleep(60)"])
+                             "import os, signal, time\n"
+                             "signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # no zombie child\n"
+                             "os.fork()\ntime.sleep(60)"])
     pids = [proc.pid]
     try:
         parent = psutil.Process(proc.pid)
@@ -85,12 +102,15 @@ def sleeper():
         pids += [c.pid for c in parent.children()]
         yield pids
     finally:
-        for pid in reversed(pids):
+        children = [p for p in map(_process, pids[1:]) if p]
+        for p in children:  # the child first: its parent reaps it at once
             try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(children, timeout=5)
+        proc.kill()
         proc.wait()
 
 

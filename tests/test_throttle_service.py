@@ -42,12 +42,19 @@ BUSY = r"""
 import ctypes, os, signal
 libc = ctypes.CDLL(None)
 libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the test
-if os.fork() == 0:
-    libc.prctl(1, signal.SIGKILL)
-    while True: pass
+
+
+def fork_worker(*_):
+    if os.fork() == 0:
+        libc.prctl(1, signal.SIGKILL)
+        while True: pass
+
+
+signal.signal(signal.SIGUSR1, fork_worker)  # a worker forked later
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped at once when killed
+fork_worker()
 while True: pass
 """
-
 
 def wait_for(predicate, what, timeout=10.0, log=None):
     """Poll *predicate* until true; fail with *what* (and the log) after *timeout*."""
@@ -79,19 +86,27 @@ def assert_in_band(share, percentage):
 
 
 def remove_group(root: str, path: str) -> None:
-    """Move every process in the cgroup at *path* back to *root*, then remove it."""
-    if not os.path.isdir(path):
-        return
-    with open(os.path.join(path, "cgroup.procs")) as f:
-        pids = f.read().split()
-    for pid in pids:
+    """Move every process in the cgroup at *path* back to *root*, then remove it.
+
+    rmdir fails with EBUSY while a killed member is still being reaped: retry a while.
+    """
+    deadline = time.monotonic() + 10
+    while os.path.isdir(path):
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = f.read().split()
+        for pid in pids:
+            try:
+                with open(os.path.join(root, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
         try:
-            with open(os.path.join(root, "cgroup.procs"), "w") as f:
-                f.write(pid)
+            os.rmdir(path)
         except OSError as exc:
-            if exc.errno != errno.ESRCH:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-    os.rmdir(path)
+            time.sleep(0.05)
 
 
 def group_members(path) -> set[int]:
@@ -112,13 +127,26 @@ class StandIn:
         wait_for(lambda: parent.children(), "the stand-in's worker")
         self.pids += [c.pid for c in parent.children()]
 
+    def fork_worker(self) -> int:
+        parent = psutil.Process(self.pid)
+        os.kill(self.pid, signal.SIGUSR1)
+        wait_for(lambda: len(parent.children()) > len(self.pids) - 1, "a new worker")
+        pid = next(c.pid for c in parent.children() if c.pid not in self.pids)
+        self.pids.append(pid)
+        return pid
+
     def kill(self):
-        for pid in reversed(self.pids):
+        """Workers first (the stand-in reaps them at once), then the stand-in itself."""
+        workers = []
+        for pid in self.pids[1:]:
             try:
+                workers.append(psutil.Process(pid))
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
+        psutil.wait_procs(workers, timeout=5)
+        self.proc.kill()
         self.proc.wait()
 
     def statuses(self):
@@ -263,6 +291,13 @@ def test_missing_pidfile_is_logged_and_a_new_pid_is_picked_up(
     wait_for(lambda: group_members(group) >= set(new.pids), "the restarted Astaire in the group",
              log=service.log)
     service.wait_log(f"Astaire pid {new.pid}")
+
+    later = new.fork_worker()  # born in the group: cgroups are inherited
+    assert later in group_members(group)
+    for pid in new.pids:  # moved out behind the throttle's back: put back
+        Path(V1_ROOT, "cgroup.procs").write_text(str(pid))
+    wait_for(lambda: group_members(group) >= set(new.pids), "the processes back in the group",
+             log=service.log)
     assert service.proc.poll() is None
 
 

@@ -136,6 +136,7 @@ class CgroupV1Limiter:
     """The ``astaire`` group in a cgroup v1 hierarchy with the cpu controller."""
 
     kind = "cgroup v1"
+    inherits = True  # children are born in their parent's cgroup
 
     def __init__(self, root: str = "/sys/fs/cgroup/cpu", name: str = DEFAULT_CGROUP_NAME,
                  cpus: int | None = None):
@@ -220,6 +221,7 @@ class CgroupV2Limiter:
     """The ``astaire`` child of a cgroup v2 (unified) hierarchy, via ``cpu.max``."""
 
     kind = "cgroup v2"
+    inherits = True
 
     def __init__(self, root: str = "/sys/fs/cgroup", name: str = DEFAULT_CGROUP_NAME,
                  cpus: int | None = None):

@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import signal
+import time
 
 from astaire_throttle.cgroup import (
     DEFAULT_CGROUP_NAME,
@@ -29,6 +30,7 @@ from astaire_throttle.targets import DEFAULT_PIDFILE, NoTarget, process_tree, re
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "v1", "v2", "signal")
+FULL_SCAN_SECONDS = 10.0
 
 
 class Waker:
@@ -162,6 +164,8 @@ class Throttle:
         self.mountinfo = mountinfo
         self.limiter = None
         self._pid: int | None = None
+        self._held = 0
+        self._next_walk = 0.0
         self._problem: str | None = None
 
     def start(self) -> None:
@@ -181,7 +185,13 @@ class Throttle:
             log.error("reload: cannot change the limit to %g%%: %s", percentage, exc)
 
     def apply(self) -> int:
-        """Put every Astaire process not yet held under the limit; how many are held."""
+        """Put every Astaire process not yet held under the limit; how many are held.
+
+        Walking the process tree reads every /proc/<pid>/stat on the node, so with a
+        cgroup it is done only when the pid changes, when the supervisor is found
+        outside the group, and every FULL_SCAN_SECONDS; in between, workers forked
+        by a supervisor in the group are in it already.
+        """
         try:
             pid = read_pidfile(self.pidfile)
         except NoTarget as exc:
@@ -189,24 +199,32 @@ class Throttle:
                 log.warning("no Astaire to hold: %s; polling every %gs",
                             exc, self.poll_interval)
                 self._problem = str(exc)
-            self._pid = None
+            self._pid, self._held = None, 0
             self.limiter.attach([])
             return 0
         self._problem = None
-        pids = process_tree(pid)
+        now = time.monotonic()
         try:
-            moved = self.limiter.attach(pids)
+            walk = pid != self._pid or not self.limiter.inherits or now >= self._next_walk
+            if not walk:
+                walk = bool(self.limiter.attach([pid]))  # moved out: its workers may be too
+            if walk:
+                pids = process_tree(pid)
+                moved = self.limiter.attach(pids)
+                self._held, self._next_walk = len(pids), now + FULL_SCAN_SECONDS
+            else:
+                moved = []
         except (OSError, CgroupUnavailable) as exc:
             log.error("cannot move Astaire's processes into %s: %s", self.limiter, exc)
             return 0
         if pid != self._pid:
             log.info("Astaire pid %d (from %s): %d process(es) held by %s",
-                     pid, self.pidfile, len(pids), self.limiter)
+                     pid, self.pidfile, self._held, self.limiter)
             self._pid = pid
         elif moved:
             log.info("%d new Astaire process(es) held by %s: %s",
                      len(moved), self.limiter, " ".join(map(str, moved)))
-        return len(pids)
+        return self._held
 
     def run(self, waker: Waker) -> None:
         """Keep the limit applied until *waker* says stop; then lift it."""

@@ -45,6 +45,7 @@ class DutyCycleLimiter:
     """Holds a set of processes to a CPU share by stopping and continuing them."""
 
     kind = "signal duty cycle"
+    inherits = False  # a new worker must be found and tracked
 
     def __init__(self, cpus: int | None = None, slot: float = SLOT_SECONDS):
         self.cpus = cpus or os.cpu_count() or 1

@@ -391,8 +391,9 @@ class Supervisor:
         logs.ENDED.log()
 
     def _on_signal(self, sig, frame) -> None:
-        # Only queue it: the main loop does the work (the wake-up fd ends its wait).
-        if sig != signal.SIGCHLD and len(self.sig_queue) < 5:
+        # Only queue it: the main loop does the work (the wake-up fd ends its wait). A signal
+        # already waiting is not queued twice, so the queue stays short and never drops a TERM.
+        if sig != signal.SIGCHLD and sig not in self.sig_queue:
             self.sig_queue.append(sig)
 
     def handle_signal(self, sig: int) -> None:
@@ -738,6 +739,7 @@ class Supervisor:
         st.last_resync = {"result": "failed" if failed else "ok", "failed_vbuckets": failed, "full": r.full,
                           "finished_at": time.time(), "seconds": seconds, "entries": r.entries, "bytes": r.bytes}
         st.resyncs_completed += 1
+        st.settings_digest = self.view_digest  # a same-view edit taken in during the resync
         st.reset_counters()
         st.publish()
         self.resync = None

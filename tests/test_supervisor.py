@@ -355,6 +355,27 @@ def test_sigusr1_forces_a_full_resync_and_sighup_with_an_unchanged_view_does_not
     assert c.stop() == 0
 
 
+def test_a_same_view_edit_during_a_resync_is_taken_in_when_the_resync_ends(child, monkeypatch):
+    def slow(job, progress=None, progress_interval=0.25, should_stop=None):
+        time.sleep(0.6)
+        return _fake_run_stream(job, progress, progress_interval, should_stop)
+
+    _fake_stream(monkeypatch, slow)
+    c = child(RESIZING)
+    deadline = time.monotonic() + 5
+    while (c.snapshot() or {}).get("state") != "resyncing":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    c.settings.write_text(c.settings.read_text() + "# comment only\n")
+    os.kill(c.pid, signal.SIGHUP)
+    s = c.wait_resyncs(1)
+    from astaire.config import settings_digest
+
+    assert s["settings_digest"] == settings_digest(str(c.settings))
+    assert s["resyncs_completed"] == 1  # the same view: no second resync
+    assert c.stop() == 0
+
+
 def test_a_missing_tag_triggers_a_full_resync_at_start(child, monkeypatch):
     _fake_stream(monkeypatch)
     c = child(ClusterView([S1, LOCAL]), tag=False)

@@ -17,6 +17,7 @@ from astaire import logs
 from astaire.config import (DEFAULT_CLUSTER_SETTINGS, DEFAULT_NODE_CONFIG, local_name_from_config, parse_server,
                             read_node_config, settings_digest)
 from astaire.stats import StatsReader, StatsUnavailable
+from astaire.view_cli import _positive
 
 DEFAULT_PIDFILE = "/var/run/astaire/astaire.pid"
 DEFAULT_LOG_DIR = "/var/log/astaire"
@@ -36,34 +37,23 @@ def stats_path_for(pidfile: str) -> str:
     return (root if ext == ".pid" else pidfile) + ".stats"
 
 
-def _clearwater_level(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number 0-5") from None
-    if not 0 <= n <= 5:
-        raise argparse.ArgumentTypeError(f"{n} is not a log level 0 (errors only) to 5 (debug)")
-    return n
+def _number(convert, ok, requirement: str):
+    """An argparse type: ``convert`` the text, then require ``ok(n)``."""
+
+    def parse(text: str):
+        try:
+            n = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(n):
+            raise argparse.ArgumentTypeError(f"{text} {requirement}")
+        return n
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
-    return n
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        n = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not n > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
-    return n
+_clearwater_level = _number(int, lambda n: 0 <= n <= 5, "is not a log level 0 (errors only) to 5 (debug)")
+_positive_seconds = _number(float, lambda n: n > 0, "must be more than 0 seconds")
 
 
 def _add_pidfile(p: argparse.ArgumentParser) -> None:
@@ -105,7 +95,7 @@ def register(sub) -> None:
                    "(default: the pidfile's path with .stats for .pid)")
     p.add_argument("--daemon", action="store_true",
                    help="detach (double fork) and run in the background")
-    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes streaming in parallel (default: one per CPU, %(default)s here)")
     p.add_argument("--source", choices=("tap", "crawler", "auto"), default="auto",
                    help="how to read the old replicas: tap (Clearwater memcached fork), crawler (stock "
@@ -241,11 +231,12 @@ def _synced(snap: dict, digest: str) -> bool:
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
-    return f"{n:.1f} GB"
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 def _progress_line(snap: dict, width: int = 30) -> str:

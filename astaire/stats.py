@@ -84,17 +84,6 @@ def address_type(host: str) -> int:
         return ADDR_DNS
 
 
-def split_server(name: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` (port 11211 when absent), for the connection table."""
-    if name.startswith("["):
-        host, _, rest = name[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else 11211
-    if name.count(":") == 1:
-        host, _, port = name.partition(":")
-        return host, int(port)
-    return name, 11211
-
-
 def _layout(vbucket_count: int, max_connections: int) -> tuple[int, int, int, int]:
     """(bitmap offset, first connection offset, connection slot size, total size)."""
     bitmap_at = _HEADER.size + _BODY.size

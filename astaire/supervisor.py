@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from astaire import logs, stats, worker
-from astaire.config import ConfigError, read_cluster_settings, settings_digest
+from astaire.config import ConfigError, parse_server, read_cluster_settings, settings_digest
 from astaire.view import ClusterView
 from astaire.worklist import Worklist
 
@@ -284,7 +284,6 @@ class WorkerHandle:
     pid: int
     sock: object
     messages: object
-    spawned: float
     ready: bool = False
     stream: Stream | None = None
 
@@ -474,7 +473,7 @@ class Supervisor:
             close_fds.append(self.pidfile.fd)
         pid, sock = worker.spawn(close_fds)
         sock.setblocking(False)
-        self.workers[pid] = WorkerHandle(pid, sock, worker.unpacker(), time.monotonic())
+        self.workers[pid] = WorkerHandle(pid, sock, worker.unpacker())
         self.selector.register(sock, selectors.EVENT_READ, pid)
         log.info("worker %d spawned", pid)
 
@@ -691,7 +690,7 @@ class Supervisor:
                 if w.sock is not None:
                     w.sock.setblocking(False)
             w.stream = s
-            host, port = stats.split_server(s.server)
+            host, port = parse_server(s.server)
             self.stats.connections[s.id] = stats.Connection(host, port, list(s.vbuckets))
             log.info("stream %d: %d vbuckets from %s to worker %d", s.id, len(s.vbuckets), s.server, w.pid)
         self._publish_counters()

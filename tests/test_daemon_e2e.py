@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -222,6 +223,25 @@ def load_mixed(view: ClusterView, records, tap_servers: dict[str, TapServer]) ->
                 assert client.round_trip(codec.encode_batch(reqs[i:i + workload.BATCH])) == []
 
 
+@pytest.fixture
+def tap_resize(servers, daemons, taps):
+    """``make(table, count, tap={...}, **daemon_options)``: a fake TAP server (with the given
+    faults or delay) and a real memcached hold ``count`` records as the old replicas; a new
+    node n joins and its daemon starts. Returns a namespace: d, tap, mc, n, before, after, records."""
+
+    def make(table: str, count: int, tap=None, **daemon_options) -> SimpleNamespace:
+        mc, n = servers(2)
+        t = taps(**(tap or {}))
+        before = ClusterView([t.name, mc.name])
+        after = ClusterView(before.servers, [*before.servers, n.name])
+        records = list(workload.make_records(count, table=table))
+        load_mixed(before, records, {t.name: t})
+        d = daemons(n.name, before.servers, after.new_servers, **daemon_options)
+        return SimpleNamespace(d=d, tap=t, mc=mc, n=n, before=before, after=after, records=records)
+
+    return make
+
+
 def owned_keys(records, view: ClusterView, node: str) -> set[bytes]:
     return {r.key for r in records if node in view.owners(vbucket_for_key(r.key, view.vbuckets))}
 
@@ -305,20 +325,14 @@ def test_unreachable_local_memcached_is_a_warning_then_retried(servers, daemons)
 
 # -- sources failing ---------------------------------------------------------------------
 
-def test_a_source_killed_mid_stream_is_replaced_by_the_next_replica(servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(die_after=150)
-    before = ClusterView([tap.name, mc.name])
-    after = ClusterView([tap.name, mc.name], [tap.name, mc.name, n.name])
-    records = list(workload.make_records(2000, table="die"))
-    load_mixed(before, records, {tap.name: tap})
-    d = daemons(n.name, before.servers, after.new_servers)
-    s = d.wait_sync()
-    assert s["last_resync"]["result"] == "ok", d.log()
+def test_a_source_killed_mid_stream_is_replaced_by_the_next_replica(tap_resize):
+    r = tap_resize("die", 2000, tap={"die_after": 150})
+    s = r.d.wait_sync()
+    assert s["last_resync"]["result"] == "ok", r.d.log()
     assert s["last_resync"]["failed_vbuckets"] == []
-    assert tap.connects, "the TAP server was streamed"
-    assert f"from {tap.name} failed" in d.log()
-    assert_holds(n.name, records, after)
+    assert r.tap.connects, "the TAP server was streamed"
+    assert f"from {r.tap.name} failed" in r.d.log()
+    assert_holds(r.n.name, r.records, r.after)
 
 
 def test_a_source_sending_malformed_frames_fails_while_the_daemon_keeps_running(daemons, servers, taps):
@@ -345,17 +359,13 @@ def test_a_source_sending_malformed_frames_fails_while_the_daemon_keeps_running(
 # -- requests during a resync -------------------------------------------------------------------
 
 def test_sighup_in_the_middle_of_a_resync_lets_running_streams_finish_then_resyncs_the_new_view(
-        servers, daemons, taps):
-    mc, n, x = servers(3)
-    tap = taps(delay_per_frame=0.001)
-    before = ClusterView([tap.name, mc.name])
-    resizing = ClusterView([tap.name, mc.name], [tap.name, mc.name, n.name])
-    records = list(workload.make_records(1500, table="hup"))
-    load_mixed(before, records, {tap.name: tap})
-    d = daemons(n.name, before.servers, resizing.new_servers, source="auto", workers=2)
+        servers, tap_resize):
+    r = tap_resize("hup", 1500, tap={"delay_per_frame": 0.001})
+    d, tap, n, before, resizing, records = r.d, r.tap, r.n, r.before, r.after, r.records
+    (x,) = servers(1)
     wait_for(lambda: d.snapshot()["entries_resynchronized"] > 0 and d.snapshot()["state"] == "resyncing", 20,
              what="the resync under way")
-    bigger = ClusterView([tap.name, mc.name], [tap.name, mc.name, n.name, x.name])
+    bigger = ClusterView(before.servers, [*resizing.new_servers, x.name])
     d.write_settings(before.servers, bigger.new_servers)
     d.signal(signal.SIGHUP)
     wait_for(lambda: "during a resync" in d.log(), 10, what="the request noticed")
@@ -374,14 +384,9 @@ def test_sighup_in_the_middle_of_a_resync_lets_running_streams_finish_then_resyn
 
 
 def test_a_worker_killed_mid_resync_is_replaced_and_its_stream_redone_without_double_counting(
-        servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(delay_per_frame=0.0015)
-    before = ClusterView([tap.name, mc.name])
-    after = ClusterView([tap.name, mc.name], [tap.name, mc.name, n.name])
-    records = list(workload.make_records(1200, table="kill"))
-    load_mixed(before, records, {tap.name: tap})
-    d = daemons(n.name, before.servers, after.new_servers, workers=2)
+        tap_resize):
+    r = tap_resize("kill", 1200, tap={"delay_per_frame": 0.0015}, workers=2)
+    d, tap, n, after, records = r.d, r.tap, r.n, r.after, r.records
 
     def tap_worker():
         if len(tap.connects) < 1 or d.snapshot()["entries_resynchronized"] == 0:
@@ -410,12 +415,8 @@ def test_a_worker_killed_mid_resync_is_replaced_and_its_stream_redone_without_do
 
 # -- start, stop, refuse ------------------------------------------------------------------
 
-def test_sigterm_in_the_middle_of_a_resync_exits_0_within_5_seconds(servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(delay_per_frame=0.002)
-    view = ClusterView([tap.name, mc.name], [tap.name, mc.name, n.name])
-    load_mixed(ClusterView([tap.name, mc.name]), list(workload.make_records(2000, table="term")), {tap.name: tap})
-    d = daemons(n.name, view.servers, view.new_servers, source="tap")
+def test_sigterm_in_the_middle_of_a_resync_exits_0_within_5_seconds(tap_resize):
+    d = tap_resize("term", 2000, tap={"delay_per_frame": 0.002}, source="tap").d
     wait_for(lambda: d.snapshot()["entries_resynchronized"] > 0, 20, what="a stream under way")
     kids = d.children()
     t0 = time.monotonic()

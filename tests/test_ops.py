@@ -15,7 +15,8 @@ import psutil
 
 from astaire import ops, workload
 from astaire.view import ClusterView
-from tests.test_daemon_e2e import REPO, astaire, daemons, load_mixed, servers, taps, wait_for  # noqa: F401 (fixtures)
+from tests.test_daemon_e2e import (REPO, astaire, daemons, servers, tap_resize, taps,  # noqa: F401 (fixtures)
+                                   wait_for)
 
 
 def test_stats_file_sits_beside_the_pidfile():
@@ -82,12 +83,9 @@ def test_status_json_and_text_of_a_running_daemon(servers, daemons):
     assert "last full resync ok" in text.stdout
 
 
-def test_status_shows_streaming_connections_during_a_resync(servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(delay_per_frame=0.002)
-    before = ClusterView([tap.name, mc.name])
-    load_mixed(before, list(workload.make_records(800, table="conn")), {tap.name: tap})
-    d = daemons(n.name, before.servers, [tap.name, mc.name, n.name], source="auto")
+def test_status_shows_streaming_connections_during_a_resync(tap_resize):
+    r = tap_resize("conn", 800, tap={"delay_per_frame": 0.002})
+    d, tap = r.d, r.tap
 
     def tap_streaming():
         s = json.loads(d.cli("status", "--json").stdout)
@@ -113,12 +111,8 @@ def test_full_resync_command_makes_the_daemon_pull_everything_again(servers, dae
     assert s["last_resync"]["full"] and s["last_resync"]["entries"] == len(records)
 
 
-def test_wait_sync_shows_progress_and_returns_0_once_in_sync(servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(delay_per_frame=0.002)
-    before = ClusterView([tap.name, mc.name])
-    load_mixed(before, list(workload.make_records(800, table="wait")), {tap.name: tap})
-    d = daemons(n.name, before.servers, [tap.name, mc.name, n.name], source="auto")
+def test_wait_sync_shows_progress_and_returns_0_once_in_sync(tap_resize):
+    d = tap_resize("wait", 800, tap={"delay_per_frame": 0.002}).d
     r = d.cli("wait-sync", "--timeout-without-progress", "30")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -128,12 +122,8 @@ def test_wait_sync_shows_progress_and_returns_0_once_in_sync(servers, daemons, t
     assert d.synced()
 
 
-def test_wait_sync_draws_a_progress_bar_on_a_terminal(servers, daemons, taps):
-    mc, n = servers(2)
-    tap = taps(delay_per_frame=0.002)
-    before = ClusterView([tap.name, mc.name])
-    load_mixed(before, list(workload.make_records(800, table="tty")), {tap.name: tap})
-    d = daemons(n.name, before.servers, [tap.name, mc.name, n.name], source="auto")
+def test_wait_sync_draws_a_progress_bar_on_a_terminal(tap_resize):
+    d = tap_resize("tty", 800, tap={"delay_per_frame": 0.002}).d
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", str(d.pidfile),
                              "--cluster-settings-file", str(d.settings)], cwd=REPO, stdout=slave,

@@ -138,12 +138,3 @@ def test_bandwidth_is_bytes_per_second_over_the_previous_five_seconds():
     assert bw.rate(now=104.0) == 1000.0
     assert bw.rate(now=105.5) == 800.0  # the first sample has left the window
     assert bw.rate(now=109.0) == 0.0
-
-
-@pytest.mark.parametrize("name,expected", [
-    ("10.0.0.1:11211", ("10.0.0.1", 11211)),
-    ("[fe80::1]:11212", ("fe80::1", 11212)),
-    ("mc.example:1", ("mc.example", 1)),
-])
-def test_split_server(name, expected):
-    assert stats.split_server(name) == expected

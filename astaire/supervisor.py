@@ -10,6 +10,10 @@ the statistics.
     SIGUSR1         full resync
     SIGTERM/INT/QUIT stop the workers and exit 0
 
+Every ``tag_interval`` seconds it reads the tag from the local memcached: a missing tag
+means the local memcached restarted (and lost its data): full resync. An unreachable local
+memcached is a warning, retried at the next interval.
+
 A resync runs the worklist's rounds: every (server, vbuckets) stream of a round goes to an
 idle worker, the next round starts when the round's streams have ended. A request that
 arrives during a resync (SIGHUP with a changed view, SIGUSR1, missing tag) never aborts a
@@ -202,6 +206,7 @@ class Resync:
         self.pending: collections.deque[Stream] = collections.deque()
         self.running: dict[int, Stream] = {}
         self.superseded = False       # a newer request replaces it once running streams end
+        self.watch_tag = False        # the tag was there at the start: a loss means a restart
         self.started = time.monotonic()
         self.started_at = time.time()
         self.resynchronized = 0
@@ -309,6 +314,7 @@ class Supervisor:
         self.boot_failures = 0
         self.spawn_not_before = 0.0
         self.next_tag_check = 0.0
+        self.tag_seen: bool | None = None  # the last tag check's answer (None: no answer)
         self.next_heartbeat = 0.0
         self.stream_ids = itertools.count(1)  # unique over the daemon's life
         self.stats: stats.StatsWriter | None = None
@@ -439,7 +445,7 @@ class Supervisor:
     def wait(self) -> None:
         now = time.monotonic()
         timeout = min(HEARTBEAT, max(0.0, self.next_heartbeat - now))
-        if self.resync is None and self.requested is None:
+        if self._tag_checks_active():
             timeout = min(timeout, max(0.0, self.next_tag_check - now))
         if len(self.workers) < self.options.workers:
             timeout = min(timeout, max(0.0, self.spawn_not_before - now))
@@ -603,16 +609,25 @@ class Supervisor:
     def _tag_state(self) -> bool | None:
         """True/False: the tag is there or not; None: the local memcached did not answer."""
         try:
-            return bool(self.tag_present(self.local))
+            self.tag_seen = bool(self.tag_present(self.local))
         except Exception as e:
             log.warning("cannot read the resync tag from the local memcached %s (%s); "
                         "trying again in %g s", self.local, e, self.options.tag_interval)
-            return None
-        finally:
-            self.next_tag_check = time.monotonic() + self.options.tag_interval
+            self.tag_seen = None
+        self.next_tag_check = time.monotonic() + self.options.tag_interval
+        return self.tag_seen
+
+    def _tag_checks_active(self) -> bool:
+        """Checked when idle, and during a resync that started with the tag in place (a
+        restart then loses what the resync already wrote). A resync that started without
+        the tag sets it only at its end, so a check could not tell a restart from that."""
+        if self.requested is not None:
+            return False
+        r = self.resync
+        return r is None or (r.watch_tag and not r.superseded)
 
     def check_tag(self) -> None:
-        if self.resync is not None or self.requested is not None or time.monotonic() < self.next_tag_check:
+        if not self._tag_checks_active() or time.monotonic() < self.next_tag_check:
             return
         if self._tag_state() is False:
             log.log(logs.STATUS, "the resync tag is gone from the local memcached %s (it restarted): "
@@ -651,6 +666,7 @@ class Supervisor:
         self.requested = None
         wl = Worklist(self.view, self.local, full=full)
         r = self.resync = Resync(wl, full, ids=self.stream_ids)
+        r.watch_tag = self.tag_seen is True
         st = self.stats
         st.reset_counters()
         st.state = stats.STATE_RESYNCING
@@ -731,6 +747,7 @@ class Supervisor:
         failed = wl.failed_vbuckets
         try:
             self.set_tag(self.local)
+            self.tag_seen = True
         except Exception as e:
             log.error("cannot set the resync tag in the local memcached %s: %s", self.local, e)
         seconds = time.monotonic() - r.started

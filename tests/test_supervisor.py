@@ -211,7 +211,8 @@ def test_an_unexpected_exception_in_a_stream_is_a_failed_result_not_a_dead_worke
 # -- the arbiter in a child process -----------------------------------------------------------
 
 class Child:
-    """A Supervisor.run() in a forked child; events go to a file through the injectable sink."""
+    """A Supervisor.run() in a forked child; events go to a file through the injectable sink.
+    The local memcached's tag is the file ``self.tag``: set_tag creates it, a "restart" removes it."""
 
     def __init__(self, tmp_path, view: ClusterView, workers: int = 2, tag: bool = True):
         self.dir = tmp_path
@@ -222,7 +223,10 @@ class Child:
         self.options = Options(local_name=LOCAL, cluster_settings_file=str(self.settings),
                                log_dir=str(tmp_path / "log"), log_level=5, pidfile=str(tmp_path / "a.pid"),
                                stats_file=str(tmp_path / "a.stats"), workers=workers, tag_interval=0.2)
-        self.view, self.tag = view, tag
+        self.view = view
+        self.tag = tmp_path / "tag"
+        if tag:
+            self.tag.touch()
         self.pid = None
 
     def start(self) -> "Child":
@@ -238,8 +242,8 @@ class Child:
 
                 logs.set_event_sink(sink)
                 logs.setup_logging(self.options.log_dir, 5)
-                Supervisor.set_tag = staticmethod(lambda target: None)
-                Supervisor.tag_present = staticmethod(lambda target: self.tag)
+                Supervisor.set_tag = staticmethod(lambda target: self.tag.touch())
+                Supervisor.tag_present = staticmethod(lambda target: self.tag.exists())
                 from astaire.config import settings_digest
 
                 pidfile = Pidfile(self.options.pidfile)
@@ -376,11 +380,35 @@ def test_a_same_view_edit_during_a_resync_is_taken_in_when_the_resync_ends(child
     assert c.stop() == 0
 
 
-def test_a_missing_tag_triggers_a_full_resync_at_start(child, monkeypatch):
+def test_a_missing_tag_triggers_a_full_resync_at_start_and_is_set_after_it(child, monkeypatch):
     _fake_stream(monkeypatch)
     c = child(ClusterView([S1, LOCAL]), tag=False)
     s = c.wait_resyncs(1)
-    assert s["last_resync"]["full"]
+    assert s["last_resync"]["full"] and c.tag.exists()
+    c.tag.unlink()  # the local memcached restarted
+    s = c.wait_resyncs(2)
+    assert s["last_resync"]["full"] and c.tag.exists()
+    assert c.stop() == 0
+
+
+def test_a_local_restart_during_a_resync_that_began_with_the_tag_supersedes_it_with_a_full_one(
+        child, monkeypatch):
+    def slow(job, progress=None, progress_interval=0.25, should_stop=None):
+        time.sleep(0.5)
+        return _fake_run_stream(job, progress, progress_interval, should_stop)
+
+    _fake_stream(monkeypatch, slow)
+    c = child(RESIZING)  # tag present: a view resync, watched
+    deadline = time.monotonic() + 5
+    while (c.snapshot() or {}).get("state") != "resyncing":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not c.snapshot()["resync_full"]
+    c.tag.unlink()
+    s = c.wait_resyncs(1)
+    assert s["last_resync"]["full"]  # the view resync was superseded, not completed
+    log = c.log.read_text()
+    assert "the resync tag is gone" in log and "superseded resync stopped" in log
     assert c.stop() == 0
 
 

@@ -16,8 +16,10 @@ stray bytes that never form a frame. The probe never sends anything else, so a T
 is never disturbed.
 
 Crawler: a binary connection (VERSION checked, later used by the Writer for pipelined
-GETKQ) and a text connection carrying ``lru_crawler metadump all`` alone. ``BUSY`` (another
-crawl running) is retried with back-off a bounded number of times.
+GETKQ) and a text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
+walk; ``all`` only where ``hash`` is refused, see METADUMP_HASH). A crawl already running
+(the ``lru_crawler_running`` stat, or a ``BUSY`` answer) is waited for with back-off a
+bounded number of times.
 """
 from __future__ import annotations
 
@@ -45,7 +47,11 @@ OP_TAP_CONNECT = 0x40
 TAP_FLAG_DUMP = 0x02
 
 MIN_CRAWLER_VERSION = (1, 6, 18)
-METADUMP_COMMAND = b"lru_crawler metadump all\r\n"
+# The hash-table walk lists every item once even while clients read and write: the LRU
+# walk ("all") misses items that traffic moves between LRU segments during the crawl
+# (measured on 1.6.18: ~1-14% of keys under concurrent gets, a few under concurrent sets).
+METADUMP_HASH = b"lru_crawler metadump hash\r\n"
+METADUMP_ALL = b"lru_crawler metadump all\r\n"
 
 _kinds: dict[str, str] = {}  # server -> "tap" | "crawler", decided by a probe in this process
 _kinds_lock = threading.Lock()
@@ -74,7 +80,7 @@ class TapSource:
 @dataclass
 class CrawlerSource:
     server: str
-    dump_sock: socket.socket   # text: lru_crawler metadump all
+    dump_sock: socket.socket   # text: lru_crawler metadump hash
     fetch_sock: socket.socket  # binary: the Writer's GETKQ + NOOP
     initial: bytes = b""       # metadump bytes already read while checking for BUSY
     version: str = ""
@@ -190,10 +196,10 @@ def _at_least(sock: socket.socket, got: bytes, eof: bool, n: int, timeout: float
 
 def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: float = 60.0,
                  busy_retries: int = 10, busy_backoff: float = 0.1) -> CrawlerSource:
-    """Check the server is a memcached with a usable LRU crawler and start ``metadump all``.
+    """Check the server is a memcached with a usable LRU crawler and start its metadump.
 
-    BUSY (another crawl is running) is retried ``busy_retries`` times, waiting
-    ``busy_backoff`` s and doubling up to 2 s; after that, SourceError.
+    A running crawl (BUSY) is retried ``busy_retries`` times, waiting ``busy_backoff`` s
+    and doubling up to 2 s; after that, SourceError.
     """
     socks: list[socket.socket] = []
     try:
@@ -209,7 +215,7 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
         if parsed is not None and parsed < MIN_CRAWLER_VERSION:
             log.warning("source %s runs memcached %s, older than %s: trying its LRU crawler anyway",
                         server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
-        first = _start_metadump(server, dump, idle_timeout, busy_retries, busy_backoff)
+        first = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
         src = CrawlerSource(server, dump, fetch, first, version)
         socks.clear()
         return src
@@ -246,21 +252,28 @@ def _version_tuple(version: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.groups()) if m else None
 
 
-def _start_metadump(server: str, sock: socket.socket, idle_timeout: float, retries: int, backoff: float) -> bytes:
-    """Start ``lru_crawler metadump all`` once no other crawl runs; return the bytes read so far.
+def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, idle_timeout: float, retries: int,
+                    backoff: float) -> bytes:
+    """Start ``lru_crawler metadump hash`` (``all`` where ``hash`` is refused) once no other
+    crawl runs; return the bytes read so far.
 
     memcached 1.6.18 answers BUSY only when the running crawl is moving: while another
     client's crawl is stalled (its reader not reading), a second crawl request blocks the
     worker thread, and every connection on that thread, until that crawl ends. So the
     ``lru_crawler_running`` stat is checked first, and a running crawl counts as BUSY.
     """
-    sock.settimeout(idle_timeout)
     delay = backoff
-    for attempt in range(retries + 1):
+    command = METADUMP_HASH
+    attempt = 0
+    while True:
         try:
+            step = "stats"
+            sock.settimeout(connect_timeout)
             busy = _crawler_running(server, sock)
             if not busy:
-                sock.sendall(METADUMP_COMMAND)
+                step = "lru_crawler metadump"
+                sock.settimeout(idle_timeout)
+                sock.sendall(command)
                 buf = b""
                 while b"\n" not in buf:
                     more = sock.recv(256 * 1024)
@@ -268,19 +281,25 @@ def _start_metadump(server: str, sock: socket.socket, idle_timeout: float, retri
                         raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
                     buf += more
                 first = buf.split(b"\n", 1)[0].rstrip(b"\r")
-                if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
+                if command == METADUMP_HASH and first.startswith((b"BADCLASS", b"ERROR", b"CLIENT_ERROR")):
+                    log.warning("source %s cannot walk its hash table (%s): falling back to "
+                                "lru_crawler metadump all, which can miss records moved by live traffic",
+                                server, first.decode("ascii", "replace"))
+                    command = METADUMP_ALL
+                    continue
+                if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")):
                     raise SourceError(f"source {server} cannot run lru_crawler metadump: "
                                       f"{first.decode('ascii', 'replace')}")
                 if not first.startswith(b"BUSY"):
                     return buf
                 busy = first.decode("ascii", "replace")
         except socket.timeout as e:
-            raise SourceError(f"source {server} sent nothing for {idle_timeout:g} s after "
-                              "lru_crawler metadump") from e
+            raise SourceError(f"source {server} did not answer {step} within {sock.gettimeout():g} s") from e
         except OSError as e:
-            raise SourceError(f"source {server} failed after lru_crawler metadump: {_reason(e)}") from e
+            raise SourceError(f"source {server} failed while starting lru_crawler metadump: {_reason(e)}") from e
         if attempt == retries:
             break
+        attempt += 1
         log.info("source %s: LRU crawler busy (%s), retrying in %.1f s", server, busy, delay)
         time.sleep(delay)
         delay = min(delay * 2, 2.0)

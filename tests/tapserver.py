@@ -181,6 +181,8 @@ class TapServer:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._threads:
+            self._threads[0].join(timeout=5)  # the accept loop: no connection threads after this
         with self._lock:
             conns = list(self._conns)
         for c in conns:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -72,17 +71,9 @@ class MemcachedServer:
         raise RuntimeError("could not start memcached on a free port after 20 attempts")
 
     def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            if self.proc.stderr:
-                self.proc.stderr.close()
-            self.proc = None
+        # memcached keeps nothing on disk, and 1.6.18 takes about a second to honour SIGTERM
+        # once a client has connected: SIGKILL is both quicker and equivalent.
+        self.kill()
 
     def kill(self) -> None:
         if self.proc is not None:

@@ -90,7 +90,7 @@ def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:
 
 def load(view: ClusterView, records: Iterable[Record]) -> int:
     """Write each record to every replica of its vbucket in ``view`` (current replicas)."""
-    clients = {name: BinaryClient(name) for name in dict.fromkeys(view.servers or view.new_servers)}
+    clients = {name: BinaryClient(name) for name in dict.fromkeys(n for replicas in view.write for n in replicas)}
     count = 0
     try:
         for batch in _batches(records):

@@ -9,6 +9,9 @@
 - the source is not read while the Writer holds ``window`` unsettled records or the
   target's send queue is over ``MAX_PENDING_OUT`` bytes, so memory stays flat however
   long the stream is;
+- except the crawler's metadump text, which is always read at once and spooled (memory,
+  then a temporary file) while the fetches are behind: a stalled ``metadump hash`` holds
+  an item lock in memcached, and GETs of keys under that lock (ours included) then hang;
 - a peer that makes no progress for ``idle_timeout`` seconds fails the stream.
 
 A TAP stream is always read to the server's close (the Clearwater fork can crash when a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +39,7 @@ log = logging.getLogger("astaire.stream")
 
 CHUNK = 256 * 1024
 MAX_PENDING_OUT = 16 * 1024 * 1024
+SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
 
 
 @dataclass
@@ -69,6 +74,40 @@ class _Failure(Exception):
         super().__init__(message)
         self.message = message
         self.source_done = source_done
+
+
+class _Spool:
+    """FIFO of bytes: memory up to SPOOL_IN_MEMORY, then a temporary file."""
+
+    def __init__(self):
+        self.file = None
+        self.read_pos = 0
+        self.write_pos = 0
+
+    def __len__(self) -> int:
+        return self.write_pos - self.read_pos
+
+    def append(self, data: bytes) -> None:
+        if self.file is None:
+            self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="astaire-metadump-")
+        self.file.seek(self.write_pos)
+        self.file.write(data)
+        self.write_pos += len(data)
+
+    def take(self, n: int) -> bytes:
+        self.file.seek(self.read_pos)
+        data = self.file.read(min(n, len(self)))
+        self.read_pos += len(data)
+        if self.read_pos == self.write_pos:
+            self.file.seek(0)
+            self.file.truncate()
+            self.read_pos = self.write_pos = 0
+        return data
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class _Peer:
@@ -126,6 +165,8 @@ class _Stream:
         self.src: _Peer | None = None      # TAP stream, or the metadump text connection
         self.fetch: _Peer | None = None    # crawler: binary GETKQ connection
         self.source_ended = False
+        self.spool = _Spool()      # crawler: metadump text read but not yet given to the Writer
+        self.dump_eof = False      # crawler: the metadump connection closed
         self.error: str | None = None
         self.drained = 0
         self.last_progress = time.monotonic()
@@ -151,6 +192,7 @@ class _Stream:
             for p in self.peers:
                 p.close()
             self.sel.close()
+            self.spool.close()
         seconds = time.monotonic() - t0
         stats = self.writer.stats() if self.writer is not None else {}
         counts = self.writer.vbucket_counts() if self.writer is not None else {}
@@ -196,7 +238,7 @@ class _Stream:
             self.src = self._add(src.dump_sock, f"source {job.source} (metadump)")
             self.fetch = self._add(src.fetch_sock, f"source {job.source} (fetch)")
             if src.initial:
-                self._feed_source(src.initial)
+                self._take_metadump(src.initial)
 
     def _add(self, sock: socket.socket, what: str) -> _Peer:
         peer = _Peer(sock, what)
@@ -220,8 +262,7 @@ class _Stream:
             if self.fetch is None:
                 self._watch(self.src, selectors.EVENT_READ if room and not self.source_ended else 0)
             else:
-                self._watch(self.src, selectors.EVENT_READ
-                            if not self.source_ended and w.fetch_backlog < job.window else 0)
+                self._watch(self.src, selectors.EVENT_READ if not (self.source_ended or self.dump_eof) else 0)
                 self._watch(self.fetch, (selectors.EVENT_READ if room else 0)
                             | (selectors.EVENT_WRITE if self.fetch.out else 0))
             now = time.monotonic()
@@ -242,6 +283,7 @@ class _Stream:
     def _produce(self) -> None:
         w = self.writer
         if self.fetch is not None:
+            self._feed_spool()
             self.fetch.out += w.fetch_requests()
             if self.fetch.out:
                 self._send(self.fetch)
@@ -285,6 +327,13 @@ class _Stream:
                 self.writer.feed_target(data)
             except ProtocolError as e:
                 raise _Failure(f"target {self.job.target} broke the protocol: {e}") from e
+        elif peer is self.src and self.fetch is not None:
+            if data:
+                self._take_metadump(data)
+            else:
+                self.dump_eof = True
+                self._unwatch(self.src)
+                self._feed_spool()
         elif peer is self.src:
             if not data:
                 self._source_eof()
@@ -312,9 +361,20 @@ class _Stream:
         except ProtocolError as e:
             raise _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True) from e
 
-    def _source_eof(self) -> None:
-        if self.fetch is not None:
+    def _take_metadump(self, data: bytes) -> None:
+        if not self.spool and self.writer.fetch_backlog < self.job.window:
+            self._feed_source(data)
+        else:
+            self.spool.append(data)
+
+    def _feed_spool(self) -> None:
+        w = self.writer
+        while self.spool and not self.source_ended and w.fetch_backlog < self.job.window:
+            self._feed_source(self.spool.take(CHUNK))
+        if self.dump_eof and not self.spool and not self.source_ended:
             raise _Failure(f"source {self.job.source} closed the metadump before END{self._so_far()}", True)
+
+    def _source_eof(self) -> None:
         try:
             self.writer.finish()
         except ProtocolError as e:

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import psutil
 import pytest
 
 from astaire import source
@@ -161,6 +162,17 @@ def test_live_reads_on_the_source_do_not_hide_records_from_the_crawl(pair):
     assert result.ok, result.error
     assert result.stats["entries"] == len(records)
     assert stat(target, b"curr_items") == len(records)
+
+
+def test_metadump_is_read_at_once_even_when_the_fetches_lag(pair):
+    """A metadump hash left unread blocks the crawler inside an item lock, and our own GETs
+    of keys under that lock then hang: the listing must be read at once and spooled."""
+    src, target = pair
+    records = {k + b"x" * 200: (b"v", 1, 0) for k in keys_in(range(128), b"lag\\\\k", 40000)}
+    load(src, records)
+    result = run_stream(job(src, target, range(128), window=16, idle_timeout=10))
+    assert result.ok, result.error
+    assert result.stats["entries"] == len(records)
 
 
 def test_conflict_rule_through_the_crawler(pair):
@@ -343,3 +355,27 @@ def test_source_that_is_not_memcached_fails_readably(pair):
         result = run_stream(StreamJob(name, [1], target.name, source_kind="crawler", connect_timeout=2))
         t.join(5)
     assert not result.ok and name in result.error and "binary protocol" in result.error, result.error
+
+
+def test_two_hundred_thousand_records_keep_rss_flat(cluster_factory):
+    """Flow control on the crawler path: 200k x 1 KiB; the metadump spool spills to disk."""
+    src, target = cluster_factory(2, memory_mb=512, threads=2).servers
+    count, value = 200_000, b"v" * 1024
+    for i in range(0, count, 20_000):
+        mc_store(src, [(b"bulk\\\\%08d" % j, value, j, 0) for j in range(i, i + 20_000)])
+    proc = psutil.Process()
+    peak = [0]
+
+    def sample(_delta):
+        peak[0] = max(peak[0], proc.memory_info().rss)
+
+    base = proc.memory_info().rss
+    t0 = time.monotonic()
+    result = run_stream(job(src, target, range(128), window=1024), progress=sample, progress_interval=0.05)
+    elapsed = time.monotonic() - t0
+    sample(None)
+    assert result.ok, result.error
+    assert result.stats["added"] == count
+    growth = (peak[0] - base) / 2 ** 20
+    log.info("200k crawler records in %.2f s (%.0f/s), RSS growth %.1f MiB", elapsed, count / elapsed, growth)
+    assert growth < 100, f"RSS grew {growth:.1f} MiB"

@@ -172,6 +172,7 @@ class _Stream:
         self.last_progress = time.monotonic()
         self.reported: dict = {}
         self.next_report = 0.0
+        self.progress_failed: str | None = None
 
     # -- the whole stream ------------------------------------------------------------
 
@@ -179,15 +180,25 @@ class _Stream:
         job = self.job
         t0 = time.monotonic()
         try:
-            self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window)
+            try:
+                self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise _Failure(f"bad stream job: {e}") from e
             self._open()
             self._pump()
         except _Failure as e:
             self.error = e.message
             if self.kind == source.TAP and not self.source_ended and not e.source_done:
                 self._drain()
-        except (ValueError, TypeError) as e:  # a malformed job
-            self.error = f"bad stream job: {e}"
+        except Exception:
+            # A bug: it propagates, but a TAP stream is still read to its end first.
+            if self.kind == source.TAP and not self.source_ended:
+                log.exception("stream from %s failed unexpectedly; reading its TAP stream to the end", job.source)
+                try:
+                    self._drain()
+                except Exception:
+                    log.exception("draining the TAP stream of %s failed", job.source)
+            raise
         finally:
             for p in self.peers:
                 p.close()
@@ -251,6 +262,9 @@ class _Stream:
         job = self.job
         w = self.writer
         while True:
+            if self.progress_failed:
+                self._stop(f"stopped: the progress callback failed: {self.progress_failed}")
+                return
             if self.should_stop is not None and self.should_stop():
                 self._stop("stopped on request")
                 return
@@ -432,7 +446,7 @@ class _Stream:
 
     def _report(self, force: bool = False) -> None:
         self.next_report = time.monotonic() + self.progress_interval
-        if self.progress is None or self.writer is None:
+        if self.progress is None or self.writer is None or self.progress_failed:
             return
         counts = self.writer.vbucket_counts()
         delta = {}
@@ -445,5 +459,6 @@ class _Stream:
         self.reported = counts
         try:
             self.progress(delta)
-        except Exception:  # the daemon's bug must not cut a TAP stream short
-            log.exception("progress callback failed")
+        except Exception as e:  # whoever follows us is gone: end early (a TAP stream is still drained)
+            log.exception("progress callback failed; ending the stream")
+            self.progress_failed = repr(e)

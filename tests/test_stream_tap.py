@@ -259,6 +259,27 @@ def test_stop_request_reads_the_tap_stream_to_its_end(tapserver, memcached):
     assert tapserver.streams_completed == 1 and tapserver.client_closed_early == 0
 
 
+def test_failing_progress_callback_ends_the_stream_but_reads_tap_to_its_end(tapserver, memcached):
+    for k in keys_in(WANTED, b"t\\\\f", 100):
+        tapserver.put(k, b"v")
+    tapserver.delay_per_frame = 0.003
+
+    def broken(_delta):
+        raise BrokenPipeError("supervisor gone")
+
+    result = run_stream(job(tapserver, memcached, WANTED), progress=broken, progress_interval=0.01)
+    assert not result.ok and "progress callback failed" in result.error
+    assert tapserver.streams_completed == 1 and tapserver.client_closed_early == 0
+
+
+def test_bad_job_is_a_failed_result(tapserver, memcached):
+    result = run_stream(job(tapserver, memcached, [1, 200]))
+    assert not result.ok and result.error.startswith("bad stream job") and "200" in result.error
+    bad_kind = run_stream(job(tapserver, memcached, [1], source_kind="telepathy"))
+    assert not bad_kind.ok and "telepathy" in bad_kind.error
+    assert tapserver.connects == []
+
+
 def test_unreachable_target_fails_before_the_source_is_touched(tapserver):
     dead = MemcachedServer()
     dead.port = free_port()

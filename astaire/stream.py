@@ -209,7 +209,7 @@ class _Stream:
         counts = self.writer.vbucket_counts() if self.writer is not None else {}
         if self.error is None:
             if stats.get("failed"):
-                self.error = (f"{stats['failed']} record(s) from {job.source} could not be written to "
+                self.error = (f"{stats['failed']} record(s) from {job.source} were not written to "
                               f"target {job.target}: {stats['last_error']}")
         self._report(force=True)
         ok = self.error is None

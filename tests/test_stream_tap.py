@@ -208,8 +208,9 @@ def test_broken_source_fails_the_stream_and_what_was_written_is_right(memcached,
         result = run_stream(job(server, memcached, WANTED))
     assert not result.ok
     assert all(w in result.error.lower() for w in words), result.error
-    got = mc_get_many(memcached, keys)
-    assert 0 < len(got) <= 2000
+    assert 0 < result.stats["entries"] <= 2000
+    got = mc_get_many(memcached, keys)  # records fed but not yet settled when it failed may be missing
+    assert len(got) <= 2000
     for i, k in enumerate(keys):
         if k in got:
             assert got[k][:2] == (b"value-%d" % i, i)

@@ -29,6 +29,8 @@ from astaire.protocol_errors import (
 
 cdef extern from "_md5.h" nogil:
     uint32_t astaire_md5_first32(const unsigned char *data, size_t n)
+    void astaire_md5_first32_x8(const unsigned char *const *p, const size_t *n, uint32_t *out)
+    enum: ASTAIRE_MD5_MAX_SHORT
 
 cdef extern from *:
     """
@@ -547,6 +549,62 @@ cdef inline int tap_frame(const uint8_t *p, size_t avail, uint64_t max_body, Tap
     return E_UNEXPECTED
 
 
+# TAP_MUTATIONs are scanned eight at a time so that their keys are hashed side by side.
+cdef enum:
+    LANES = 8
+    MIN_LANES_FOR_X8 = 3  # below this many short keys, one at a time is cheaper
+
+
+cdef struct TapBatch:
+    int n                   # mutations collected
+    uint64_t other          # other TAP frames passed over
+    size_t start[LANES]     # offsets of the mutations' first bytes
+    TapInfo info[LANES]
+    uint32_t hash[LANES]    # vbucket_hash of each key
+
+
+cdef int scan_batch(const uint8_t *p, size_t n, size_t *pos, uint64_t max_body, TapBatch *tb) noexcept nogil:
+    """Collect up to LANES TAP_MUTATIONs from p[pos:n], counting the other TAP frames passed
+    over, and hash their keys. Returns 1 when the batch is full (call again), 0 when the
+    whole frames ran out, or an error code with pos on the offending frame."""
+    cdef TapInfo t
+    cdef int r = R_INCOMPLETE
+    cdef int i, short_keys = 0
+    cdef const unsigned char *keys[LANES]
+    cdef size_t lens[LANES]
+    tb.n = 0
+    tb.other = 0
+    while pos[0] < n:
+        r = tap_frame(p + pos[0], n - pos[0], max_body, &t)
+        if r <= 0:
+            break
+        if r == R_MUTATION:
+            tb.info[tb.n] = t
+            tb.start[tb.n] = pos[0]
+            tb.n += 1
+        else:
+            tb.other += 1
+        pos[0] += t.size
+        if tb.n == LANES:
+            break
+    for i in range(LANES):
+        if i < tb.n and tb.info[i].keylen <= ASTAIRE_MD5_MAX_SHORT:
+            keys[i] = p + tb.start[i] + tb.info[i].keyoff
+            lens[i] = tb.info[i].keylen
+            short_keys += 1
+        else:
+            keys[i] = p
+            lens[i] = 0
+    if short_keys >= MIN_LANES_FOR_X8:
+        astaire_md5_first32_x8(keys, lens, tb.hash)
+    for i in range(tb.n):
+        if short_keys < MIN_LANES_FOR_X8 or tb.info[i].keylen > ASTAIRE_MD5_MAX_SHORT:
+            tb.hash[i] = astaire_md5_first32(p + tb.start[i] + tb.info[i].keyoff, tb.info[i].keylen)
+    if r < 0:
+        return r
+    return 1 if tb.n == LANES else 0
+
+
 cdef int raise_frame_error(int code, const uint8_t *p, uint64_t offset, uint64_t max_body) except -1:
     """Raise the exception for scanner result ``code`` about the frame at ``p``."""
     cdef uint32_t body
@@ -716,7 +774,7 @@ cdef TapMutation make_mutation(const uint8_t *p, TapInfo *t):
 
 # Up to this many kept frames are found without the GIL before their objects are built.
 cdef enum:
-    BATCH_KEPT = 256
+    BATCH_KEPT = 512
 
 
 def filter_mutations(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
@@ -732,11 +790,11 @@ def filter_mutations(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
     cdef CBuf b
     cdef const uint8_t *p
     cdef size_t n, pos = 0
-    cdef TapInfo t
+    cdef TapBatch tb
     cdef TapInfo kept_info[BATCH_KEPT]
     cdef size_t kept_pos[BATCH_KEPT]
     cdef int nkept, i
-    cdef int r = R_INCOMPLETE
+    cdef int r = 1
     cdef list records = []
     cbuf_get(data, &b)
     try:
@@ -745,20 +803,20 @@ def filter_mutations(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
         while True:
             nkept = 0
             with nogil:
-                while pos < n and nkept < BATCH_KEPT:
-                    r = tap_frame(p + pos, n - pos, mb, &t)
-                    if r <= 0:
+                while nkept + LANES <= BATCH_KEPT:
+                    r = scan_batch(p, n, &pos, mb, &tb)
+                    for i in range(tb.n):
+                        if tab[tb.hash[i] & mask]:
+                            kept_info[nkept] = tb.info[i]
+                            kept_pos[nkept] = tb.start[i]
+                            nkept += 1
+                    if r != 1:
                         break
-                    if r == R_MUTATION and tab[astaire_md5_first32(p + pos + t.keyoff, t.keylen) & mask]:
-                        kept_info[nkept] = t
-                        kept_pos[nkept] = pos
-                        nkept += 1
-                    pos += t.size
             for i in range(nkept):
                 records.append(make_mutation(p + kept_pos[i], &kept_info[i]))
             if r < 0:
                 raise_frame_error(r, p + pos, pos, mb)
-            if pos >= n or r == R_INCOMPLETE:
+            if r != 1:
                 break
     finally:
         cbuf_release(&b)
@@ -774,22 +832,21 @@ def filter_count(data, wanted, vbuckets=128, max_body=DEFAULT_MAX_BODY):
     cdef CBuf b
     cdef const uint8_t *p
     cdef size_t n, pos = 0
-    cdef TapInfo t
-    cdef int r = R_INCOMPLETE
+    cdef TapBatch tb
+    cdef int r, i
     cdef uint64_t kept = 0, seen = 0
     cbuf_get(data, &b)
     try:
         p = <const uint8_t *>b.p
         n = <size_t>b.n
         with nogil:
-            while pos < n:
-                r = tap_frame(p + pos, n - pos, mb, &t)
-                if r <= 0:
+            while True:
+                r = scan_batch(p, n, &pos, mb, &tb)
+                seen += tb.n
+                for i in range(tb.n):
+                    kept += tab[tb.hash[i] & mask]
+                if r != 1:
                     break
-                if r == R_MUTATION:
-                    seen += 1
-                    kept += tab[astaire_md5_first32(p + pos + t.keyoff, t.keylen) & mask]
-                pos += t.size
         if r < 0:
             raise_frame_error(r, p + pos, pos, mb)
     finally:
@@ -1364,35 +1421,33 @@ cdef class Writer:
         """Consume whole TAP frames from the source buffer. Returns 0, or a scanner error
         code with the buffer's head left on the offending frame."""
         cdef Buf *b = &self._src
-        cdef const uint8_t *p
+        cdef const uint8_t *p = <const uint8_t *>b.data
         cdef const char *key
-        cdef TapInfo t
-        cdef int r
+        cdef size_t pos = b.head
+        cdef TapBatch tb
+        cdef TapInfo *t
+        cdef int r, i
         cdef uint32_t vb
-        while b.head < b.len:
-            p = <const uint8_t *>b.data + b.head
-            r = tap_frame(p, b.len - b.head, self.max_body, &t)
-            if r == R_INCOMPLETE:
-                return 0
-            if r < 0:
-                return r
-            if r == R_OTHER_TAP:
-                self.other_tap += 1
-            else:
-                key = <const char *>p + t.keyoff
+        while True:
+            r = scan_batch(p, b.len, &pos, self.max_body, &tb)
+            self.other_tap += tb.other
+            for i in range(tb.n):
+                t = &tb.info[i]
+                key = <const char *>p + tb.start[i] + t.keyoff
                 if t.keylen >= C_OWN_LEN and memcmp(key, astaire_own_prefix, C_OWN_LEN) == 0:
                     self.skipped_own += 1
-                else:
-                    vb = astaire_md5_first32(<const unsigned char *>key, t.keylen) & self._mask
-                    if self._table[vb]:
-                        if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size) < 0:
-                            return E_NOMEM
-                        accepted[0] += 1
-                    else:
-                        self.skipped_unwanted += 1
-            b.head += t.size
-            self._src_offset += t.size
-        return 0
+                    continue
+                vb = tb.hash[i] & self._mask
+                if not self._table[vb]:
+                    self.skipped_unwanted += 1
+                    continue
+                if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size) < 0:
+                    return E_NOMEM
+                accepted[0] += 1
+            self._src_offset += pos - b.head
+            b.head = pos
+            if r != 1:
+                return r if r < 0 else 0
 
     def feed_tap(self, data):
         """Take a chunk of the TAP stream; returns how many records it accepted."""

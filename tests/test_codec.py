@@ -399,3 +399,26 @@ def test_encoders_refuse_what_the_header_cannot_carry(tap):
         tap.encode_batch([(0x12, b"k" * 70000, b"", 0, 0, 0, 0)])
     with pytest.raises(TypeError):
         tap.encode_get("text key")
+
+
+def test_filters_and_writer_hash_keys_of_every_length_in_mixed_batches(tap):
+    """Keys are hashed eight at a time when short (<= 55 bytes): mix lengths around the
+    one-block limit, other TAP frames and batch edges, and check every vbucket against MD5."""
+    keys = [bytes((i * 7 + j) & 0xFF for j in range(i % 121)) for i in range(400)]
+    frames = []
+    for i, key in enumerate(keys):
+        frames.append(tap.encode_tap_mutation(key, b"v", flags=i))
+        if i % 11 == 0:
+            frames.append(tap.encode_request(0x46))
+    data = b"".join(frames)
+    md5_vb = [int.from_bytes(hashlib.md5(k).digest()[:4], "little") & 127 for k in keys]
+    for wanted in (set(range(0, 128, 2)), {5}, set(range(128))):
+        expect = [k for k, vb in zip(keys, md5_vb) if vb in wanted]
+        records, consumed = tap.filter_mutations(data, wanted)
+        assert [m.key for m in records] == expect and consumed == len(data)
+        assert tap.filter_count(data, wanted) == (len(expect), len(keys), len(data))
+        for cut in (len(data), len(data) - 5):
+            w = tap.Writer(wanted, window=1 << 16)
+            w.feed_tap(data[:cut])
+            own = sum(1 for k in expect if k.startswith(b"astaire\\\\"))
+            assert w.entries + own == len(expect) - (cut != len(data) and md5_vb[-1] in wanted)

@@ -1,0 +1,168 @@
+"""Codec micro-benchmark: the per-record hot paths of both builds, in one run.
+
+Sections (each for the compiled ``astaire._tap`` and the pure ``astaire._tap_py``, with the
+ratio between them):
+
+* ``filter``: TAP_MUTATION frames parsed, MD5-hashed and vbucket-filtered per second
+  (``filter_count``: no allocation at all; ``filter_mutations``: objects for kept records
+  only). 100-byte values, MemcachedStore keys ``table\\\\key-<n>``, half the vbuckets wanted.
+* ``encode``: ADDQ frames encoded per second by ``encode_batch``.
+* ``writer``: records per second through ``Writer.feed_tap`` + ``target_requests`` with
+  every vbucket wanted, the target simulated by answering each NOOP fence (every quiet
+  ADD succeeded), fed in 256 KiB chunks with the caller's flow control (no server).
+
+Usage::
+
+    python bench/codec_bench.py                    # 1,000,000 records, table + JSON
+    python bench/codec_bench.py --records 200000 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from astaire import _tap_py  # noqa: E402
+
+try:
+    from astaire import _tap as _tap_c  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the build
+    _tap_c = None
+
+VALUE = b"v" * 100
+FENCE_PREFIX = bytes([0x80, 0x0A]) + bytes(10)  # a request NOOP: no key, no extras, vbucket 0, no body
+
+
+def tap_stream(n: int) -> bytes:
+    enc = _tap_py.encode_tap_mutation
+    return b"".join(enc(b"table\\\\key-%d" % i, VALUE, 0x5F000000 + i, 0, i + 1) for i in range(n))
+
+
+def best_of(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_filter(mod, data, n, repeat):
+    wanted = range(0, 128, 2)
+    result = {}
+    kept, seen, consumed = mod.filter_count(data, wanted)
+    assert seen == n and consumed == len(data), (seen, consumed)
+    t = best_of(lambda: mod.filter_count(data, wanted), repeat)
+    result["filter_count_per_s"] = n / t
+    result["kept"] = kept
+    t = best_of(lambda: mod.filter_mutations(data, wanted), repeat)
+    result["filter_mutations_per_s"] = n / t
+    result["mb_per_s"] = len(data) / t / 1e6
+    return result
+
+
+def bench_encode(mod, n, repeat):
+    reqs = [(0x12, b"table\\\\key-%d" % i, VALUE, 0x5F000000 + i, 0, i & 0x7FFFFFFF, 0) for i in range(n)]
+    out = mod.encode_batch(reqs)
+    assert len(out) == sum(24 + 8 + len(r[1]) + len(r[2]) for r in reqs)
+    t = best_of(lambda: mod.encode_batch(reqs), repeat)
+    return {"encode_batch_per_s": n / t}
+
+
+def fence_answers(out: bytes, first_seq: int) -> tuple[bytes, int]:
+    """NOOP responses for the fences in ``out`` (fence opaques count up from 0x80000000)."""
+    count = out.count(FENCE_PREFIX)
+    answers = b"".join(bytes([0x81, 0x0A]) + bytes(10) + (0x80000000 | (first_seq + i)).to_bytes(4, "big")
+                       + bytes(8) for i in range(count))
+    return answers, first_seq + count
+
+
+def run_writer(mod, data, n, window=4096, chunk=256 * 1024):
+    w = mod.Writer(range(128), window=window)
+    seq = 0
+    sent = 0
+    for pos in range(0, len(data), chunk):
+        w.feed_tap(data[pos:pos + chunk])
+        while True:  # flow control: settle down below the window before reading more
+            out = w.target_requests()
+            sent += len(out)
+            answers, seq = fence_answers(out, seq)
+            w.feed_target(answers)
+            if w.backlog < window:
+                break
+    w.finish()
+    while not w.done:
+        out = w.target_requests()
+        sent += len(out)
+        answers, seq = fence_answers(out, seq)
+        w.feed_target(answers)
+    assert w.added == n and w.entries == n, w.stats()
+    return sent
+
+
+def bench_writer(mod, data, n, repeat):
+    t = best_of(lambda: run_writer(mod, data, n), repeat)
+    return {"writer_records_per_s": n / t}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=1_000_000, help="records for the compiled build")
+    ap.add_argument("--pure-records", type=int, default=None,
+                    help="records for the pure build (default: records / 10, at least 10000)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    ap.add_argument("--json", metavar="PATH", help="also write the results here ('-' = stdout only)")
+    args = ap.parse_args(argv)
+    n_c = args.records
+    n_py = args.pure_records or max(10_000, n_c // 10)
+
+    results = {"records": {"cython": n_c, "python": n_py}, "value_bytes": len(VALUE),
+               "python": platform.python_version(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "sections": {}}
+    impls = [("python", _tap_py, n_py)]
+    if _tap_c is not None:
+        impls.insert(0, ("cython", _tap_c, n_c))
+    else:
+        print("astaire._tap is not built: pure-Python figures only", file=sys.stderr)
+    streams = {n: tap_stream(n) for n in {n for _, _, n in impls}}
+    for name, mod, n in impls:
+        repeat = args.repeat if name == "cython" else 1
+        data = streams[n]
+        sec = {}
+        sec.update(bench_filter(mod, data, n, repeat))
+        sec.update(bench_encode(mod, n, repeat))
+        sec.update(bench_writer(mod, data, n, repeat))
+        results["sections"][name] = sec
+    if "cython" in results["sections"]:
+        c, p = results["sections"]["cython"], results["sections"]["python"]
+        results["ratio"] = {k: c[k] / p[k] for k in c if k.endswith("_per_s")}
+
+    rows = [("filter_count_per_s", "parse + MD5 + vbucket filter (frames/s)"),
+            ("filter_mutations_per_s", "... + TapMutation for kept (frames/s)"),
+            ("encode_batch_per_s", "ADDQ encode_batch (frames/s)"),
+            ("writer_records_per_s", "Writer feed_tap + target_requests (rec/s)")]
+    print(f"{'':44} {'cython':>14} {'python':>14} {'ratio':>8}")
+    for key, label in rows:
+        c = results["sections"].get("cython", {}).get(key)
+        p = results["sections"]["python"][key]
+        ratio = results.get("ratio", {}).get(key)
+        print(f"{label:44} {(f'{c:,.0f}' if c else '-'):>14} {p:>14,.0f} {(f'{ratio:.1f}x' if ratio else '-'):>8}")
+    print(f"(records: cython {n_c:,}, python {n_py:,}; {len(VALUE)}-byte values; best of {args.repeat} "
+          f"for cython; one core)")
+    text = json.dumps(results, indent=2, sort_keys=True)
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,6 @@ import psutil
 import pytest
 
 from astaire import source
-from astaire.localcluster import MemcachedServer
 from astaire.stream import StreamJob, run_stream
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
                                    vbucket)

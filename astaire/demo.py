@@ -37,6 +37,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def wait_until_running(pidfile: str, proc: subprocess.Popen, timeout: float = 30.0) -> bool:
+    """True once the daemon started as ``proc`` holds ``pidfile``; False if it exits first."""
+    from astaire.supervisor import daemon_pid
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if daemon_pid(pidfile) == proc.pid:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _astaire(*args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "astaire.cli", *args], capture_output=True, text=True,
                           timeout=timeout, check=check)
@@ -75,6 +89,8 @@ def run(args) -> int:
         daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", *run_args],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
+            if not wait_until_running(pidfile, daemon):
+                raise RuntimeError("the Astaire daemon did not start")
             wait = subprocess.run([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", pidfile,
                                    "--cluster-settings-file", settings_file, "--quiet"],
                                   capture_output=True, text=True, timeout=3600)

@@ -137,6 +137,8 @@ def register(sub) -> None:
     p.add_argument("--timeout-without-progress", type=_positive_seconds, default=DEFAULT_WAIT_TIMEOUT,
                    metavar="SECONDS", help="give up after this long without progress (default %(default)g)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--poll-interval", type=_positive_seconds, default=0.2, metavar="SECONDS",
+                   help="how often to read the daemon's statistics (default %(default)s)")
     p.set_defaults(func=cmd_wait_sync)
 
     p = sub.add_parser("status", help="show the daemon's resync statistics",
@@ -330,7 +332,7 @@ def cmd_wait_sync(args) -> int:
             print(f"astaire wait-sync: gave up after {args.timeout_without_progress:g} s without progress "
                   f"({now - started:.0f} s in all): {why}", file=sys.stderr)
             return EXIT_NO_PROGRESS
-        time.sleep(0.2)
+        time.sleep(args.poll_interval)
 
 
 # -- status -----------------------------------------------------------------------------------

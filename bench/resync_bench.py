@@ -31,6 +31,7 @@ import psutil
 
 from astaire import codec
 from astaire.config import parse_server
+from astaire.demo import wait_until_running
 from astaire.localcluster import LocalCluster, MemcachedServer
 from astaire.view import ClusterView, vbucket_for_key
 from astaire import workload
@@ -100,6 +101,8 @@ def run_astaire(records, value_size, workers, source) -> dict:
         sampler = ProcessSampler(daemon.pid)
         sampler.start()
         try:
+            if not wait_until_running(pidfile, daemon):
+                raise SystemExit("the Astaire daemon did not start")
             wait = astaire_cli("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings,
                                "--quiet", "--poll-interval", "0.05", timeout=3600)
             wall = time.monotonic() - t0

@@ -29,6 +29,8 @@ import time
 
 import psutil
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
+
 from astaire import codec
 from astaire.config import parse_server
 from astaire.demo import wait_until_running

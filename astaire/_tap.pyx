@@ -9,11 +9,10 @@ a record's slot index is its opaque.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memmove, memchr
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 
-from collections import deque
 
 from astaire.protocol_errors import (
     BadLengths,
@@ -1128,6 +1127,147 @@ def _key_text(key):
     return repr(bytes(key[:80]))
 
 
+# -- crawler fetches, in C ----------------------------------------------------------------
+# Keys listed by the crawler wait in a FIFO of fixed-size entries (``Fetch``) until
+# fetch_requests sends them; then they wait in a second FIFO, in opaque order, until their
+# batch's NOOP comes back. A small open-addressing set over the first FIFO finds a key
+# listed again while its fetch is still queued.
+
+cdef struct Fetch:
+    uint32_t exp
+    uint32_t vb
+    uint32_t hash       # vbucket_hash(key)
+    uint16_t klen
+    uint8_t answered
+    char key[C_MAX_KEY]
+
+
+cdef struct FetchQ:
+    Fetch *data
+    size_t head
+    size_t len
+    size_t cap
+    uint64_t first      # sequence number of data[head]
+
+
+cdef inline size_t fq_count(FetchQ *q) noexcept nogil:
+    return q.len - q.head
+
+
+cdef inline Fetch *fq_at(FetchQ *q, uint64_t seq) noexcept nogil:
+    return &q.data[q.head + <size_t>(seq - q.first)]
+
+
+cdef Fetch *fq_push(FetchQ *q) noexcept nogil:
+    """Room for one more entry at the tail (sequence number q.first + count), or NULL."""
+    cdef size_t cap
+    cdef Fetch *d
+    if q.len == q.cap:
+        if q.head:
+            memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(Fetch))
+            q.len -= q.head
+            q.head = 0
+        if q.len == q.cap:
+            cap = q.cap * 2 if q.cap else 64
+            d = <Fetch *>realloc(q.data, cap * sizeof(Fetch))
+            if d == NULL:
+                return NULL
+            q.data = d
+            q.cap = cap
+    q.len += 1
+    return &q.data[q.len - 1]
+
+
+cdef inline void fq_pop(FetchQ *q) noexcept nogil:
+    q.head += 1
+    q.first += 1
+    if q.head == q.len:
+        q.head = 0
+        q.len = 0
+
+
+cdef struct KeySet:
+    uint64_t *slots     # sequence number + 1 of a queued Fetch; 0 = empty
+    size_t mask
+    size_t count
+    int bits
+
+
+cdef inline size_t ks_home(KeySet *ks, uint32_t h) noexcept nogil:
+    # Multiplicative hashing: the low bits of h are the vbucket and may all be alike.
+    return <size_t>(<uint32_t>(h * 2654435769u) >> (32 - ks.bits))
+
+
+cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t klen) noexcept nogil:
+    cdef size_t i
+    cdef Fetch *e
+    if ks.slots == NULL:
+        return False
+    i = ks_home(ks, h)
+    while ks.slots[i]:
+        e = fq_at(q, ks.slots[i] - 1)
+        if e.hash == h and e.klen == klen and memcmp(e.key, key, klen) == 0:
+            return True
+        i = (i + 1) & ks.mask
+    return False
+
+
+cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
+    cdef size_t i = ks_home(ks, h)
+    while ks.slots[i]:
+        i = (i + 1) & ks.mask
+    ks.slots[i] = seq + 1
+    ks.count += 1
+
+
+cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
+    """Add the queued Fetch ``seq`` (already pushed). Grows by rebuilding from the queue."""
+    cdef int bits
+    cdef uint64_t s
+    cdef uint64_t *slots
+    if ks.slots != NULL and (ks.count + 1) * 2 <= ks.mask + 1:
+        ks_put(ks, seq, h)
+        return 0
+    bits = ks.bits + 1 if ks.slots != NULL else 6
+    while (<size_t>1 << bits) < (fq_count(q) + 1) * 2:
+        bits += 1
+    slots = <uint64_t *>calloc(<size_t>1 << bits, sizeof(uint64_t))
+    if slots == NULL:
+        return -1
+    free(ks.slots)
+    ks.slots = slots
+    ks.bits = bits
+    ks.mask = (<size_t>1 << bits) - 1
+    ks.count = 0
+    for s in range(q.first, q.first + fq_count(q)):
+        ks_put(ks, s, fq_at(q, s).hash)
+    return 0
+
+
+cdef void ks_remove(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
+    """Remove ``seq`` (still in the queue), shifting later probes back (no tombstones)."""
+    cdef size_t i, j, k
+    if ks.slots == NULL:
+        return
+    i = ks_home(ks, h)
+    while ks.slots[i] != seq + 1:
+        if ks.slots[i] == 0:
+            return
+        i = (i + 1) & ks.mask
+    j = i
+    while True:
+        j = (j + 1) & ks.mask
+        if ks.slots[j] == 0:
+            break
+        k = ks_home(ks, fq_at(q, ks.slots[j] - 1).hash)
+        if (i < k <= j) if i <= j else (i < k or k <= j):
+            continue  # its home lies after the hole: it stays
+        ks.slots[i] = ks.slots[j]
+        i = j
+    ks.slots[i] = 0
+    ks.count -= 1
+
+
 cdef class Writer:
     """Writes one source stream's records into the local memcached (the target), by the
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
@@ -1183,9 +1323,12 @@ cdef class Writer:
     cdef Buf _md
     cdef uint64_t _md_offset
     cdef bint _md_ended
-    cdef object _fetch_queue
-    cdef dict _fetch_queued_keys
-    cdef object _fetch_batches
+    cdef FetchQ _fq            # listed, not yet sent
+    cdef KeySet _fq_keys       # the keys in _fq
+    cdef FetchQ _inflight      # sent, in opaque order, until their batch's NOOP
+    cdef uint32_t _inflight_first   # opaque of _inflight's first entry
+    cdef U64Q _fetch_batches   # (NOOP opaque << 32 | fetch count) per batch in flight
+    cdef size_t _front_answered
     cdef size_t _fetch_in_flight
     cdef uint32_t _fetch_seq
     cdef uint32_t _fetch_batch_seq
@@ -1230,9 +1373,6 @@ cdef class Writer:
             self._slots[i].state = ST_FREE
             self._free[i] = self.window - 1 - i
         self._n_free = self.window
-        self._fetch_queue = deque()
-        self._fetch_queued_keys = {}
-        self._fetch_batches = deque()
 
     def __dealloc__(self):
         cdef uint32_t i
@@ -1252,6 +1392,10 @@ cdef class Writer:
         buf_free(&self._tgt)
         buf_free(&self._md)
         buf_free(&self._fetch_out)
+        free(self._fq.data)
+        free(self._inflight.data)
+        free(self._fq_keys.slots)
+        free(self._fetch_batches.data)
         buf_free(&self._fch)
 
     # -- state -----------------------------------------------------------------------
@@ -1268,13 +1412,13 @@ cdef class Writer:
     @property
     def fetch_backlog(self):
         """Crawler fetches listed but not yet answered."""
-        return len(self._fetch_queue) + self._fetch_in_flight
+        return fq_count(&self._fq) + self._fetch_in_flight
 
     @property
     def done(self):
         return ((self._finished or self._md_ended) and self._q_count == 0 and self._in_use == 0
                 and self._fences.len == self._fences.head and self._out.len == 0
-                and len(self._fetch_queue) == 0 and self._fetch_in_flight == 0)
+                and fq_count(&self._fq) == 0 and self._fetch_in_flight == 0)
 
     def stats(self):
         return {
@@ -1675,7 +1819,8 @@ cdef class Writer:
         cdef uint64_t val
         cdef int64_t exp = 0
         cdef int hi, lo
-        cdef uint32_t vb
+        cdef uint32_t vb, h
+        cdef Fetch *e
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             sp = <const char *>memchr(line, CH_SP, n)
             raw = line + 4
@@ -1732,16 +1877,25 @@ cdef class Writer:
             if dlen >= C_OWN_LEN and memcmp(dec, astaire_own_prefix, C_OWN_LEN) == 0:
                 self.skipped_own += 1
                 return False
-            vb = astaire_md5_first32(<const unsigned char *>dec, dlen) & self._mask
+            h = astaire_md5_first32(<const unsigned char *>dec, dlen)
+            vb = h & self._mask
             if not self._table[vb]:
                 self.skipped_unwanted += 1
                 return False
-            key = PyBytes_FromStringAndSize(dec, dlen)
-            if key in self._fetch_queued_keys:
+            if ks_find(&self._fq_keys, &self._fq, h, dec, dlen):
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
-            self._fetch_queued_keys[key] = 1
-            self._fetch_queue.append((key, exp, vb))
+            e = fq_push(&self._fq)
+            if e == NULL:
+                raise MemoryError()
+            e.exp = <uint32_t>exp
+            e.vb = vb
+            e.hash = h
+            e.klen = <uint16_t>dlen
+            e.answered = 0
+            memcpy(e.key, dec, dlen)
+            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h) < 0:
+                raise MemoryError()
             return False
         return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
 
@@ -1749,39 +1903,46 @@ cdef class Writer:
         """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
         ``window`` fetches and unsettled records are in flight together."""
         cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
-        cdef Py_ssize_t n, j
-        cdef uint32_t opaque, noop
-        cdef CBuf k
-        cdef dict batch
-        cdef uint8_t *p
-        queue = self._fetch_queue
-        queued = self._fetch_queued_keys
-        while room > 0 and queue:
-            n = min(room, <Py_ssize_t>self._fence_every, len(queue))
-            batch = {}
-            for j in range(n):
-                item = queue.popleft()
-                key = item[0]
-                del queued[key]
-                opaque = self._fetch_seq
-                self._fetch_seq = (opaque + 1) & C_FENCE_MASK
-                batch[opaque] = item
-                if emit_key_only(&self._fetch_out, C_OP_GETKQ, PyBytes_AS_STRING(key), <uint32_t>PyBytes_GET_SIZE(key),
-                                 opaque) < 0:
-                    raise MemoryError()
-            noop = C_FENCE_BIT | self._fetch_batch_seq
-            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & C_FENCE_MASK
-            if buf_reserve(&self._fetch_out, C_HEADER) < 0:
-                raise MemoryError()
-            p = <uint8_t *>self._fetch_out.data + self._fetch_out.len
-            put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, noop, 0)
-            self._fetch_out.len += C_HEADER
-            self._fetch_batches.append((noop, batch))
-            self._fetch_in_flight += n
-            room -= n
+        cdef int r
+        with nogil:
+            r = self._fetch_batches_out(room)
+        if r < 0:
+            raise MemoryError()
         out = PyBytes_FromStringAndSize(self._fetch_out.data, self._fetch_out.len)
         self._fetch_out.len = 0
         return out
+
+    cdef int _fetch_batches_out(self, Py_ssize_t room) noexcept nogil:
+        cdef size_t n, j
+        cdef uint32_t noop
+        cdef Fetch *e
+        cdef Fetch *f
+        cdef uint8_t *p
+        while room > 0 and fq_count(&self._fq):
+            n = min(<size_t>room, <size_t>self._fence_every, fq_count(&self._fq))
+            for j in range(n):
+                if fq_count(&self._inflight) == 0:
+                    self._inflight_first = self._fetch_seq
+                f = fq_push(&self._inflight)
+                if f == NULL:
+                    return -1
+                e = fq_at(&self._fq, self._fq.first)
+                ks_remove(&self._fq_keys, &self._fq, self._fq.first, e.hash)
+                memcpy(f, e, sizeof(Fetch))
+                fq_pop(&self._fq)
+                if emit_key_only(&self._fetch_out, C_OP_GETKQ, f.key, f.klen, self._fetch_seq) < 0:
+                    return -1
+                self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
+            noop = C_FENCE_BIT | self._fetch_batch_seq
+            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & C_FENCE_MASK
+            if buf_reserve(&self._fetch_out, C_HEADER) < 0 or q_push(&self._fetch_batches, (<uint64_t>noop << 32) | n) < 0:
+                return -1
+            p = <uint8_t *>self._fetch_out.data + self._fetch_out.len
+            put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, noop, 0)
+            self._fetch_out.len += C_HEADER
+            self._fetch_in_flight += n
+            room -= n
+        return 0
 
     def feed_fetch(self, data):
         """Take a chunk of the source's answers to ``fetch_requests``."""
@@ -1814,31 +1975,45 @@ cdef class Writer:
         cdef uint32_t opaque = be32(p + 12)
         cdef uint32_t extlen = p[4]
         cdef uint32_t keylen = be16(p + 2)
-        cdef dict batch
+        cdef uint64_t front
+        cdef uint32_t noop, idx
+        cdef size_t n, j
+        cdef Fetch *e
         cdef const char *k
         cdef size_t vstart
-        if p[0] != C_MAGIC_RES or not self._fetch_batches:
+        if p[0] != C_MAGIC_RES or self._fetch_batches.head == self._fetch_batches.len:
             raise UnexpectedFrame(f"unexpected opcode 0x{opcode:02x} on the fetch connection", offset)
-        noop, batch = self._fetch_batches[0]
+        front = self._fetch_batches.data[self._fetch_batches.head]
+        noop = <uint32_t>(front >> 32)
+        n = <size_t>(front & 0xFFFFFFFFu)
         if opcode == C_OP_NOOP and opaque == noop:
-            self._fetch_batches.popleft()
-            self.vanished += len(batch)
-            self._fetch_in_flight -= len(batch)
+            # Every fetch of the batch without an answer: the key went between listing and fetch.
+            self.vanished += n - self._front_answered
+            self._fetch_in_flight -= n - self._front_answered
+            for j in range(n):
+                fq_pop(&self._inflight)
+            self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
+            q_pop(&self._fetch_batches)
+            self._front_answered = 0
             return 0
-        if (opcode != C_OP_GETKQ and opcode != C_OP_GETK) or opaque not in batch:
+        idx = (opaque - self._inflight_first) & C_FENCE_MASK
+        if ((opcode != C_OP_GETKQ and opcode != C_OP_GETK) or opaque & C_FENCE_BIT or idx >= n
+                or fq_at(&self._inflight, self._inflight.first + idx).answered):
             raise UnexpectedFrame(
                 f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} on the fetch connection",
                 offset)
-        key, exp, vb = batch.pop(opaque)
+        e = fq_at(&self._inflight, self._inflight.first + idx)
+        e.answered = 1
+        self._front_answered += 1
         self._fetch_in_flight -= 1
         if status == C_ST_SUCCESS:
             if extlen != 4:
                 raise MalformedFrame(f"GETKQ response extras length {extlen}, expected 4", offset)
             k = <const char *>p + C_HEADER + 4
-            if keylen != <uint32_t>PyBytes_GET_SIZE(key) or memcmp(k, PyBytes_AS_STRING(key), keylen) != 0:
+            if keylen != e.klen or memcmp(k, e.key, keylen) != 0:
                 raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
             if self._accept(k, keylen, k + keylen, <uint32_t>(size - C_HEADER - 4 - keylen), be32(p + C_HEADER),
-                            <uint32_t>exp, <uint32_t>vb, size) < 0:
+                            e.exp, e.vb, size) < 0:
                 raise MemoryError()
         elif status == C_ST_ENOENT:
             self.vanished += 1
@@ -1847,6 +2022,7 @@ cdef class Writer:
             name = _STATUS_NAMES.get(status, "unknown status")
             text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, <size_t>200)).decode(
                 "utf-8", "replace")
+            key = PyBytes_FromStringAndSize(e.key, e.klen)
             self.failed += 1
             self.last_error = f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} {text!r}"
         return 0

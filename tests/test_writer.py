@@ -621,3 +621,41 @@ def drive_once(w, target, fetch):
         data = s.recv(1 << 20)
         assert data
         (w.feed_target if s is target else w.feed_fetch)(data)
+
+
+@pytest.mark.parametrize("wanted", [ALL, [3]])
+def test_duplicate_listings_are_counted_in_bounded_memory_like_the_reference(tap, wanted):
+    """Many keys listed, some twice while their fetch is still queued, the queue drained in
+    between: the same fetches, duplicates and vanished counts as the pure build."""
+    # 1500 distinct keys, each listed 2-3 times; for one wanted vbucket, all keys in it (their
+    # hashes share the low bits: the duplicate set must not cluster on them).
+    distinct = []
+    i = 0
+    while len(distinct) < 1500:
+        key = b"t\\\\dup%d" % i
+        if wanted is ALL or _tap_py.vbucket_of(key) in wanted:
+            distinct.append(key)
+        i += 1
+    keys = [distinct[i % 1500] for i in range(4000)]
+    lines = [b"key=t%%5C%%5C%s exp=%d la=1\n" % (k[3:], i) for i, k in enumerate(keys)]
+
+    def run(mod):
+        w = mod.Writer(wanted, window=64)
+        fetched = []
+        for i in range(0, len(lines), 250):
+            w.feed_metadump(b"".join(lines[i:i + 250]))
+            req = w.fetch_requests()
+            fetched.append(req)
+            answer = b"".join(response(0x0A, opaque=f.opaque) for f in frames_of(req) if f.opcode == 0x0A)
+            w.feed_fetch(answer)  # every key vanished: nothing for the target
+        w.feed_metadump(b"END\r\n")
+        while w.fetch_backlog:
+            req = w.fetch_requests()
+            fetched.append(req)
+            w.feed_fetch(b"".join(response(0x0A, opaque=f.opaque) for f in frames_of(req) if f.opcode == 0x0A))
+        return fetched, w.stats()
+
+    fetched, stats = run(tap)
+    assert stats["done"] and stats["duplicates"] > 0
+    assert stats["duplicates"] + stats["vanished"] + stats["skipped_unwanted"] == len(keys)
+    assert (fetched, stats) == run(_tap_py)

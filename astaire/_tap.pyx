@@ -245,7 +245,14 @@ cdef int buf_reserve(Buf *b, size_t extra) noexcept nogil:
     return 0
 
 
+# An empty buffer bigger than this is given back rather than kept for the next burst.
+cdef enum:
+    KEEP_EMPTY_BUF = 1 << 24
+
+
 cdef int inbuf_feed(Buf *b, const char *data, size_t n) noexcept nogil:
+    if b.head == b.len and b.cap > KEEP_EMPTY_BUF and n < b.cap // 4:
+        buf_free(b)
     if b.head:
         if b.head == b.len:
             b.head = 0
@@ -1273,7 +1280,10 @@ cdef class Writer:
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
     only for records the ADDQ found present. Python does the socket I/O and hands whole
     chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
-    what ``target_requests`` and ``fetch_requests`` return."""
+    what ``target_requests`` and ``fetch_requests`` return.
+
+    Not thread-safe: one Writer belongs to one stream's I/O loop (its C loops run without
+    the GIL, so concurrent calls on one Writer would race on its buffers)."""
 
     cdef uint8_t *_table
     cdef uint32_t _mask
@@ -1540,6 +1550,8 @@ cdef class Writer:
             self._q_count -= 1
         if self._q_count == 0:
             self._queue.head = self._queue.len = 0
+            if self._queue.cap > KEEP_EMPTY_BUF:
+                buf_free(&self._queue)
         return self._close_batch()
 
     cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
@@ -1651,7 +1663,7 @@ cdef class Writer:
             raise MemoryError()
         out = PyBytes_FromStringAndSize(self._out.data, self._out.len)
         self._out.len = 0
-        if self._out.cap > (1 << 24):  # do not keep a burst's worth of memory
+        if self._out.cap > KEEP_EMPTY_BUF:  # do not keep a burst's worth of memory
             buf_free(&self._out)
         return out
 

@@ -659,3 +659,23 @@ def test_duplicate_listings_are_counted_in_bounded_memory_like_the_reference(tap
     assert stats["done"] and stats["duplicates"] > 0
     assert stats["duplicates"] + stats["vanished"] + stats["skipped_unwanted"] == len(keys)
     assert (fetched, stats) == run(_tap_py)
+
+
+def test_a_frame_bigger_than_the_kept_buffers_passes_and_memory_is_given_back(tap):
+    big = bytes(range(256)) * (80 * 1024)  # 20 MiB
+    stream = mutation(tap, b"t\\\\big", big, flags=9) + mutation(tap, b"t\\\\small", b"s")
+    w = tap.Writer(ALL, window=1)
+    for i in range(0, len(stream), 1 << 20):
+        w.feed_tap(stream[i:i + (1 << 20)])
+    out = w.target_requests()
+    (add, fence) = frames_of(out)
+    assert add.key == b"t\\\\big" and add.value == big and w.backlog == 2
+    w.feed_target(ack_fences(out))
+    out = w.target_requests()
+    assert [f.key for f in frames_of(out) if f.opcode == 0x12] == [b"t\\\\small"]
+    w.feed_target(ack_fences(out))
+    w.feed_tap(mutation(tap, b"t\\\\after", b"a"))
+    w.finish()
+    out = w.target_requests()
+    w.feed_target(ack_fences(out))
+    assert w.done and w.added == 3

@@ -1333,6 +1333,10 @@ cdef class Writer:
     cdef Buf _md
     cdef uint64_t _md_offset
     cdef bint _md_ended
+    cdef int _mdn                               # listed keys parsed, not yet hashed
+    cdef uint16_t _mdlen[LANES]
+    cdef uint32_t _mdexp[LANES]
+    cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef FetchQ _fq            # listed, not yet sent
     cdef KeySet _fq_keys       # the keys in _fq
     cdef FetchQ _inflight      # sent, in opaque order, until their batch's NOOP
@@ -1796,28 +1800,84 @@ cdef class Writer:
             cbuf_release(&b)
         if r < 0:
             raise MemoryError()
-        while True:
-            line = m.data + m.head
-            n = m.len - m.head
-            nl = <const char *>memchr(line, CH_NL, n) if n else NULL
-            if nl == NULL:
-                if n > C_MAX_LINE:
+        try:
+            while True:
+                line = m.data + m.head
+                n = m.len - m.head
+                nl = <const char *>memchr(line, CH_NL, n) if n else NULL
+                if nl == NULL:
+                    if n > C_MAX_LINE:
+                        raise CrawlerError("metadump line too long", self._md_offset)
+                    break
+                end = <size_t>(nl - line)
+                if end > C_MAX_LINE:
                     raise CrawlerError("metadump line too long", self._md_offset)
-                break
-            end = <size_t>(nl - line)
-            if end > C_MAX_LINE:
-                raise CrawlerError("metadump line too long", self._md_offset)
-            offset = self._md_offset
-            self._md_offset += end + 1
-            m.head += end + 1
-            if end > 0 and line[end - 1] == CH_CR:
-                end -= 1
-            if self._metadump_line(line, end, offset):
-                self._md_ended = True
-                if m.head < m.len:
-                    raise CrawlerError("data after END", self._md_offset)
-                break
+                offset = self._md_offset
+                self._md_offset += end + 1
+                m.head += end + 1
+                if end > 0 and line[end - 1] == CH_CR:
+                    end -= 1
+                if self._metadump_line(line, end, offset):
+                    self._md_ended = True
+                    if m.head < m.len:
+                        raise CrawlerError("data after END", self._md_offset)
+                    break
+        finally:
+            self._md_flush()  # the lines before a bad one count, as in the pure build
         return self._md_ended
+
+    cdef int _md_flush(self) except -1:
+        """Hash the parsed key lines together and queue the fetches of the wanted ones."""
+        cdef const unsigned char *keys[LANES]
+        cdef size_t lens[LANES]
+        cdef uint32_t hashes[LANES]
+        cdef int i, n = self._mdn, short_keys = 0
+        cdef const char *key
+        cdef size_t dlen
+        cdef uint32_t h, vb
+        cdef Fetch *e
+        if n == 0:
+            return 0
+        self._mdn = 0
+        for i in range(LANES):
+            if i < n and self._mdlen[i] <= ASTAIRE_MD5_MAX_SHORT:
+                keys[i] = <const unsigned char *>self._mdkeys + i * C_MAX_KEY
+                lens[i] = self._mdlen[i]
+                short_keys += 1
+            else:
+                keys[i] = <const unsigned char *>self._mdkeys
+                lens[i] = 0
+        if short_keys >= MIN_LANES_FOR_X8:
+            astaire_md5_first32_x8(keys, lens, hashes)
+        for i in range(n):
+            if short_keys < MIN_LANES_FOR_X8 or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
+                hashes[i] = astaire_md5_first32(<const unsigned char *>self._mdkeys + i * C_MAX_KEY, self._mdlen[i])
+        for i in range(n):
+            key = self._mdkeys + i * C_MAX_KEY
+            dlen = self._mdlen[i]
+            if dlen >= C_OWN_LEN and memcmp(key, astaire_own_prefix, C_OWN_LEN) == 0:
+                self.skipped_own += 1
+                continue
+            h = hashes[i]
+            vb = h & self._mask
+            if not self._table[vb]:
+                self.skipped_unwanted += 1
+                continue
+            if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
+                self.duplicates += 1  # the one queued fetch will read the latest copy
+                continue
+            e = fq_push(&self._fq)
+            if e == NULL:
+                raise MemoryError()
+            e.exp = self._mdexp[i]
+            e.vb = vb
+            e.hash = h
+            e.klen = <uint16_t>dlen
+            e.answered = 0
+            memcpy(e.key, key, dlen)
+            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h) < 0:
+                raise MemoryError()
+        return 0
 
     cdef bint _metadump_line(self, const char *line, size_t n, uint64_t offset) except -1:
         cdef const char *sp
@@ -1831,8 +1891,6 @@ cdef class Writer:
         cdef uint64_t val
         cdef int64_t exp = 0
         cdef int hi, lo
-        cdef uint32_t vb, h
-        cdef Fetch *e
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             sp = <const char *>memchr(line, CH_SP, n)
             raw = line + 4
@@ -1886,29 +1944,14 @@ cdef class Writer:
                 raise CrawlerError("bad key in metadump line", offset)
             if exp < 0:
                 exp = 0
-            if dlen >= C_OWN_LEN and memcmp(dec, astaire_own_prefix, C_OWN_LEN) == 0:
-                self.skipped_own += 1
-                return False
-            h = astaire_md5_first32(<const unsigned char *>dec, dlen)
-            vb = h & self._mask
-            if not self._table[vb]:
-                self.skipped_unwanted += 1
-                return False
-            if ks_find(&self._fq_keys, &self._fq, h, dec, dlen):
-                self.duplicates += 1  # the one queued fetch will read the latest copy
-                return False
-            e = fq_push(&self._fq)
-            if e == NULL:
-                raise MemoryError()
-            e.exp = <uint32_t>exp
-            e.vb = vb
-            e.hash = h
-            e.klen = <uint16_t>dlen
-            e.answered = 0
-            memcpy(e.key, dec, dlen)
-            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h) < 0:
-                raise MemoryError()
+            memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
+            self._mdlen[self._mdn] = <uint16_t>dlen
+            self._mdexp[self._mdn] = <uint32_t>exp
+            self._mdn += 1
+            if self._mdn == LANES:
+                self._md_flush()
             return False
+        self._md_flush()  # in order: the keys before this line first
         return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
 
     def fetch_requests(self):

@@ -10,6 +10,10 @@ ratio between them):
 * ``writer``: records per second through ``Writer.feed_tap`` + ``target_requests`` with
   every vbucket wanted, the target simulated by answering each NOOP fence (every quiet
   ADD succeeded), fed in 256 KiB chunks with the caller's flow control (no server).
+* ``crawler``: records per second of codec time in crawler mode (stock memcached source):
+  ``feed_metadump`` (64 KiB chunks) + ``fetch_requests`` + ``feed_fetch`` (every key
+  found) + ``target_requests`` + ``feed_target``. Only the Writer's calls are timed; the
+  simulated source and target (pure Python) are not.
 
 Usage::
 
@@ -107,6 +111,58 @@ def run_writer(mod, data, n, window=4096, chunk=256 * 1024):
     return sent
 
 
+def metadump_text(n: int) -> bytes:
+    return b"".join(b"key=table%%5C%%5Ckey-%d exp=-1 la=1700000000 cas=%d fetch=no cls=1 size=160\n" % (i, i + 1)
+                    for i in range(n)) + b"END\r\n"
+
+
+def fetch_answers(req: bytes) -> bytes:
+    """The source's answers to GETKQ/NOOP requests: every key found, flags 0x5f000001."""
+    parser = _tap_py.FrameParser()
+    parser.feed(req)
+    out = []
+    for f in parser:
+        if f.opcode == 0x0D:
+            body = 4 + len(f.key) + len(VALUE)
+            out.append(b"\x81\x0d" + len(f.key).to_bytes(2, "big") + b"\x04\x00\x00\x00" + body.to_bytes(4, "big")
+                       + f.opaque.to_bytes(4, "big") + bytes(8) + b"\x5f\x00\x00\x01" + f.key + VALUE)
+        else:
+            out.append(bytes([0x81, 0x0A]) + bytes(10) + f.opaque.to_bytes(4, "big") + bytes(8))
+    return b"".join(out)
+
+
+def run_crawler(mod, text, n, window=4096, chunk=64 * 1024):
+    w = mod.Writer(range(128), window=window)
+    timed = 0.0
+    clock = time.perf_counter
+    pos = seq = 0
+    while not w.done:
+        t0 = clock()
+        if pos < len(text) and w.fetch_backlog < window and w.backlog < window:
+            w.feed_metadump(text[pos:pos + chunk])
+            pos += chunk
+        req = w.fetch_requests()
+        timed += clock() - t0
+        answers = fetch_answers(req) if req else b""
+        t0 = clock()
+        if answers:
+            w.feed_fetch(answers)
+        out = w.target_requests()
+        timed += clock() - t0
+        acks, seq = fence_answers(out, seq)
+        t0 = clock()
+        w.feed_target(acks)
+        timed += clock() - t0
+    assert w.added == n and w.vanished == 0, w.stats()
+    return timed
+
+
+def bench_crawler(mod, n, repeat):
+    text = metadump_text(n)
+    best = min(run_crawler(mod, text, n) for _ in range(repeat))
+    return {"crawler_records_per_s": n / best}
+
+
 def bench_writer(mod, data, n, repeat):
     t = best_of(lambda: run_writer(mod, data, n), repeat)
     return {"writer_records_per_s": n / t}
@@ -117,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=1_000_000, help="records for the compiled build")
     ap.add_argument("--pure-records", type=int, default=None,
                     help="records for the pure build (default: records / 10, at least 10000)")
+    ap.add_argument("--crawler-records", type=int, default=200_000,
+                    help="records for the crawler section, compiled build (pure: a tenth)")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     ap.add_argument("--json", metavar="PATH", help="also write the results here ('-' = stdout only)")
     args = ap.parse_args(argv)
@@ -139,6 +197,9 @@ def main(argv=None) -> int:
         sec.update(bench_filter(mod, data, n, repeat))
         sec.update(bench_encode(mod, n, repeat))
         sec.update(bench_writer(mod, data, n, repeat))
+        n_crawl = args.crawler_records if name == "cython" else max(2000, args.crawler_records // 10)
+        sec.update(bench_crawler(mod, n_crawl, repeat))
+        results["records"][name + "_crawler"] = n_crawl
         results["sections"][name] = sec
     if "cython" in results["sections"]:
         c, p = results["sections"]["cython"], results["sections"]["python"]
@@ -147,7 +208,8 @@ def main(argv=None) -> int:
     rows = [("filter_count_per_s", "parse + MD5 + vbucket filter (frames/s)"),
             ("filter_mutations_per_s", "... + TapMutation for kept (frames/s)"),
             ("encode_batch_per_s", "ADDQ encode_batch (frames/s)"),
-            ("writer_records_per_s", "Writer feed_tap + target_requests (rec/s)")]
+            ("writer_records_per_s", "Writer feed_tap + target_requests (rec/s)"),
+            ("crawler_records_per_s", "Writer crawler mode, codec time (rec/s)")]
     print(f"{'':44} {'cython':>14} {'python':>14} {'ratio':>8}")
     for key, label in rows:
         c = results["sections"].get("cython", {}).get(key)

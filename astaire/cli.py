@@ -27,21 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the version and which codec implementation is loaded, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from astaire import view_cli
+    from astaire import demo, ops, view_cli
 
     view_cli.register(sub)
-    try:
-        from astaire import ops
-    except ImportError:  # the daemon's commands are optional while the package is assembled
-        ops = None
-    if ops is not None:
-        ops.register(sub)
-    try:
-        from astaire import demo
-    except ImportError:
-        demo = None
-    if demo is not None:
-        demo.register(sub)
+    ops.register(sub)
+    demo.register(sub)
     return parser
 
 

@@ -150,7 +150,14 @@ cdef enum:
     ST_ADDQ = 1   # quiet ADD sent: an error response, or its fence, settles it
     ST_GETK = 2   # read of the local copy sent
     ST_SET = 3    # CAS SET sent
-    ST_ADD = 4    # non-quiet ADD sent (after the key vanished)
+    ST_ADD = 4    # non-quiet ADD sent (after the key vanished, or read-first found none)
+    ST_READ = 5   # read-first: GETK of the local copy sent before any write
+
+# How the Writer first touches a record in the target (see Writer).
+MODE_ADDQ = "addq"
+MODE_READ = "read"
+MODE_AUTO = "auto"
+WRITER_MODES = (MODE_ADDQ, MODE_READ, MODE_AUTO)
 
 cdef enum:
     OUT_ADDED = 0
@@ -1282,6 +1289,13 @@ cdef class Writer:
     chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
     what ``target_requests`` and ``fetch_requests`` return.
 
+    ``mode`` chooses a record's first request to the target: "addq" (the quiet ADD above:
+    one request when the target has no copy, three when it has one), "read" (read first:
+    GETK, then ADD if there is no copy, CAS SET if it is older, nothing otherwise: one
+    request when the target has a copy, two when not) or "auto": ADDQ first, and for each
+    following batch of ``window // 4`` records whichever of the two the last batch's first
+    requests favoured (read first once more than half of them found a copy).
+
     Not thread-safe: one Writer belongs to one stream's I/O loop (its C loops run without
     the GIL, so concurrent calls on one Writer would race on its buffers)."""
 
@@ -1292,6 +1306,11 @@ cdef class Writer:
     cdef readonly uint64_t max_body
     cdef readonly uint32_t max_retries
     cdef uint32_t _fence_every
+    cdef readonly str mode
+    cdef bint _auto
+    cdef bint _read_first
+    cdef uint32_t _probe_present    # auto: first requests that found a local copy, this batch
+    cdef uint32_t _probe_total      # auto: first requests answered, this batch
     # Counters.
     cdef readonly uint64_t entries
     cdef uint64_t _nbytes
@@ -1306,6 +1325,7 @@ cdef class Writer:
     cdef readonly uint64_t other_tap
     cdef readonly uint64_t vanished
     cdef readonly uint64_t duplicates
+    cdef readonly uint64_t read_first   # records whose first request was a read
     cdef readonly str last_error
     cdef uint64_t *_vb_entries
     cdef uint64_t *_vb_bytes
@@ -1350,8 +1370,11 @@ cdef class Writer:
     cdef Buf _fch
     cdef uint64_t _fch_offset
 
-    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64):
+    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
+                 mode=MODE_ADDQ):
         cdef uint32_t i
+        if mode not in WRITER_MODES:
+            raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
         table = _wanted_table(wanted, vbuckets)
         window = int(window)
         if window < 1 or window > 0x7FFFFFFF:
@@ -1368,6 +1391,9 @@ cdef class Writer:
         self.max_body = _max_body_arg(max_body)
         self.max_retries = min(int(max_retries), 0xFFFFFFFF)
         self._fence_every = max(1, self.window // 4)
+        self.mode = str(mode)
+        self._auto = mode == MODE_AUTO
+        self._read_first = mode == MODE_READ
         self.last_error = ""
         self._table = <uint8_t *>malloc(self.vbuckets)
         self._vb_entries = <uint64_t *>malloc(self.vbuckets * sizeof(uint64_t))
@@ -1441,7 +1467,7 @@ cdef class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "last_error": self.last_error, "backlog": self.backlog,
+            "read_first": self.read_first, "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
 
@@ -1482,7 +1508,8 @@ cdef class Writer:
 
     cdef int _start(self, const char *key, uint32_t klen, const char *val, uint32_t vlen,
                     uint32_t flags, uint32_t exp) noexcept nogil:
-        """Give a record a free slot (its opaque) and send its quiet ADD; fence every batch."""
+        """Give a record a free slot (its opaque) and send its first request: a read (GETK)
+        in read-first mode, else a quiet ADD (fenced every batch)."""
         cdef uint32_t slot
         cdef Slot *s
         cdef size_t need = <size_t>klen + vlen
@@ -1506,9 +1533,13 @@ cdef class Writer:
         s.flags = flags
         s.exp = exp
         s.rounds = 0
+        self._in_use += 1
+        if self._read_first:
+            s.state = ST_READ
+            self.read_first += 1
+            return emit_key_only(&self._out, C_OP_GETK, s.data, klen, slot)
         s.state = ST_ADDQ
         s.fence = self._fence_seq
-        self._in_use += 1
         if emit_store(&self._out, C_OP_ADDQ, key, klen, val, vlen, flags, exp, slot, 0) < 0:
             return -1
         if q_push(&self._fifo, (<uint64_t>slot << 32) | s.fence) < 0:
@@ -1557,6 +1588,18 @@ cdef class Writer:
             if self._queue.cap > KEEP_EMPTY_BUF:
                 buf_free(&self._queue)
         return self._close_batch()
+
+    cdef inline void _probed(self, bint present) noexcept nogil:
+        """Auto mode: a first request's answer (did the target hold a copy?)."""
+        if not self._auto:
+            return
+        self._probe_total += 1
+        if present:
+            self._probe_present += 1
+        if self._probe_total >= self._fence_every:
+            self._read_first = self._probe_present * 2 > self._probe_total
+            self._probe_present = 0
+            self._probe_total = 0
 
     cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
         cdef Slot *s = &self._slots[slot]
@@ -1720,13 +1763,14 @@ cdef class Writer:
                 slot = <uint32_t>(entry >> 32)
                 s = &self._slots[slot]
                 if s.state == ST_ADDQ and s.fence == seq:
+                    self._probed(False)
                     self._settle(slot, OUT_ADDED)
             return 0
         if opaque >= self.window or self._slots[opaque].state == ST_FREE:
             expected = -1
         else:
             state = self._slots[opaque].state
-            expected = (C_OP_ADDQ if state == ST_ADDQ else C_OP_GETK if state == ST_GETK
+            expected = (C_OP_ADDQ if state == ST_ADDQ else C_OP_GETK if state == ST_GETK or state == ST_READ
                         else C_OP_SET if state == ST_SET else C_OP_ADD)
         if expected != opcode:
             raise UnexpectedFrame(
@@ -1736,13 +1780,15 @@ cdef class Writer:
         state = s.state
         extlen = p[4]
         keylen = be16(p + 2)
-        if state == ST_GETK:
+        if state == ST_GETK or state == ST_READ:
             if status == C_ST_SUCCESS:
                 if extlen != 4:
                     raise MalformedFrame(f"GETK response extras length {extlen}, expected 4", offset)
                 if keylen != s.klen or memcmp(p + C_HEADER + 4, s.data, keylen) != 0:
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = be32(p + C_HEADER)
+                if state == ST_READ:
+                    self._probed(True)
                 if (local - s.flags) & 0x80000000u:  # int32(local - record) < 0: the local copy is older
                     s.state = ST_SET
                     if emit_store(&self._out, C_OP_SET, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp,
@@ -1752,6 +1798,11 @@ cdef class Writer:
                     self._settle(slot, OUT_KEPT)
                 return 0
             if status == C_ST_ENOENT:
+                if state == ST_READ:
+                    self._probed(False)
+                    if self._send(slot, ST_ADD) < 0:  # the normal path when the key is absent
+                        raise MemoryError()
+                    return 0
                 return self._retry(slot, ST_ADD)
         elif state == ST_ADDQ or state == ST_ADD:
             if status == C_ST_SUCCESS:
@@ -1759,6 +1810,7 @@ cdef class Writer:
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
                 if state == ST_ADDQ:
+                    self._probed(True)
                     if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
                         raise MemoryError()
                     return 0
@@ -2114,6 +2166,7 @@ __all__ = [
     "OP_TAP_VBUCKET_SET", "OP_TAP_CHECKPOINT_START", "OP_TAP_CHECKPOINT_END",
     "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
     "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
+    "MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES",
     "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",

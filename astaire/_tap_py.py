@@ -547,9 +547,16 @@ _ST_FREE = 0
 _ST_ADDQ = 1   # quiet ADD sent: an error response, or its fence, settles it
 _ST_GETK = 2   # read of the local copy sent
 _ST_SET = 3    # CAS SET sent
-_ST_ADD = 4    # non-quiet ADD sent (after the key vanished)
+_ST_ADD = 4    # non-quiet ADD sent (after the key vanished, or read-first found none)
+_ST_READ = 5   # read-first: GETK of the local copy sent before any write
 
-_EXPECTED_OP = {_ST_ADDQ: OP_ADDQ, _ST_GETK: OP_GETK, _ST_SET: OP_SET, _ST_ADD: OP_ADD}
+_EXPECTED_OP = {_ST_ADDQ: OP_ADDQ, _ST_GETK: OP_GETK, _ST_SET: OP_SET, _ST_ADD: OP_ADD, _ST_READ: OP_GETK}
+
+# How the Writer first touches a record in the target (see Writer).
+MODE_ADDQ = "addq"
+MODE_READ = "read"
+MODE_AUTO = "auto"
+WRITER_MODES = (MODE_ADDQ, MODE_READ, MODE_AUTO)
 
 
 class _Record:
@@ -593,9 +600,19 @@ class Writer:
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
     only for records the ADDQ found present. Python does the socket I/O and hands whole
     chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
-    what ``target_requests`` and ``fetch_requests`` return."""
+    what ``target_requests`` and ``fetch_requests`` return.
 
-    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64):
+    ``mode`` chooses a record's first request to the target: "addq" (the quiet ADD above:
+    one request when the target has no copy, three when it has one), "read" (read first:
+    GETK, then ADD if there is no copy, CAS SET if it is older, nothing otherwise: one
+    request when the target has a copy, two when not) or "auto": ADDQ first, and for each
+    following batch of ``window // 4`` records whichever of the two the last batch's first
+    requests favoured (read first once more than half of them found a copy)."""
+
+    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
+                 mode=MODE_ADDQ):
+        if mode not in WRITER_MODES:
+            raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
         self._table = _wanted_table(wanted, vbuckets)
         self._mask = len(self._table) - 1
         self.vbuckets = len(self._table)
@@ -610,6 +627,10 @@ class Writer:
         self.max_body = int(max_body)
         self.max_retries = int(max_retries)
         self._fence_every = max(1, window // 4)
+        self.mode = mode
+        self._read_first = mode == MODE_READ
+        self._probe_present = 0   # auto: first requests that found a local copy, this batch
+        self._probe_total = 0     # auto: first requests answered, this batch
         # Counters.
         self.entries = 0
         self.bytes = 0
@@ -624,6 +645,7 @@ class Writer:
         self.other_tap = 0
         self.vanished = 0
         self.duplicates = 0
+        self.read_first = 0       # records whose first request was a read
         self.last_error = ""
         self._vb_entries = [0] * self.vbuckets
         self._vb_bytes = [0] * self.vbuckets
@@ -688,7 +710,7 @@ class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "last_error": self.last_error, "backlog": self.backlog,
+            "read_first": self.read_first, "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
 
@@ -775,10 +797,16 @@ class Writer:
             self._emit_fence()
 
     def _start(self, rec):
-        """Give a record a free slot (its opaque) and send its quiet ADD; fence every batch."""
+        """Give a record a free slot (its opaque) and send its first request: a read (GETK)
+        in read-first mode, else a quiet ADD (fenced every batch)."""
         slot = self._free.pop()
         self._slots[slot] = rec
         self._in_use += 1
+        if self._read_first:
+            rec.state = _ST_READ
+            self.read_first += 1
+            self._out += encode_request(OP_GETK, rec.key, opaque=slot)
+            return
         rec.state = _ST_ADDQ
         rec.fence = self._fence_seq
         self._out += _store(OP_ADDQ, rec.key, rec.value, rec.flags, rec.exp, slot, 0)
@@ -800,6 +828,17 @@ class Writer:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    def _probed(self, present):
+        """Auto mode: a first request's answer (did the target hold a copy?)."""
+        if self.mode != MODE_AUTO:
+            return
+        self._probe_total += 1
+        if present:
+            self._probe_present += 1
+        if self._probe_total >= self._fence_every:
+            self._read_first = self._probe_present * 2 > self._probe_total
+            self._probe_present = self._probe_total = 0
 
     def _settle(self, slot, outcome):
         self._slots[slot] = None
@@ -872,6 +911,7 @@ class Writer:
                 slot, fseq = fifo.popleft()
                 rec = slots[slot]
                 if rec is not None and rec.state == _ST_ADDQ and rec.fence == fseq:
+                    self._probed(False)
                     self._settle(slot, 0)
             return
         rec = self._slots[opaque] if opaque < self.window else None
@@ -881,13 +921,15 @@ class Writer:
         status = f.status
         slot = opaque
         state = rec.state
-        if state == _ST_GETK:
+        if state == _ST_GETK or state == _ST_READ:
             if status == STATUS_SUCCESS:
                 if len(f.extras) != 4:
                     raise MalformedFrame(f"GETK response extras length {len(f.extras)}, expected 4", offset)
                 if f.key != rec.key:
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = _U32.unpack(f.extras)[0]
+                if state == _ST_READ:
+                    self._probed(True)
                 if (local - rec.flags) & 0x80000000:  # int32(local - record) < 0: the local copy is older
                     rec.state = _ST_SET
                     self._out += _store(OP_SET, rec.key, rec.value, rec.flags, rec.exp, slot, f.cas)
@@ -895,7 +937,11 @@ class Writer:
                     self._settle(slot, 2)
                 return
             if status == STATUS_KEY_ENOENT:
-                self._retry(slot, rec, _ST_ADD)
+                if state == _ST_READ:
+                    self._probed(False)
+                    self._send(slot, rec, _ST_ADD)  # the normal path when the key is absent
+                else:
+                    self._retry(slot, rec, _ST_ADD)
                 return
         elif state == _ST_ADDQ or state == _ST_ADD:
             if status == STATUS_SUCCESS:
@@ -903,6 +949,7 @@ class Writer:
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
                 if state == _ST_ADDQ:
+                    self._probed(True)
                     self._send(slot, rec, _ST_GETK)   # the normal path when the key is present
                 else:
                     self._retry(slot, rec, _ST_GETK)
@@ -1093,6 +1140,7 @@ __all__ = [
     "OP_TAP_VBUCKET_SET", "OP_TAP_CHECKPOINT_START", "OP_TAP_CHECKPOINT_END",
     "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
     "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
+    "MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES",
     "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",

@@ -53,6 +53,7 @@ class StreamJob:
     idle_timeout: float = 60.0  # no progress from a peer for this long: fail the stream
     window: int = 4096
     crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
+    write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
 
 
 @dataclass
@@ -181,7 +182,8 @@ class _Stream:
         t0 = time.monotonic()
         try:
             try:
-                self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window)
+                self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window,
+                                           mode=job.write_mode)
             except (ValueError, TypeError, OverflowError) as e:
                 raise _Failure(f"bad stream job: {e}") from e
             self._open()

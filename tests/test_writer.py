@@ -428,7 +428,11 @@ def connect(server):
     return socket.create_connection((server.host, server.port), timeout=10)
 
 
-def test_conflict_rule_against_real_memcached(tap, memcached):
+MODES = ["addq", "read", "auto"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conflict_rule_against_real_memcached(tap, memcached, mode):
     t = NOW_MS
     exp = int(time.time()) + 1000
     binary_set(memcached, [
@@ -452,13 +456,14 @@ def test_conflict_rule_against_real_memcached(tap, memcached):
         mutation(tap, b"t\\\\tomb-older", b"", t), mutation(tap, b"astaire\\\\tag", b"THEIRS", t),
         mutation(tap, unwanted, b"R", t),
     ]
-    w = tap.Writer(wanted, window=4)
+    w = tap.Writer(wanted, window=4, mode=mode)
     for frame in src:
         w.feed_tap(frame)
     w.finish()
     with connect(memcached) as target:
         drive(w, target)
-    assert (w.added, w.replaced, w.kept, w.failed) == (2, 3, 3, 0)
+    assert (w.added, w.replaced, w.kept, w.failed, w.retries) == (2, 3, 3, 0, 0)
+    assert w.read_first == {"addq": 0, "read": 8}.get(mode, w.read_first)
     assert (w.skipped_own, w.skipped_unwanted, w.other_tap, w.tombstones) == (1, 1, 6, 2)
     get = lambda k: meta_get(memcached, k)  # noqa: E731
     assert get(b"t\\\\newer")[:2] == (b"LOCAL", t + 200)
@@ -505,9 +510,10 @@ def _has(out, opcode):
     return any(f.opcode == opcode for f in frames_of(out))
 
 
-def test_a_newer_write_racing_the_cas_set_is_kept(tap, memcached):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_newer_write_racing_the_cas_set_is_kept(tap, memcached, mode):
     binary_set(memcached, [(b"t\\\\race", b"OLD", 100, 0)])
-    w = tap.Writer(ALL)
+    w = tap.Writer(ALL, mode=mode)
     w.feed_tap(mutation(tap, b"t\\\\race", b"RECORD", 200))
     w.finish()
 
@@ -521,9 +527,10 @@ def test_a_newer_write_racing_the_cas_set_is_kept(tap, memcached):
     assert meta_get(memcached, b"t\\\\race")[:2] == (b"NEWEST", 300)
 
 
-def test_a_delete_racing_the_read_or_the_set_still_lands_the_record(tap, memcached):
+@pytest.mark.parametrize("mode", ["addq", "auto"])
+def test_a_delete_racing_the_read_or_the_set_still_lands_the_record(tap, memcached, mode):
     binary_set(memcached, [(b"t\\\\r1", b"OLD", 100, 0), (b"t\\\\r2", b"OLD", 100, 0)])
-    w = tap.Writer(ALL)
+    w = tap.Writer(ALL, mode=mode)
     w.feed_tap(mutation(tap, b"t\\\\r1", b"R1", 200) + mutation(tap, b"t\\\\r2", b"R2", 200))
     w.finish()
     deleted = set()
@@ -546,6 +553,70 @@ def test_a_delete_racing_the_read_or_the_set_still_lands_the_record(tap, memcach
     assert (w.added, w.replaced, w.failed, w.retries) == (2, 0, 0, 2)
     assert meta_get(memcached, b"t\\\\r1")[:2] == (b"R1", 200)
     assert meta_get(memcached, b"t\\\\r2")[:2] == (b"R2", 200)
+
+
+def test_read_first_races_a_delete_and_a_concurrent_add(tap, memcached):
+    """Read first: a key deleted between the read and the CAS SET is added; a key another
+    client adds between the read (absent) and our ADD is read again and the rule applied."""
+    binary_set(memcached, [(b"t\\\\gone", b"OLD", 100, 0)])
+    w = tap.Writer(ALL, mode="read")
+    w.feed_tap(mutation(tap, b"t\\\\gone", b"R1", 200) + mutation(tap, b"t\\\\late", b"R2", 200)
+               + mutation(tap, b"t\\\\late-old", b"R3", 200))
+    w.finish()
+    done = set()
+
+    def hook(out):
+        for f in frames_of(out):
+            if f.opcode == 0x01 and f.key == b"t\\\\gone" and f.key not in done:
+                done.add(f.key)
+                with connect(memcached) as s:  # gone between the read and the CAS SET
+                    s.sendall(b"delete t\\\\gone\r\n")
+                    assert s.recv(100) == b"DELETED\r\n"
+            if f.opcode == 0x02 and f.key == b"t\\\\late" and f.key not in done:
+                done.add(f.key)  # another client adds a newer copy first
+                binary_set(memcached, [(b"t\\\\late", b"NEWEST", 300, 0)])
+            if f.opcode == 0x02 and f.key == b"t\\\\late-old" and f.key not in done:
+                done.add(f.key)  # another client adds an older copy first
+                binary_set(memcached, [(b"t\\\\late-old", b"STALE", 150, 0)])
+
+    with connect(memcached) as target:
+        drive(w, target, hook=hook)
+    assert (w.added, w.replaced, w.kept, w.failed, w.retries) == (1, 1, 1, 0, 3)
+    assert w.read_first == 3
+    assert meta_get(memcached, b"t\\\\gone")[:2] == (b"R1", 200)
+    assert meta_get(memcached, b"t\\\\late")[:2] == (b"NEWEST", 300)
+    assert meta_get(memcached, b"t\\\\late-old")[:2] == (b"R3", 200)
+
+
+def test_auto_mode_reads_first_once_most_records_are_present(tap, memcached):
+    """A second pass of the same records (a second old replica): auto switches to reading
+    first after one batch, with the same outcome as ADDQ first; a fresh target stays on ADDQ."""
+    n = 2000
+    stream = b"".join(mutation(tap, b"t\\\\auto%d" % i, b"v%d" % i, NOW_MS + i) for i in range(n))
+    with connect(memcached) as target:
+        first = tap.Writer(ALL, window=64, mode="auto")
+        first.feed_tap(stream)
+        first.finish()
+        drive(first, target)
+        assert (first.added, first.read_first) == (n, 0)
+        again = tap.Writer(ALL, window=64, mode="auto")
+        again.feed_tap(stream)
+        again.finish()
+        drive(again, target)
+        assert (again.kept, again.added, again.replaced, again.retries) == (n, 0, 0, 0)
+        assert n - 200 < again.read_first < n
+        newer = tap.Writer(ALL, window=64, mode="auto")
+        newer.feed_tap(b"".join(mutation(tap, b"t\\\\auto%d" % i, b"new", NOW_MS + n + i) for i in range(n)))
+        newer.finish()
+        drive(newer, target)
+        assert newer.replaced == n and newer.read_first > n - 200
+    assert meta_get(memcached, b"t\\\\auto7")[:2] == (b"new", NOW_MS + n + 7)
+
+
+def test_an_unknown_mode_is_refused(tap):
+    with pytest.raises(ValueError, match="mode"):
+        tap.Writer(ALL, mode="blind")
+    assert tap.Writer(ALL).mode == "addq" and tap.Writer(ALL, mode="auto").mode == "auto"
 
 
 def test_a_value_the_target_refuses_fails_alone(tap, memcached):

@@ -879,7 +879,7 @@ cdef bytes _encode(uint8_t magic, uint8_t opcode, CBuf *key, CBuf *value, const 
         raise ValueError(f"key of {key.n} bytes is longer than 65535")
     if extlen > 0xFF:
         raise ValueError(f"extras of {extlen} bytes is longer than 255")
-    if body > 0xFFFFFFFF:
+    if body > 0xFFFFFFFFu:
         raise ValueError(f"body of {body} bytes is longer than 4 GiB")
     out = PyBytes_FromStringAndSize(NULL, C_HEADER + body)
     p = <uint8_t *>PyBytes_AS_STRING(out)
@@ -1081,7 +1081,7 @@ def encode_batch(requests):
         if klen > 0xFFFF:
             raise ValueError(f"key of {klen} bytes is longer than 65535")
         body = it.extlen + <size_t>klen + <size_t>vlen
-        if body > 0xFFFFFFFF:
+        if body > 0xFFFFFFFFu:
             raise ValueError(f"body of {body} bytes is longer than 4 GiB")
         total += C_HEADER + body
     out = PyBytes_FromStringAndSize(NULL, total)
@@ -1841,6 +1841,7 @@ cdef class Writer:
         cdef const char *line
         cdef const char *nl
         cdef size_t n, end
+        cdef uint64_t offset  # a C integer: an undeclared one is a Python int made per line
         if self._md_ended:
             if len(data):
                 raise CrawlerError("data after END", self._md_offset)
@@ -1967,7 +1968,7 @@ cdef class Writer:
                                 raise CrawlerError("bad exp in metadump line", offset)
                             if not big:
                                 val = val * 10 + <uint64_t>(f[0] - CH_0)
-                                if val > 0xFFFFFFFF:
+                                if val > 0xFFFFFFFFu:  # u: a C constant (bare, Cython compares as Python ints)
                                     big = True
                             f += 1
                         found = not big and (not neg or val <= 1)

@@ -22,18 +22,7 @@ from astaire.protocol_errors import (
     UnexpectedFrame,
 )
 
-try:
-    from astaire import _tap as _tap_c
-
-    _NOT_BUILT = ""
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _tap_c = None
-    _NOT_BUILT = f"astaire._tap is not built (python setup.py build_ext --inplace): {exc}"
-
-IMPLS = [
-    pytest.param(_tap_py, id="python"),
-    pytest.param(_tap_c, id="cython", marks=pytest.mark.skipif(_tap_c is None, reason=_NOT_BUILT or "built")),
-]
+from codec_impls import IMPLS
 
 
 @pytest.fixture(params=IMPLS)

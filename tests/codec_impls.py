@@ -1,0 +1,21 @@
+"""Both codec builds, for tests that must run against each (msgpack/aiohttp style).
+
+``IMPLS`` parametrises a fixture over the pure-Python twin and the compiled module; the
+compiled one is skipped, with the reason, only when it has not been built.
+"""
+import pytest
+
+from astaire import _tap_py
+
+try:
+    from astaire import _tap as _tap_c
+
+    _NOT_BUILT = ""
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _tap_c = None
+    _NOT_BUILT = f"astaire._tap is not built (python setup.py build_ext --inplace): {exc}"
+
+IMPLS = [
+    pytest.param(_tap_py, id="python"),
+    pytest.param(_tap_c, id="cython", marks=pytest.mark.skipif(_tap_c is None, reason=_NOT_BUILT or "built")),
+]

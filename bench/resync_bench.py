@@ -8,8 +8,10 @@ In one run:
                 pre-encoded pipelined binary ADDQ frames on one connection.
   * per-record- the original pattern: GET then ADD, one round trip each, per record
                 (on a sample of --per-record-sample records, rate extrapolated).
-Reports records/s, MB/s, the ratio to the ceiling, Astaire's CPU seconds per million
-records and peak RSS, as JSON (--json-out) and as a table.
+Reports records/s (records the new node ends up holding, per second), entries/s (Astaire
+streams every vbucket from both old replicas, so it receives about twice as many), MB/s,
+the ratio to the ceiling (ceiling time / Astaire time for the same records), Astaire's CPU
+seconds per million entries and peak RSS, as JSON (--json-out) and as a table.
 
     python bench/resync_bench.py                 # 1,000,000 x 100-byte values
     python bench/resync_bench.py --records 100000
@@ -126,7 +128,10 @@ def run_astaire(records, value_size, workers, source) -> dict:
     secs = float(last.get("seconds") or wall)
     return {"load_seconds": round(load_s, 2), "records_for_new_node": len(moved), "entries": entries,
             "bytes": data, "seconds": round(secs, 3), "wall_seconds_to_sync": round(wall, 3),
-            "records_per_second": round(entries / secs), "mb_per_second": round(data / secs / 1e6, 2),
+            # The new node must end up holding len(moved) records; it streams each of its vbuckets
+            # from both old replicas, so it receives about twice that many entries.
+            "records_per_second": round(len(moved) / secs),
+            "entries_per_second": round(entries / secs), "mb_per_second": round(data / secs / 1e6, 2),
             "cpu_seconds": round(cpu, 2),
             "cpu_seconds_per_million": round(cpu / max(entries, 1) * 1e6, 2),
             "peak_rss_mb": round(sampler.peak_rss / (1 << 20), 1),
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
     report = {
         "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION,
         "cpus": os.cpu_count(), "astaire": astaire, "ceiling_addq": ceiling, "per_record_get_add": per_record,
-        "ratio_to_ceiling": round(astaire["records_per_second"] / ceiling["records_per_second"], 3),
+        # Same records into the same kind of node: ratio of the times to get them there.
+        "ratio_to_ceiling": round(ceiling["seconds"] / astaire["seconds"], 3),
         "speedup_over_per_record": round(astaire["records_per_second"] / per_record["records_per_second"], 1),
     }
     print(json.dumps(report, indent=2))
@@ -220,10 +226,12 @@ def main(argv=None) -> int:
     print()
     print(f"{'pattern':<22} {'records':>10} {'seconds':>9} {'records/s':>11} {'MB/s':>8}")
     for name, r in rows:
-        n = r.get("entries", r.get("records"))
+        n = r.get("records_for_new_node", r.get("records"))
         print(f"{name:<22} {n:>10,} {r['seconds']:>9.2f} {r['records_per_second']:>11,} {r['mb_per_second']:>8.2f}")
+    print(f"(astaire streamed {astaire['entries']:,} entries, each vbucket from both old replicas: "
+          f"{astaire['entries_per_second']:,} entries/s; MB/s counts the bytes it received)")
     print(f"\nratio to ceiling {report['ratio_to_ceiling']}, {report['speedup_over_per_record']}x the per-record "
-          f"pattern; Astaire CPU {astaire['cpu_seconds_per_million']} s per million records, "
+          f"pattern; Astaire CPU {astaire['cpu_seconds_per_million']} s per million entries, "
           f"peak RSS {astaire['peak_rss_mb']} MB, placement {'ok' if astaire['placement_ok'] else 'WRONG'}")
     return 0 if astaire["placement_ok"] and astaire["result"] == "ok" else 1
 

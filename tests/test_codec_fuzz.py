@@ -30,7 +30,7 @@ def tap(request):
 
 # Per build: each property sees twice this many examples per session (pure + compiled).
 # ASTAIRE_FUZZ_EXAMPLES raises it for a longer soak.
-EXAMPLES = int(os.environ.get("ASTAIRE_FUZZ_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("ASTAIRE_FUZZ_EXAMPLES", "2500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HEADER = struct.Struct(">BBHBBHIIQ")

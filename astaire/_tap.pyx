@@ -372,6 +372,20 @@ cdef inline void cbuf_release(CBuf *b) noexcept:
         b.has_view = False
 
 
+cdef int inbuf_take(Buf *b, object data) except -1:
+    """Append a chunk (any buffer-protocol object) to an input buffer."""
+    cdef CBuf c
+    cdef int r
+    cbuf_get(data, &c)
+    try:
+        r = inbuf_feed(b, c.p, <size_t>c.n)
+    finally:
+        cbuf_release(&c)
+    if r < 0:
+        raise MemoryError()
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # Hashing
 
@@ -700,15 +714,7 @@ cdef class FrameParser:
         return self._offset
 
     def feed(self, data):
-        cdef CBuf b
-        cdef int r
-        cbuf_get(data, &b)
-        try:
-            r = inbuf_feed(&self._buf, b.p, <size_t>b.n)
-        finally:
-            cbuf_release(&b)
-        if r < 0:
-            raise MemoryError()
+        inbuf_take(&self._buf, data)
 
     cdef Frame _next(self):
         cdef Buf *b = &self._buf
@@ -1683,16 +1689,9 @@ cdef class Writer:
 
     def feed_tap(self, data):
         """Take a chunk of the TAP stream; returns how many records it accepted."""
-        cdef CBuf b
         cdef int r
         cdef Py_ssize_t accepted = 0
-        cbuf_get(data, &b)
-        try:
-            r = inbuf_feed(&self._src, b.p, <size_t>b.n)
-        finally:
-            cbuf_release(&b)
-        if r < 0:
-            raise MemoryError()
+        inbuf_take(&self._src, data)
         with nogil:
             r = self._tap_loop(&accepted)
         if r < 0:
@@ -1716,28 +1715,30 @@ cdef class Writer:
 
     def feed_target(self, data):
         """Take a chunk of the local memcached's responses."""
-        cdef CBuf b
-        cdef int r
-        cdef Buf *t = &self._tgt
+        self._feed_answers(data, &self._tgt, &self._tgt_offset, False)
+
+    cdef int _feed_answers(self, object data, Buf *t, uint64_t *offset, bint fetch) except -1:
+        """Append a chunk to a response buffer (the target's, or the source's answers to
+        fetches when ``fetch``) and hand each whole frame to its handler; a frame cut
+        short stays buffered for the next chunk."""
         cdef const uint8_t *p
         cdef size_t size = 0
-        cbuf_get(data, &b)
-        try:
-            r = inbuf_feed(t, b.p, <size_t>b.n)
-        finally:
-            cbuf_release(&b)
-        if r < 0:
-            raise MemoryError()
+        cdef int r
+        inbuf_take(t, data)
         while t.head < t.len:
             p = <const uint8_t *>t.data + t.head
             r = check_header(p, t.len - t.head, self.max_body, &size)
             if r == R_INCOMPLETE:
                 break
             if r < 0:
-                raise_frame_error(r, p, self._tgt_offset, self.max_body)
-            self._on_target(p, size, self._tgt_offset)
+                raise_frame_error(r, p, offset[0], self.max_body)
+            if fetch:
+                self._on_fetch(p, size, offset[0])
+            else:
+                self._on_target(p, size, offset[0])
             t.head += size
-            self._tgt_offset += size
+            offset[0] += size
+        return 0
 
     cdef int _on_target(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
         cdef uint8_t opcode = p[1]
@@ -1835,8 +1836,6 @@ cdef class Writer:
 
     def feed_metadump(self, data):
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        cdef CBuf b
-        cdef int r
         cdef Buf *m = &self._md
         cdef const char *line
         cdef const char *nl
@@ -1846,13 +1845,7 @@ cdef class Writer:
             if len(data):
                 raise CrawlerError("data after END", self._md_offset)
             return True
-        cbuf_get(data, &b)
-        try:
-            r = inbuf_feed(m, b.p, <size_t>b.n)
-        finally:
-            cbuf_release(&b)
-        if r < 0:
-            raise MemoryError()
+        inbuf_take(m, data)
         try:
             while True:
                 line = m.data + m.head
@@ -2054,28 +2047,7 @@ cdef class Writer:
 
     def feed_fetch(self, data):
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        cdef CBuf b
-        cdef int r
-        cdef Buf *t = &self._fch
-        cdef const uint8_t *p
-        cdef size_t size = 0
-        cbuf_get(data, &b)
-        try:
-            r = inbuf_feed(t, b.p, <size_t>b.n)
-        finally:
-            cbuf_release(&b)
-        if r < 0:
-            raise MemoryError()
-        while t.head < t.len:
-            p = <const uint8_t *>t.data + t.head
-            r = check_header(p, t.len - t.head, self.max_body, &size)
-            if r == R_INCOMPLETE:
-                break
-            if r < 0:
-                raise_frame_error(r, p, self._fch_offset, self.max_body)
-            self._on_fetch(p, size, self._fch_offset)
-            t.head += size
-            self._fch_offset += size
+        self._feed_answers(data, &self._fch, &self._fch_offset, True)
 
     cdef int _on_fetch(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
         cdef uint8_t opcode = p[1]

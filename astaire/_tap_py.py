@@ -572,6 +572,17 @@ class _Record:
         self.fence = 0
 
 
+class _Answers:
+    """A buffer of response frames: the bytes from ``head`` on are not consumed yet, and
+    ``offset`` is the stream offset of ``head``."""
+    __slots__ = ("buf", "head", "offset")
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.head = 0
+        self.offset = 0
+
+
 def _key_text(key) -> str:
     return repr(bytes(key[:80]))
 
@@ -666,9 +677,7 @@ class Writer:
         self._unfenced = 0
         self._out = bytearray()
         # Target side.
-        self._tgt = bytearray()
-        self._tgt_head = 0
-        self._tgt_offset = 0
+        self._tgt = _Answers()
         # Crawler side.
         self._md = bytearray()
         self._md_head = 0
@@ -681,9 +690,7 @@ class Writer:
         self._fetch_seq = 0
         self._fetch_batch_seq = 0
         self._fetch_out = bytearray()
-        self._fch = bytearray()
-        self._fch_head = 0
-        self._fch_offset = 0
+        self._fch = _Answers()
 
     # -- state -----------------------------------------------------------------------
 
@@ -875,24 +882,29 @@ class Writer:
 
     def feed_target(self, data) -> None:
         """Take a chunk of the local memcached's responses."""
-        buf = self._tgt
-        if self._tgt_head:
-            del buf[:self._tgt_head]
-            self._tgt_head = 0
+        self._feed_answers(data, self._tgt, self._on_target)
+
+    def _feed_answers(self, data, answers, on_frame) -> None:
+        """Append a chunk to a response buffer and hand each whole frame to ``on_frame``;
+        a frame cut short stays buffered for the next chunk."""
+        buf = answers.buf
+        if answers.head:
+            del buf[:answers.head]
+            answers.head = 0
         buf += data
         pos = 0
         end = len(buf)
         try:
             while pos < end:
-                offset = self._tgt_offset
+                offset = answers.offset
                 size = _header_error(buf, pos, end - pos, offset, self.max_body)
                 if not size:
                     break
-                self._on_target(_frame_at(buf, pos, size, offset))
+                on_frame(_frame_at(buf, pos, size, offset))
                 pos += size
-                self._tgt_offset += size
+                answers.offset += size
         finally:
-            self._tgt_head = pos
+            answers.head = pos
 
     def _on_target(self, f):
         offset = f.offset
@@ -1081,24 +1093,7 @@ class Writer:
 
     def feed_fetch(self, data) -> None:
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        buf = self._fch
-        if self._fch_head:
-            del buf[:self._fch_head]
-            self._fch_head = 0
-        buf += data
-        pos = 0
-        end = len(buf)
-        try:
-            while pos < end:
-                offset = self._fch_offset
-                size = _header_error(buf, pos, end - pos, offset, self.max_body)
-                if not size:
-                    break
-                self._on_fetch(_frame_at(buf, pos, size, offset))
-                pos += size
-                self._fch_offset += size
-        finally:
-            self._fch_head = pos
+        self._feed_answers(data, self._fch, self._on_fetch)
 
     def _on_fetch(self, f):
         offset = f.offset

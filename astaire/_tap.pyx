@@ -319,20 +319,8 @@ cdef struct U64Q:
 
 
 cdef int q_push(U64Q *q, uint64_t v) noexcept nogil:
-    cdef size_t cap
-    cdef uint64_t *p
-    if q.len == q.cap:
-        if q.head:
-            memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(uint64_t))
-            q.len -= q.head
-            q.head = 0
-        if q.len == q.cap:
-            cap = q.cap * 2 if q.cap else 64
-            p = <uint64_t *>realloc(q.data, cap * sizeof(uint64_t))
-            if p == NULL:
-                return -1
-            q.data = p
-            q.cap = cap
+    if fifo_room(q) < 0:
+        return -1
     q.data[q.len] = v
     q.len += 1
     return 0
@@ -1178,22 +1166,39 @@ cdef inline Fetch *fq_at(FetchQ *q, uint64_t seq) noexcept nogil:
     return &q.data[q.head + <size_t>(seq - q.first)]
 
 
+# Both FIFOs make room the same way: compact first, double only when still full.
+ctypedef fused Fifo:
+    U64Q
+    FetchQ
+
+
+cdef inline int fifo_room(Fifo *q) noexcept nogil:
+    """Room for one more entry at q.data[q.len]; -1 when out of memory."""
+    cdef size_t cap
+    cdef void *d
+    if q.len < q.cap:
+        return 0
+    if q.head:
+        memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(q.data[0]))
+        q.len -= q.head
+        q.head = 0
+    if q.len == q.cap:
+        cap = q.cap * 2 if q.cap else 64
+        d = realloc(q.data, cap * sizeof(q.data[0]))
+        if d == NULL:
+            return -1
+        if Fifo is U64Q:
+            q.data = <uint64_t *>d
+        else:
+            q.data = <Fetch *>d
+        q.cap = cap
+    return 0
+
+
 cdef Fetch *fq_push(FetchQ *q) noexcept nogil:
     """Room for one more entry at the tail (sequence number q.first + count), or NULL."""
-    cdef size_t cap
-    cdef Fetch *d
-    if q.len == q.cap:
-        if q.head:
-            memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(Fetch))
-            q.len -= q.head
-            q.head = 0
-        if q.len == q.cap:
-            cap = q.cap * 2 if q.cap else 64
-            d = <Fetch *>realloc(q.data, cap * sizeof(Fetch))
-            if d == NULL:
-                return NULL
-            q.data = d
-            q.cap = cap
+    if fifo_room(q) < 0:
+        return NULL
     q.len += 1
     return &q.data[q.len - 1]
 

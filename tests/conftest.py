@@ -1,6 +1,7 @@
 import pytest
 
 from astaire.localcluster import LocalCluster, MemcachedServer
+from tests.throttle_helpers import group_name  # noqa: F401 (a fixture for the throttle tests)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ pidfile: together they would use every CPU. Their CPU use (CPU seconds per wall
 second, summed) is measured with psutil over 3 s and must stay within 50%..120% of
 CPUs x percentage / 100.
 """
-import errno
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -18,25 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-try:
-    import astaire_throttle  # noqa: F401  (installed, or on PYTHONPATH)
-except ImportError:  # running from a bare checkout: the package lives in throttle/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "throttle"))
+from tests.throttle_helpers import CPUS, V1_ROOT, V2_ROOT, needs_v1  # first: it puts throttle/ on the path
 
-from astaire_throttle.cgroup import find_v1_cpu_root, find_v2_root, quota_us, read_mounts
+from astaire_throttle.cgroup import quota_us
 
 REPO = Path(__file__).resolve().parents[1]
-MOUNTS = read_mounts()
-V1_ROOT = find_v1_cpu_root(MOUNTS)
-V2_ROOT = find_v2_root(MOUNTS)
-CPUS = os.cpu_count()
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [str(REPO / "throttle"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 MEASURE_SECONDS = 3.0
-
-needs_v1 = pytest.mark.skipif(
-    not (V1_ROOT and os.access(os.path.join(V1_ROOT, "cgroup.procs"), os.W_OK)),
-    reason="no writable cgroup v1 cpu hierarchy")
 
 BUSY = r"""
 import ctypes, os, signal
@@ -83,30 +70,6 @@ def assert_in_band(share, percentage):
     print(f"held at {percentage}%: {share:.4f} CPU s/s (target {target:.3f}, "
           f"{100 * share / target:.0f}%)")
     assert 0.5 * target <= share <= 1.2 * target, (share, target)
-
-
-def remove_group(root: str, path: str) -> None:
-    """Move every process in the cgroup at *path* back to *root*, then remove it.
-
-    rmdir fails with EBUSY while a killed member is still being reaped: retry a while.
-    """
-    deadline = time.monotonic() + 10
-    while os.path.isdir(path):
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            pids = f.read().split()
-        for pid in pids:
-            try:
-                with open(os.path.join(root, "cgroup.procs"), "w") as f:
-                    f.write(pid)
-            except OSError as exc:
-                if exc.errno != errno.ESRCH:
-                    raise
-        try:
-            os.rmdir(path)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def group_members(path) -> set[int]:
@@ -180,16 +143,6 @@ class Service:
             self.proc.kill()
             self.proc.wait()
             raise
-
-
-@pytest.fixture
-def group_name():
-    """A test-only cgroup name; the groups are removed (tasks moved back to the root) after."""
-    name = f"astaire-test-{secrets.token_hex(4)}"
-    yield name
-    for root in (V1_ROOT, V2_ROOT):
-        if root:
-            remove_group(root, os.path.join(root, name))
 
 
 @pytest.fixture

@@ -132,24 +132,53 @@ def _moved(pid: int, write) -> bool:
         raise
 
 
-class CgroupV1Limiter:
-    """The ``astaire`` group in a cgroup v1 hierarchy with the cpu controller."""
+class _CgroupLimiter:
+    """What the v1 and v2 limiters share: where the group is, and finding it again."""
 
-    kind = "cgroup v1"
     inherits = True  # children are born in their parent's cgroup
 
-    def __init__(self, root: str = "/sys/fs/cgroup/cpu", name: str = DEFAULT_CGROUP_NAME,
-                 cpus: int | None = None):
+    def __init__(self, root: str, name: str, cpus: int | None):
         self.root = root.rstrip("/") or "/"
         self.name = check_group_name(name)
         self.cpus = cpus or os.cpu_count() or 1
         self.path = os.path.join(self.root, self.name)
         self.percentage: float | None = None
-        self._group: CpuController | None = None
-        self._quota: int | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} group {self.path}"
+
+    def _forget_group(self) -> None:
+        """Drop what is known of the group, so that set_percentage creates it again."""
+        raise NotImplementedError
+
+    def _members_or_recreate(self) -> set[int]:
+        """The group's members; if the group disappeared, it is created again (empty)."""
+        try:
+            return self.members()
+        except FileNotFoundError:
+            log.warning("%s disappeared; creating it again", self)
+            self._forget_group()
+            self.set_percentage(self.percentage)
+            return set()
+
+    def hold(self, seconds: float, waker) -> bool:
+        """Wait for the next poll (the kernel enforces the quota); True if told to stop."""
+        return waker.wait(seconds)
+
+
+class CgroupV1Limiter(_CgroupLimiter):
+    """The ``astaire`` group in a cgroup v1 hierarchy with the cpu controller."""
+
+    kind = "cgroup v1"
+
+    def __init__(self, root: str = "/sys/fs/cgroup/cpu", name: str = DEFAULT_CGROUP_NAME,
+                 cpus: int | None = None):
+        super().__init__(root, name, cpus)
+        self._group: CpuController | None = None
+        self._quota: int | None = None
+
+    def _forget_group(self) -> None:
+        self._group = None
 
     def _open_group(self) -> CpuController:
         if not os.path.isfile(os.path.join(self.root, "cpu.cfs_quota_us")):
@@ -188,13 +217,7 @@ class CgroupV1Limiter:
         """
         if self._group is None:
             raise RuntimeError("set_percentage() first")
-        try:
-            present = self.members()
-        except FileNotFoundError:
-            log.warning("%s disappeared; creating it again", self)
-            self._group = None
-            self.set_percentage(self.percentage)
-            present = set()
+        present = self._members_or_recreate()
         current = self._group.cfs_quota_us  # None means -1
         if current != self._quota:
             log.warning("%s: cpu.cfs_quota_us was changed to %s; setting it back to %d",
@@ -206,10 +229,6 @@ class CgroupV1Limiter:
                 moved.append(pid)
         return moved
 
-    def hold(self, seconds: float, waker) -> bool:
-        """Wait for the next poll (the kernel enforces the quota); True if told to stop."""
-        return waker.wait(seconds)
-
     def release(self) -> None:
         """Lift the limit (quota -1); the processes may stay in the group."""
         if self._group is not None:
@@ -217,24 +236,19 @@ class CgroupV1Limiter:
             log.info("%s: limit lifted (cpu.cfs_quota_us=-1)", self)
 
 
-class CgroupV2Limiter:
+class CgroupV2Limiter(_CgroupLimiter):
     """The ``astaire`` child of a cgroup v2 (unified) hierarchy, via ``cpu.max``."""
 
     kind = "cgroup v2"
-    inherits = True
 
     def __init__(self, root: str = "/sys/fs/cgroup", name: str = DEFAULT_CGROUP_NAME,
                  cpus: int | None = None):
-        self.root = root.rstrip("/") or "/"
-        self.name = check_group_name(name)
-        self.cpus = cpus or os.cpu_count() or 1
-        self.path = os.path.join(self.root, self.name)
-        self.percentage: float | None = None
+        super().__init__(root, name, cpus)
         self._ready = False
         self._cpu_max = ""
 
-    def __str__(self) -> str:
-        return f"{self.kind} group {self.path}"
+    def _forget_group(self) -> None:
+        self._ready = False
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -302,13 +316,7 @@ class CgroupV2Limiter:
         """
         if not self._ready:
             raise RuntimeError("set_percentage() first")
-        try:
-            present = self.members()
-        except FileNotFoundError:
-            log.warning("%s disappeared; creating it again", self)
-            self._ready = False
-            self.set_percentage(self.percentage)
-            present = set()
+        present = self._members_or_recreate()
         with open(self._file("cpu.max")) as f:
             current = " ".join(f.read().split())
         if current != self._cpu_max:
@@ -317,10 +325,6 @@ class CgroupV2Limiter:
             with open(self._file("cpu.max"), "w") as f:
                 f.write(self._cpu_max)
         return [pid for pid in pids if pid not in present and _moved(pid, self._write_pid)]
-
-    def hold(self, seconds: float, waker) -> bool:
-        """Wait for the next poll (the kernel enforces the quota); True if told to stop."""
-        return waker.wait(seconds)
 
     def release(self) -> None:
         """Lift the limit (``cpu.max`` = max); the processes may stay in the group."""

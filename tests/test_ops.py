@@ -15,8 +15,7 @@ import psutil
 
 from astaire import ops, workload
 from astaire.view import ClusterView
-from tests.test_daemon_e2e import (REPO, astaire, daemons, servers, tap_resize, taps,  # noqa: F401 (fixtures)
-                                   wait_for)
+from tests.daemon_helpers import REPO, astaire, wait_for
 
 
 def test_stats_file_sits_beside_the_pidfile():

@@ -8,17 +8,14 @@ import os
 
 if os.environ.get("ASTAIRE_PUREPYTHON", "") not in ("", "0"):
     from astaire._tap_py import *  # noqa: F401,F403
-    from astaire import _tap_py as _impl
 
     IMPLEMENTATION = "python"
 else:
     try:
         from astaire._tap import *  # noqa: F401,F403
-        from astaire import _tap as _impl
 
         IMPLEMENTATION = "cython"
     except ImportError:
         from astaire._tap_py import *  # noqa: F401,F403
-        from astaire import _tap_py as _impl
 
         IMPLEMENTATION = "python"

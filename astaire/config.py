@@ -51,6 +51,14 @@ def parse_server(name: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_server_list(value: str) -> list[str]:
+    """Comma-separated HOST:PORT entries, stripped, empty ones dropped; ValueError names a bad one."""
+    entries = [e for e in (e.strip() for e in value.split(",")) if e]
+    for entry in entries:
+        parse_server(entry)
+    return entries
+
+
 def parse_cluster_settings(text: str, source: str = "<cluster_settings>") -> ClusterSettings:
     """Parse cluster_settings text; raise ConfigError naming ``source`` and the line."""
     values: dict[str, list[str]] = {}
@@ -65,14 +73,10 @@ def parse_cluster_settings(text: str, source: str = "<cluster_settings>") -> Clu
         value = parts[1] if len(parts) == 2 else ""
         if key not in ("servers", "new_servers"):
             raise ConfigError(f"{source}:{lineno}: unknown key {key!r} (expected 'servers' or 'new_servers')")
-        entries = [e.strip() for e in value.split(",")]
-        entries = [e for e in entries if e]
-        for entry in entries:
-            try:
-                parse_server(entry)
-            except ValueError as exc:
-                raise ConfigError(f"{source}:{lineno}: {key} entry {exc}") from None
-        values[key] = entries
+        try:
+            values[key] = parse_server_list(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}:{lineno}: {key} entry {exc}") from None
     if "servers" not in values:
         raise ConfigError(f"{source}: no 'servers' line")
     return ClusterSettings(values["servers"], values.get("new_servers", []))

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from astaire.localcluster import LocalCluster
-from astaire.view import ClusterView
+from astaire.view import ClusterView, vbucket_for_key
 
 
 def register(sub) -> None:
@@ -51,9 +54,60 @@ def wait_until_running(pidfile: str, proc: subprocess.Popen, timeout: float = 30
     return False
 
 
-def _astaire(*args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def _astaire(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "astaire.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, check=check)
+                          timeout=timeout)
+
+
+@dataclass
+class SyncRun:
+    """One daemon run from start to sync: wait-sync's verdict, the final status, the timing."""
+    ok: bool
+    error: str          # wait-sync's message and the daemon's stderr when not ok
+    status: dict
+    seconds: float      # from starting the daemon to wait-sync returning
+
+
+def run_until_synced(local: str, settings_file: str, workdir: str, source: str = "auto",
+                     workers: int | None = None, poll_interval: float = 0.2,
+                     on_started: Callable[[int], None] | None = None,
+                     on_synced: Callable[[], None] | None = None) -> SyncRun:
+    """Start ``astaire run`` for ``local`` (pidfile, stats and log in ``workdir``), wait for
+    sync, read its status, and stop it. ``on_started(pid)`` / ``on_synced()`` bracket the
+    wait (the benchmark samples the daemon's CPU and memory there)."""
+    pidfile = os.path.join(workdir, "astaire.pid")
+    run_args = ["run", "--local-name", local, "--cluster-settings-file", settings_file,
+                "--pidfile", pidfile, "--log-file", workdir, "--source", source,
+                "--config", os.path.join(workdir, "config")]
+    if workers:
+        run_args += ["--workers", str(workers)]
+    t_start = time.monotonic()
+    daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", *run_args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    status: dict = {}
+    try:
+        if on_started:
+            on_started(daemon.pid)
+        if not wait_until_running(pidfile, daemon):
+            wait_error = "the Astaire daemon did not start"
+        else:
+            wait = _astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings_file,
+                            "--quiet", "--poll-interval", str(poll_interval), timeout=3600)
+            wait_error = "" if wait.returncode == 0 else (wait.stderr.strip() or wait.stdout.strip())
+        seconds = time.monotonic() - t_start
+        if on_synced:
+            on_synced()
+        if not wait_error:
+            status = json.loads(_astaire("status", "--json", "--pidfile", pidfile).stdout)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            _, err = daemon.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            _, err = daemon.communicate()
+    error = "\n".join(x for x in (wait_error, "" if not wait_error else (err or "").strip()) if x)
+    return SyncRun(not wait_error, error, status, seconds)
 
 
 def run(args) -> int:
@@ -64,9 +118,7 @@ def run(args) -> int:
         return 2
     workdir = tempfile.mkdtemp(prefix="astaire-demo-")
     settings_file = os.path.join(workdir, "cluster_settings")
-    pidfile = os.path.join(workdir, "astaire.pid")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
-    daemon = None
     with LocalCluster(3, memory_mb=max(64, args.records * (args.value_size + 120) * 3 // (1 << 20))) as cluster:
         a, b, c = cluster.names
         before = ClusterView([a, b])
@@ -80,35 +132,12 @@ def run(args) -> int:
             f.write(f"servers={a},{b}\nnew_servers={a},{b},{c}\n")
         moving = sum(1 for vb in range(128) if c in after.new[vb])
         say(f"resizing 2 -> 3: {c} gains {moving} of 128 vbuckets; starting Astaire for it")
-        run_args = ["run", "--local-name", c, "--cluster-settings-file", settings_file,
-                    "--pidfile", pidfile, "--log-file", workdir, "--source", args.source,
-                    "--config", os.path.join(workdir, "config")]
-        if args.workers:
-            run_args += ["--workers", str(args.workers)]
-        t_start = time.monotonic()
-        daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", *run_args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            if not wait_until_running(pidfile, daemon):
-                raise RuntimeError("the Astaire daemon did not start")
-            wait = subprocess.run([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", pidfile,
-                                   "--cluster-settings-file", settings_file, "--quiet"],
-                                  capture_output=True, text=True, timeout=3600)
-            seconds = time.monotonic() - t_start
-            status = json.loads(_astaire("status", "--json", "--pidfile", pidfile).stdout)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                _, err = daemon.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                _, err = daemon.communicate()
-        if wait.returncode != 0:
-            print(f"astaire demo: wait-sync failed: {wait.stderr.strip() or wait.stdout.strip()}", file=sys.stderr)
-            if err:
-                print(err.strip(), file=sys.stderr)
+        sync = run_until_synced(c, settings_file, workdir, args.source, args.workers)
+        if not sync.ok:
+            print(f"astaire demo: wait-sync failed: {sync.error}", file=sys.stderr)
             print(f"logs kept in {workdir}", file=sys.stderr)
             return 1
+        status, seconds = sync.status, sync.seconds
         last = status.get("last_resync") or {}
         entries = int(last.get("entries", 0))
         data = int(last.get("bytes", 0))
@@ -116,7 +145,7 @@ def run(args) -> int:
         say("checking every record on every server against the view ...")
         expected = workload.expected_holders(records, before, after, copied_to=[c])
         check = workload.check_placement(records, expected, [a, b, c])
-    should_move = sum(1 for r in records if c in after.new[_vb(r.key)])
+    should_move = sum(1 for r in records if c in after.new[vbucket_for_key(r.key)])
     report = {
         "records_loaded": len(records),
         "records_for_new_node": should_move,
@@ -135,7 +164,6 @@ def run(args) -> int:
         "workdir": workdir if args.keep_dir else None,
     }
     if not args.keep_dir:
-        import shutil
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -155,8 +183,3 @@ def run(args) -> int:
         for item in (check.missing + check.wrong + check.misplaced)[:10]:
             print(f"    {item}")
     return 0 if check.ok and report["last_resync"] == "ok" else 1
-
-
-def _vb(key: bytes) -> int:
-    from astaire.view import vbucket_for_key
-    return vbucket_for_key(key)

@@ -6,18 +6,15 @@ import json
 import sys
 from collections import Counter
 
-from astaire.config import ConfigError, parse_server, read_cluster_settings
+from astaire.config import ConfigError, parse_server_list, read_cluster_settings
 from astaire.view import DEFAULT_REPLICAS, DEFAULT_VBUCKETS, ClusterView
 
 
 def _server_list(text: str) -> list[str]:
-    entries = [e.strip() for e in text.split(",") if e.strip()]
-    for entry in entries:
-        try:
-            parse_server(entry)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return entries
+    try:
+        return parse_server_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _power_of_two(text: str) -> int:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,14 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from astaire import codec
 from astaire.config import parse_server
-from astaire.demo import wait_until_running
+from astaire.demo import run_until_synced
 from astaire.localcluster import LocalCluster, MemcachedServer
 from astaire.view import ClusterView, vbucket_for_key
 from astaire import workload
-
-
-def astaire_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "astaire.cli", *args], capture_output=True, text=True, **kw)
 
 
 class ProcessSampler(threading.Thread):
@@ -85,7 +79,6 @@ class ProcessSampler(threading.Thread):
 def run_astaire(records, value_size, workers, source) -> dict:
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
     settings = os.path.join(workdir, "cluster_settings")
-    pidfile = os.path.join(workdir, "astaire.pid")
     mem = max(256, len(records) * (value_size + 150) * 2 // (1 << 20))
     with LocalCluster(3, memory_mb=mem, threads=2) as cluster:
         a, b, c = cluster.names
@@ -95,32 +88,24 @@ def run_astaire(records, value_size, workers, source) -> dict:
         load_s = time.monotonic() - t
         with open(settings, "w") as f:
             f.write(f"servers={a},{b}\nnew_servers={a},{b},{c}\n")
-        args = [sys.executable, "-m", "astaire.cli", "run", "--local-name", c, "--cluster-settings-file",
-                settings, "--pidfile", pidfile, "--log-file", workdir, "--source", source,
-                "--config", os.path.join(workdir, "config")]
-        if workers:
-            args += ["--workers", str(workers)]
-        t0 = time.monotonic()
-        daemon = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        sampler = ProcessSampler(daemon.pid)
-        sampler.start()
-        try:
-            if not wait_until_running(pidfile, daemon):
-                raise SystemExit("the Astaire daemon did not start")
-            wait = astaire_cli("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings,
-                               "--quiet", "--poll-interval", "0.05", timeout=3600)
-            wall = time.monotonic() - t0
+        sampler = None
+
+        def start_sampling(pid: int) -> None:
+            nonlocal sampler
+            sampler = ProcessSampler(pid)
+            sampler.start()
+
+        cpu = 0.0
+
+        def stop_sampling() -> None:
+            nonlocal cpu
             cpu = sampler.stop()
-            status = json.loads(astaire_cli("status", "--json", "--pidfile", pidfile).stdout)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.communicate()
-        if wait.returncode != 0:
-            raise SystemExit(f"wait-sync failed: {wait.stderr or wait.stdout}")
+
+        sync = run_until_synced(c, settings, workdir, source, workers, poll_interval=0.05,
+                                on_started=start_sampling, on_synced=stop_sampling)
+        if not sync.ok:
+            raise SystemExit(f"wait-sync failed: {sync.error}")
+        status, wall = sync.status, sync.seconds
         last = status["last_resync"]
         moved = [r for r in records if c in after.new[vbucket_for_key(r.key)]]
         placement = workload.check_placement(moved, {c: {r.key for r in moved}}, [c], compare_expiry=False)

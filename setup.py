@@ -5,7 +5,7 @@ pure-Python codec, as it does with ASTAIRE_PUREPYTHON=1).
 """
 import os
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 ext_modules = []
 if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
@@ -24,7 +24,7 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
     )
 
 setup(
-    packages=["astaire", "astaire_throttle"],
+    packages=find_packages(include=["astaire", "astaire.*"]) + ["astaire_throttle"],
     package_dir={"astaire": "astaire", "astaire_throttle": "throttle/astaire_throttle"},
     package_data={"astaire": ["*.pyx", "*.pxd", "*.h", "py.typed"]},
     ext_modules=ext_modules,

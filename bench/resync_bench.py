@@ -32,11 +32,11 @@ import psutil
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
 from astaire import codec
-from astaire.config import parse_server
-from astaire.demo import run_until_synced
-from astaire.localcluster import LocalCluster, MemcachedServer
-from astaire.view import ClusterView, vbucket_for_key
-from astaire import workload
+from astaire.cluster.settings import parse_server
+from astaire.demo.run import run_until_synced
+from astaire.demo.localcluster import LocalCluster, MemcachedServer
+from astaire.cluster.view import ClusterView, vbucket_for_key
+from astaire.demo import workload
 
 
 class ProcessSampler(threading.Thread):

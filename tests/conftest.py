@@ -1,6 +1,6 @@
 import pytest
 
-from astaire.localcluster import LocalCluster, MemcachedServer
+from astaire.demo.localcluster import LocalCluster, MemcachedServer
 from tests.daemon_helpers import daemons, servers, tap_resize, taps  # noqa: F401 (fixtures for the end-to-end tests)
 from tests.throttle_helpers import group_name  # noqa: F401 (a fixture for the throttle tests)
 

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from astaire import codec, workload
-from astaire.config import settings_digest
-from astaire.localcluster import MemcachedServer
+from astaire import codec
+from astaire.demo import workload
+from astaire.cluster.settings import settings_digest
+from astaire.demo.localcluster import MemcachedServer
 from astaire.stats import StatsReader, StatsUnavailable
-from astaire.view import ClusterView, vbucket_for_key
+from astaire.cluster.view import ClusterView, vbucket_for_key
 from tests.tapserver import TapServer
 
 REPO = str(Path(__file__).resolve().parent.parent)

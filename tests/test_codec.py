@@ -30,9 +30,7 @@ def tap(request):
     return request.param
 
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "hashes.jsonl"
-if not VECTORS.exists():
-    VECTORS = Path("/work/shared/vectors/hashes.jsonl")
+VECTORS = Path(__file__).resolve().parent / "data" / "hashes.jsonl"  # from the original C++ (tests/data/README.md)
 
 # The TAP_MUTATION exactly as the Clearwater memcached fork sent it.
 FORK_FRAME = bytes.fromhex(

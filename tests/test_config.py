@@ -1,8 +1,9 @@
 """cluster_settings and node config readers follow DESIGN.md's rules; errors name file and line."""
 import pytest
 
-from astaire.config import (ConfigError, local_name_from_config, parse_cluster_settings, parse_node_config,
-                            parse_server, read_cluster_settings, read_node_config, settings_digest)
+from astaire.cluster.nodeconfig import local_name_from_config, parse_node_config, read_node_config
+from astaire.cluster.settings import (ConfigError, parse_cluster_settings, parse_server, read_cluster_settings,
+                                      settings_digest)
 
 
 def test_servers_and_new_servers_with_comments_blank_lines_and_whitespace():

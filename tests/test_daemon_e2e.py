@@ -14,10 +14,11 @@ import time
 
 import psutil
 
-from astaire import sink, workload
-from astaire.localcluster import free_port
-from astaire.view import ClusterView, vbucket_for_key
-from astaire.worklist import Worklist
+from astaire.demo import workload
+from astaire.resync import target
+from astaire.demo.localcluster import free_port
+from astaire.cluster.view import ClusterView, vbucket_for_key
+from astaire.cluster.worklist import Worklist
 from tests.daemon_helpers import REPO, astaire, load_mixed, wait_for
 from tests.tapserver import TapServer
 
@@ -84,14 +85,14 @@ def test_local_memcached_restart_is_noticed_by_the_tag_and_triggers_a_full_resyn
     d = daemons(a, [a, b], source="crawler", tag_interval=0.3)
     s = d.wait_sync()
     assert s["last_resync"]["full"]  # no tag at first start: a full resync
-    assert sink.tag_present(a)
+    assert target.tag_present(a)
     local_server.restart()  # same port, empty
     s = d.wait_sync(resyncs=2)
     assert s["last_resync"]["result"] == "ok" and s["last_resync"]["full"]
     assert s["last_resync"]["entries"] == len(records)  # everything came back from b
     assert "the resync tag is gone" in d.log()
     assert_holds(a, records, view)
-    assert sink.tag_present(a)
+    assert target.tag_present(a)
 
 
 def test_unreachable_local_memcached_is_a_warning_then_retried(servers, daemons):
@@ -131,7 +132,7 @@ def test_a_source_sending_malformed_frames_fails_while_the_daemon_keeps_running(
     log = d.log()
     assert "protocol" in log and "event 7005" in log
     assert d.proc.poll() is None  # still running
-    assert sink.tag_present(n.name)  # the tag is set even after a failed resync
+    assert target.tag_present(n.name)  # the tag is set even after a failed resync
     status = d.cli("status", "--json")
     assert '"result": "failed"' in status.stdout
 

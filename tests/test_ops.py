@@ -13,8 +13,9 @@ from pathlib import Path
 
 import psutil
 
-from astaire import ops, workload
-from astaire.view import ClusterView
+from astaire.cli import commands as ops
+from astaire.demo import workload
+from astaire.cluster.view import ClusterView
 from tests.daemon_helpers import REPO, astaire, wait_for
 
 

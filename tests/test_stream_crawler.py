@@ -10,8 +10,8 @@ import time
 import psutil
 import pytest
 
-from astaire import source
-from astaire.stream import StreamJob, run_stream
+from astaire.resync import source
+from astaire.resync.stream import StreamJob, run_stream
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
                                    vbucket)
 

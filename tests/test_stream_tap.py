@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 
-from astaire import source
-from astaire.localcluster import MemcachedServer, free_port
-from astaire.stream import StreamJob, run_stream
+from astaire.resync import source
+from astaire.demo.localcluster import MemcachedServer, free_port
+from astaire.resync.stream import StreamJob, run_stream
 from tests.tapserver import TapServer
 
 HEADER = struct.Struct(">BBHBBHIIQ")

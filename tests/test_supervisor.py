@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from astaire import logs, worker
+from astaire.daemon import logs, worker
 from astaire.stats import StatsReader, StatsUnavailable
-from astaire.supervisor import (MAX_STREAM_ATTEMPTS, AlreadyRunning, Options, Pidfile, Resync, Supervisor,
-                                daemon_pid, _ranges)
-from astaire.view import ClusterView
-from astaire.worklist import Worklist
+from astaire.daemon.arbiter import Options, Supervisor
+from astaire.daemon.bookkeeping import MAX_STREAM_ATTEMPTS, Resync, ranges as _ranges
+from astaire.daemon.pidfile import AlreadyRunning, Pidfile, daemon_pid
+from astaire.cluster.view import ClusterView
+from astaire.cluster.worklist import Worklist
 
 S1, S2, LOCAL = "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"
 RESIZING = ClusterView([S1, S2], [S1, S2, LOCAL])
@@ -244,7 +245,7 @@ class Child:
                 logs.setup_logging(self.options.log_dir, 5)
                 Supervisor.set_tag = staticmethod(lambda target: self.tag.touch())
                 Supervisor.tag_present = staticmethod(lambda target: self.tag.exists())
-                from astaire.config import settings_digest
+                from astaire.cluster.settings import settings_digest
 
                 pidfile = Pidfile(self.options.pidfile)
                 pidfile.acquire()
@@ -347,7 +348,7 @@ def test_sigusr1_forces_a_full_resync_and_sighup_with_an_unchanged_view_does_not
     assert s["last_resync"]["full"]
     c.settings.write_text(c.settings.read_text() + "# a comment changes the digest, not the view\n")
     os.kill(c.pid, signal.SIGHUP)
-    from astaire.config import settings_digest
+    from astaire.cluster.settings import settings_digest
 
     deadline = time.monotonic() + 5
     while c.snapshot()["settings_digest"] != settings_digest(str(c.settings)):
@@ -373,7 +374,7 @@ def test_a_same_view_edit_during_a_resync_is_taken_in_when_the_resync_ends(child
     c.settings.write_text(c.settings.read_text() + "# comment only\n")
     os.kill(c.pid, signal.SIGHUP)
     s = c.wait_resyncs(1)
-    from astaire.config import settings_digest
+    from astaire.cluster.settings import settings_digest
 
     assert s["settings_digest"] == settings_digest(str(c.settings))
     assert s["resyncs_completed"] == 1  # the same view: no second resync

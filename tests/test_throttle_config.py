@@ -15,8 +15,8 @@ from astaire_throttle.config import (
     InvalidPercentage,
     load_cpu_limit,
     parse_percentage,
-    parse_shell_assignments,
 )
+from astaire.cluster.nodeconfig import parse_node_config as parse_shell_assignments  # the one node-config reader
 
 
 def test_assignments_follow_shell_quoting_and_comments():

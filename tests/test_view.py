@@ -4,19 +4,28 @@ import pathlib
 
 import pytest
 
-from astaire.view import ClusterView, key_hash, vbucket_for_key
+from astaire.cluster.view import ClusterView, key_hash, vbucket_for_key
 
-import os
-
-# The reference vectors live in shared/vectors beside the checkout (ASTAIRE_VECTORS overrides).
-VECTORS = pathlib.Path(os.environ.get("ASTAIRE_VECTORS") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors")
+# Reference vectors computed with the original C++ code, copied into tests/data (see its README);
+# test_vector_copies_match_the_shared_originals checks the copies when the originals are beside the checkout.
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTOR_FILES = ("hashes.jsonl", "views.jsonl", "views-padding.jsonl")
 
 
 def _lines(name):
-    path = VECTORS / name
+    path = DATA / name
     if not path.exists():
-        pytest.fail(f"reference vectors not found at {path} (set ASTAIRE_VECTORS)")
+        pytest.fail(f"reference vectors missing: {path}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("name", VECTOR_FILES)
+def test_vector_copies_match_the_shared_originals(name):
+    original = SHARED / name
+    if not original.exists():
+        pytest.skip(f"no shared original beside this checkout ({original})")
+    assert (DATA / name).read_bytes() == original.read_bytes()
 
 
 def test_hash_matches_reference_vectors():
@@ -40,6 +49,18 @@ def test_view_matches_reference_vectors(index):
 
 def test_view_vectors_are_all_covered():
     assert len(_lines("views.jsonl")) == 8  # one parametrised case per line above
+    assert len(_lines("views-padding.jsonl")) == 2
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_resizing_views_pad_short_lists_with_the_owner_as_the_original_does(index):
+    row = _lines("views-padding.jsonl")[index]
+    view = ClusterView(row["servers"], row["new_servers"], row["vbuckets"], row["replicas"])
+    assert view.current == row["current"]
+    assert view.new == row["new"]
+    assert view.read == row["read"]
+    assert view.write == row["write"]
+    assert any(len(set(r)) < len(r) for r in (row["current"] + row["new"]))  # the padding is exercised
 
 
 def test_stable_view_every_vbucket_has_distinct_replicas():

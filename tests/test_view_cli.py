@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from astaire.view import ClusterView
+from astaire.cluster.view import ClusterView
 
 A, B, C = "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"
 

@@ -1,6 +1,6 @@
 """The worklist: which vbuckets the local node pulls, from whom, in which rounds."""
-from astaire.view import ClusterView
-from astaire.worklist import Worklist
+from astaire.cluster.view import ClusterView
+from astaire.cluster.worklist import Worklist
 
 A, B, C = "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"
 

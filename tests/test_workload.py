@@ -1,7 +1,7 @@
 """The workload helper loads MemcachedStore-shaped records where the view says, and its
 placement check catches missing, wrong and misplaced copies (it guards the e2e tests)."""
-from astaire import workload
-from astaire.view import ClusterView, vbucket_for_key
+from astaire.demo import workload
+from astaire.cluster.view import ClusterView, vbucket_for_key
 
 
 def test_load_puts_each_record_on_its_replicas_only(cluster_factory):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from astaire import _tap_py
-from astaire.localcluster import MemcachedServer
+from astaire.demo.localcluster import MemcachedServer
 from astaire.protocol_errors import (
     BadMagic,
     CrawlerBusy,

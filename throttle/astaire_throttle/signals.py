@@ -2,7 +2,7 @@
 
 As ``cpulimit`` did, Astaire's processes are continued for part of every
 short slot (100 ms) and stopped for the rest. The running part of the slot
-follows a feedback loop: the group's measured CPU use (from /proc/<pid>/stat)
+follows a feedback loop: the group's measured CPU use (through psutil)
 is compared with the allowed share, the difference accumulates as a bounded
 debt, and the next slot's running time is what pays the share minus part of
 that debt at the group's measured demand. It is coarser than a cfs quota
@@ -19,26 +19,26 @@ import signal
 import time
 from typing import Iterable
 
+import psutil
+
 log = logging.getLogger(__name__)
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SLOT_SECONDS = 0.1
 DEBT_GAIN = 0.3  # fraction of the accumulated overshoot repaid per slot
 MAX_CREDIT_SECONDS = 1.0  # an idle spell earns at most this many seconds of share
 
 
-def read_stat(pid: int) -> tuple[int, int] | None:
-    """(start time, CPU ticks used) of *pid* from /proc/<pid>/stat; None if it is gone."""
+def read_stat(pid: int) -> tuple[float, float] | None:
+    """(start time, CPU seconds used) of *pid*, through psutil; None if it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return None
+            times = proc.cpu_times()
+            return proc.create_time(), times.user + times.system
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # Fields after "(comm) ": state is field 3, utime 14, stime 15, starttime 22.
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19]), int(fields[11]) + int(fields[12])
 
 
 class DutyCycleLimiter:
@@ -52,8 +52,8 @@ class DutyCycleLimiter:
         self.slot = slot
         self.percentage: float | None = None
         self._target = 0.0  # CPU seconds per wall second
-        self._start: dict[int, int] = {}  # pid -> start time (guards against pid reuse)
-        self._ticks: dict[int, int] = {}  # pid -> CPU ticks at the last measurement
+        self._start: dict[int, float] = {}  # pid -> start time (guards against pid reuse)
+        self._ticks: dict[int, float] = {}  # pid -> CPU seconds at the last measurement
         self._measured_at: float | None = None
         self._demand: float | None = None  # CPUs the group uses while running
         self._debt = 0.0  # CPU seconds used beyond the share (negative: credit)
@@ -114,7 +114,7 @@ class DutyCycleLimiter:
                 continue
             used += max(0, stat[1] - self._ticks[pid])
             self._ticks[pid] = stat[1]
-        return used / CLOCK_TICKS
+        return used
 
     def _steer(self, used: float, wall: float, ran: float) -> None:
         """Choose the next slot's running fraction from the last slot's figures."""

@@ -1,38 +1,21 @@
-"""Which processes are Astaire: the pid in its pidfile and all its descendants."""
+"""Which processes are Astaire: the pid its pidfile names (identity checked) and all its descendants."""
 from __future__ import annotations
 
 import os
 
 import psutil
 
-DEFAULT_PIDFILE = "/var/run/astaire/astaire.pid"
+from astaire.daemon.pidfile import DEFAULT_PIDFILE, NotRunning, find_daemon
 
+NoTarget = NotRunning  # no live Astaire to hold (the message says why)
 
-class NoTarget(Exception):
-    """No live Astaire to hold (the message says why)."""
+__all__ = ["DEFAULT_PIDFILE", "NoTarget", "read_pidfile", "process_tree"]
 
 
 def read_pidfile(path: str) -> int:
-    """The pid named in *path*; raises NoTarget if there is none or it is not running."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        raise NoTarget(f"pidfile {path} does not exist") from None
-    except OSError as exc:
-        raise NoTarget(f"cannot read pidfile {path}: {exc.strerror}") from None
-    try:
-        pid = int(text.split()[0])
-    except (ValueError, IndexError):
-        raise NoTarget(f"pidfile {path} holds no pid ({text[:40]!r})") from None
-    if pid <= 1:
-        raise NoTarget(f"pidfile {path} names pid {pid}, which cannot be Astaire")
-    try:
-        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            raise NoTarget(f"pid {pid} from {path} has exited")
-    except psutil.NoSuchProcess:
-        raise NoTarget(f"pid {pid} from {path} is not running") from None
-    return pid
+    """The pid named in *path*, checked to be the process the file was written for (a
+    locked pidfile, or a process started before the file was written); raises NoTarget."""
+    return find_daemon(path, require_lock=False)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -20,30 +20,28 @@ arrives during a resync (SIGHUP with a changed view, SIGUSR1, missing tag) never
 running stream (TAP streams are read to their end); the old worklist is no longer
 dispatched and the new resync starts once the running streams have ended.
 
-Counting of streams redone after a worker died: entries and bytes are counted live from
-the workers' progress messages (so wait-sync and status see them move); each stream
-remembers what it reported, and when its worker dies that amount is subtracted before the
-stream is queued again. A stream's final result replaces its live counts, and buckets
-resynchronized grows only when a stream returns ok.
+The resync's own bookkeeping (streams waiting and running, counters) is in
+``astaire.daemon.bookkeeping``; starting the daemon (pidfile, detaching) in
+``astaire.daemon.main``.
 """
 from __future__ import annotations
 
-import collections
-import errno
 import itertools
-import fcntl
 import logging
 import os
 import selectors
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from astaire import logs, stats, worker
-from astaire.config import ConfigError, parse_server, read_cluster_settings, settings_digest
-from astaire.view import ClusterView
-from astaire.worklist import Worklist
+from astaire import stats
+from astaire.cluster.settings import ConfigError, parse_server, read_cluster_settings, settings_digest
+from astaire.cluster.view import ClusterView
+from astaire.cluster.worklist import Worklist
+from astaire.daemon import logs, worker
+from astaire.daemon.bookkeeping import Resync, Stream, ranges
+from astaire.daemon.pidfile import Pidfile
 
 log = logging.getLogger("astaire.supervisor")
 
@@ -53,7 +51,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
 STOP_GRACE = 3.0          # seconds workers get to exit on SIGTERM before SIGKILL
-MAX_STREAM_ATTEMPTS = 3   # a stream whose worker dies this often counts as a failed source
 BOOT_BACKOFF_MAX = 30.0
 HEARTBEAT = 1.0
 
@@ -74,212 +71,6 @@ class Options:
     replicas: int = 2
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
-
-
-# -- pidfile -------------------------------------------------------------------------------
-
-class AlreadyRunning(Exception):
-    def __init__(self, pid: int | None, path: str):
-        self.pid, self.path = pid, path
-        who = f"with pid {pid}" if pid else "(pid unknown)"
-        super().__init__(f"astaire is already running {who}: {path} is held by it; stop it first")
-
-
-def read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (an exited child not yet reaped) is not running.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def daemon_pid(path: str) -> int | None:
-    """The pid of the daemon holding ``path``, or None when no daemon holds it (no file, a
-    stale file whose lock nobody holds, or a pid that is not alive)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            pid = read_pid(path)  # locked: a daemon holds it
-            return pid if pid_alive(pid) else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-class Pidfile:
-    """The pidfile, locked (flock) for the daemon's lifetime: a live lock means a running
-    daemon; a file without one is stale and is replaced."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise AlreadyRunning(read_pid(self.path), self.path) from None
-            raise
-        self.fd = fd
-
-    def write(self, pid: int) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            if read_pid(self.path) == os.getpid():
-                os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
-
-
-def daemonize() -> None:
-    """Double fork, new session, cwd /, standard streams to /dev/null."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    os.umask(0o022)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
-# -- resync bookkeeping (no I/O) -------------------------------------------------------------
-
-@dataclass
-class Stream:
-    id: int
-    server: str
-    vbuckets: list[int]
-    worker: int | None = None               # pid of the worker running it
-    reported: dict[int, list[int]] = field(default_factory=dict)  # vb -> [entries, bytes] so far
-    attempts: int = 0
-
-    def totals(self) -> tuple[int, int]:
-        return sum(e for e, _ in self.reported.values()), sum(b for _, b in self.reported.values())
-
-
-class Resync:
-    """One resync: the worklist's rounds, the streams waiting and running, the counters."""
-
-    def __init__(self, worklist: Worklist, full: bool, ids=None):
-        self.worklist = worklist
-        self.full = full
-        self.pending: collections.deque[Stream] = collections.deque()
-        self.running: dict[int, Stream] = {}
-        self.superseded = False       # a newer request replaces it once running streams end
-        self.watch_tag = False        # the tag was there at the start: a loss means a restart
-        self.started = time.monotonic()
-        self.started_at = time.time()
-        self.resynchronized = 0
-        self.entries = 0
-        self.bytes = 0
-        self.rounds = 0
-        self._ids = ids if ids is not None else itertools.count(1)
-
-    @property
-    def needing(self) -> int:
-        return self.worklist.needing
-
-    def next_round(self) -> bool:
-        """Queue the next round's streams; False when the worklist is exhausted."""
-        groups = self.worklist.next_round()
-        if not groups:
-            return False
-        self.rounds += 1
-        for server, vbuckets in groups.items():
-            self.pending.append(Stream(next(self._ids), server, list(vbuckets)))
-        return True
-
-    def take(self, pid: int) -> Stream | None:
-        if self.superseded or not self.pending:
-            return None
-        s = self.pending.popleft()
-        s.worker = pid
-        self.running[s.id] = s
-        return s
-
-    def progress(self, stream: Stream, delta: dict) -> tuple[int, int]:
-        entries = nbytes = 0
-        for vb, (e, b) in delta.items():
-            counts = stream.reported.setdefault(int(vb), [0, 0])
-            counts[0] += e
-            counts[1] += b
-            entries += e
-            nbytes += b
-        self.entries += entries
-        self.bytes += nbytes
-        return entries, nbytes
-
-    def finished(self, stream: Stream, ok: bool, counts: dict) -> tuple[int, int]:
-        """The stream's result: its final counts replace what it reported; returns the bytes
-        and entries that were not reported before (for the bandwidth)."""
-        self.running.pop(stream.id, None)
-        e0, b0 = stream.totals()
-        stream.reported = {int(vb): [int(e), int(b)] for vb, (e, b) in counts.items()} if counts else stream.reported
-        e1, b1 = stream.totals()
-        self.entries += e1 - e0
-        self.bytes += b1 - b0
-        if ok:
-            self.worklist.stream_succeeded(stream.server, stream.vbuckets)
-            self.resynchronized += len(stream.vbuckets)
-        else:
-            self.worklist.server_failed(stream.server)
-        return e1 - e0, b1 - b0
-
-    def worker_lost(self, stream: Stream) -> bool:
-        """Its worker died: forget what it reported and queue it again (first), or give up
-        on the source after MAX_STREAM_ATTEMPTS. Returns True when it was queued again."""
-        self.running.pop(stream.id, None)
-        entries, nbytes = stream.totals()
-        self.entries -= entries
-        self.bytes -= nbytes
-        stream.reported = {}
-        stream.worker = None
-        stream.attempts += 1
-        if stream.attempts >= MAX_STREAM_ATTEMPTS:
-            self.worklist.server_failed(stream.server)
-            return False
-        self.pending.appendleft(stream)
-        return True
 
 
 # -- workers as the supervisor sees them -----------------------------------------------------------
@@ -324,13 +115,13 @@ class Supervisor:
     # Injectable for tests; the real ones talk to the local memcached.
     @staticmethod
     def set_tag(target: str) -> None:
-        from astaire.sink import set_tag
+        from astaire.resync.target import set_tag
 
         set_tag(target)
 
     @staticmethod
     def tag_present(target: str) -> bool:
-        from astaire.sink import tag_present
+        from astaire.resync.target import tag_present
 
         return tag_present(target)
 
@@ -763,8 +554,8 @@ class Supervisor:
         if failed:
             log.error("resync finished in %.2f s with %d vbuckets no source could serve: %s "
                       "(failed sources: %s); %d entries, %d bytes", seconds, len(failed),
-                      _ranges(failed), ", ".join(wl.failed_servers) or "none", r.entries, r.bytes)
-            logs.RESYNC_FAILED.log(_ranges(failed))
+                      ranges(failed), ", ".join(wl.failed_servers) or "none", r.entries, r.bytes)
+            logs.RESYNC_FAILED.log(ranges(failed))
         else:
             log.log(logs.STATUS, "resync completed in %.2f s: %d vbuckets, %d entries, %d bytes, %d rounds",
                     seconds, len(wl.sources), r.entries, r.bytes, r.rounds)
@@ -786,54 +577,3 @@ class Supervisor:
         if view.resizing:
             return f"servers={','.join(view.servers)} new_servers={','.join(view.new_servers)}"
         return f"servers={','.join(view.servers or view.new_servers)}"
-
-
-def _ranges(vbuckets: list[int]) -> str:
-    """[1, 2, 3, 7] -> "1-3,7"."""
-    out, start, prev = [], None, None
-    for vb in vbuckets:
-        if start is None:
-            start = prev = vb
-        elif vb == prev + 1:
-            prev = vb
-        else:
-            out.append(f"{start}-{prev}" if prev != start else str(start))
-            start = prev = vb
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else str(start))
-    return ",".join(out)
-
-
-def main(options: Options) -> int:
-    """Start the daemon with checked ``options``: refuse a second instance, read the
-    settings (exit 3 if invalid), detach if asked, run until stopped."""
-    try:
-        logs.setup_logging(options.log_dir, options.log_level)
-    except OSError as e:
-        message = f"cannot write the log in {options.log_dir}: {e.strerror or e}"
-        print(f"astaire: {message}", file=sys.stderr)
-        logs.INVALID_OPTION.log(f"--log-file {options.log_dir}: {e.strerror or e}")
-        return EXIT_USAGE
-    digest = settings_digest(options.cluster_settings_file)
-    try:
-        settings = read_cluster_settings(options.cluster_settings_file)
-    except ConfigError as e:
-        print(f"astaire: invalid cluster settings: {e}", file=sys.stderr)
-        log.error("invalid cluster settings at start: %s", e)
-        return EXIT_CONFIG
-    view = ClusterView.from_settings(settings, options.vbuckets, options.replicas)
-    pidfile = Pidfile(options.pidfile)
-    try:
-        pidfile.acquire()
-    except AlreadyRunning as e:
-        print(f"astaire: {e}", file=sys.stderr)
-        log.error("%s", e)
-        return EXIT_ALREADY_RUNNING
-    except OSError as e:
-        print(f"astaire: cannot use pidfile {options.pidfile}: {e}", file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
-    if options.daemon:
-        daemonize()
-        logs.setup_logging(options.log_dir, options.log_level)  # a fresh handler in the daemon
-    pidfile.write(os.getpid())
-    return Supervisor(options, view, digest, pidfile).run()

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from astaire import sink
-from astaire.localcluster import free_port
+from astaire.resync import target
+from astaire.demo.localcluster import free_port
 from tests.test_stream_tap import mc_get_many
 
 HEADER = struct.Struct(">BBHBBHIIQ")
@@ -81,26 +81,26 @@ def fake():
 
 
 def test_tag_is_absent_on_a_fresh_memcached_and_present_once_set(memcached):
-    assert sink.tag_present(memcached.name) is False
-    sink.set_tag(memcached.name)
-    assert sink.tag_present(memcached.name) is True
+    assert target.tag_present(memcached.name) is False
+    target.set_tag(memcached.name)
+    assert target.tag_present(memcached.name) is True
 
 
 def test_tag_is_an_empty_json_object_with_flags_0_and_no_expiry(memcached):
-    sink.set_tag(memcached.name)
+    target.set_tag(memcached.name)
     assert mc_get_many(memcached, [b"astaire\\\\tag"]) == {b"astaire\\\\tag": (b"{}", 0, -1)}
 
 
 def test_tag_is_gone_after_memcached_restarts(memcached):
-    sink.set_tag(memcached.name)
+    target.set_tag(memcached.name)
     memcached.restart()
-    assert sink.tag_present(memcached.name) is False
+    assert target.tag_present(memcached.name) is False
 
 
 def test_tag_requests_are_binary_with_vbucket_0(fake):
     server = fake(lambda h, b: response(h[1]))
-    sink.set_tag(server.name)
-    assert sink.tag_present(server.name) is True
+    target.set_tag(server.name)
+    assert target.tag_present(server.name) is True
     (set_h, set_b), (get_h, get_b) = server.requests
     assert (set_h[0], set_h[1], set_h[5]) == (0x80, 0x01, 0)
     assert set_b == struct.pack(">II", 0, 0) + b"astaire\\\\tag" + b"{}"
@@ -109,40 +109,40 @@ def test_tag_requests_are_binary_with_vbucket_0(fake):
 
 def test_refused_write_is_a_clear_error(fake):
     server = fake(lambda h, b: response(h[1], 0x0007, b"Not my vbucket"))
-    with pytest.raises(sink.SinkError, match=r"setting the tag: target .* status 0x0007 \(Not my vbucket\)"):
-        sink.set_tag(server.name)
-    with pytest.raises(sink.SinkError, match="reading the tag"):
-        sink.tag_present(server.name)
+    with pytest.raises(target.TargetError, match=r"setting the tag: target .* status 0x0007 \(Not my vbucket\)"):
+        target.set_tag(server.name)
+    with pytest.raises(target.TargetError, match="reading the tag"):
+        target.tag_present(server.name)
 
 
 def test_unreachable_target_is_a_clear_error():
     name = f"127.0.0.1:{free_port()}"
-    with pytest.raises(sink.SinkError, match=f"cannot connect to target {name}"):
-        sink.set_tag(name, timeout=1)
-    with pytest.raises(sink.SinkError, match=f"cannot connect to target {name}"):
-        sink.tag_present(name, timeout=1)
+    with pytest.raises(target.TargetError, match=f"cannot connect to target {name}"):
+        target.set_tag(name, timeout=1)
+    with pytest.raises(target.TargetError, match=f"cannot connect to target {name}"):
+        target.tag_present(name, timeout=1)
 
 
 def test_silent_target_times_out(fake):
     server = fake(lambda h, b: (time.sleep(1.5), None)[1])
     t0 = time.monotonic()
-    with pytest.raises(sink.SinkError, match="did not answer within 0.3 s"):
-        sink.tag_present(server.name, timeout=0.3)
+    with pytest.raises(target.TargetError, match="did not answer within 0.3 s"):
+        target.tag_present(server.name, timeout=0.3)
     assert time.monotonic() - t0 < 1.4
 
 
 def test_target_closing_without_answer_is_a_clear_error(fake):
     server = fake(lambda h, b: None)
-    with pytest.raises(sink.SinkError, match="closed the connection without answering"):
-        sink.set_tag(server.name)
+    with pytest.raises(target.TargetError, match="closed the connection without answering"):
+        target.set_tag(server.name)
 
 
 def test_garbage_answer_is_a_clear_error(fake):
     server = fake(lambda h, b: b"ERROR\r\n")
-    with pytest.raises(sink.SinkError, match="broke the binary protocol"):
-        sink.tag_present(server.name)
+    with pytest.raises(target.TargetError, match="broke the binary protocol"):
+        target.tag_present(server.name)
 
 
 def test_malformed_name_is_a_clear_error():
-    with pytest.raises(sink.SinkError, match="not HOST:PORT"):
-        sink.set_tag("nonsense")
+    with pytest.raises(target.TargetError, match="not HOST:PORT"):
+        target.set_tag("nonsense")

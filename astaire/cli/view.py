@@ -1,40 +1,13 @@
 """``astaire view``: show a cluster view and what a resize moves."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 
-from astaire.config import ConfigError, parse_server_list, read_cluster_settings
-from astaire.view import DEFAULT_REPLICAS, DEFAULT_VBUCKETS, ClusterView
-
-
-def _server_list(text: str) -> list[str]:
-    try:
-        return parse_server_list(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _power_of_two(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if n < 1 or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"{n} is not a power of two")
-    return n
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
-    return n
+from astaire.cli.argtypes import positive_int, power_of_two, server_list
+from astaire.cluster.settings import ConfigError, read_cluster_settings
+from astaire.cluster.view import DEFAULT_REPLICAS, DEFAULT_VBUCKETS, ClusterView
 
 
 def register(sub) -> None:
@@ -46,15 +19,15 @@ def register(sub) -> None:
         "replicas and whether it moves, then the vbuckets each server gains and loses.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--servers", type=_server_list, metavar="A,B,...",
+    src.add_argument("--servers", type=server_list, metavar="A,B,...",
                      help="current servers, comma-separated HOST:PORT")
     src.add_argument("--cluster-settings-file", metavar="FILE",
                      help="read servers/new_servers from a cluster_settings file instead")
-    p.add_argument("--new-servers", type=_server_list, default=[], metavar="A,B,...",
+    p.add_argument("--new-servers", type=server_list, default=[], metavar="A,B,...",
                    help="servers after the resize (omit for a stable cluster)")
-    p.add_argument("--vbuckets", type=_power_of_two, default=DEFAULT_VBUCKETS,
+    p.add_argument("--vbuckets", type=power_of_two, default=DEFAULT_VBUCKETS,
                    help="number of vbuckets, a power of two (default %(default)s)")
-    p.add_argument("--replicas", type=_positive, default=DEFAULT_REPLICAS,
+    p.add_argument("--replicas", type=positive_int, default=DEFAULT_REPLICAS,
                    help="replicas per vbucket (default %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON object with current, new, read and write (as in views.jsonl)")

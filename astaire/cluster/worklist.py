@@ -1,4 +1,4 @@
-"""What the local node must pull, and in which rounds (DESIGN.md, "the worklist").
+"""What the local node must pull, and in which rounds (docs/compatibility.md, "The worklist").
 
 Each vbucket the local node (newly) owns is streamed from every reachable old replica,
 primary first, one server per round: a replica that restarted and lost records cannot
@@ -6,7 +6,7 @@ leave the new home short.
 """
 from __future__ import annotations
 
-from astaire.view import ClusterView
+from astaire.cluster.view import ClusterView
 
 
 class Worklist:
@@ -17,7 +17,7 @@ class Worklist:
         for vb in range(view.vbuckets):
             if local not in view.owners(vb):
                 continue
-            sources = list(view.current[vb])
+            sources = list(dict.fromkeys(view.current[vb]))  # resizing lists may be padded
             if full:
                 sources = [s for s in sources if s != local]
             if sources and local not in sources:

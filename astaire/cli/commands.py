@@ -1,6 +1,6 @@
 """Operator commands: ``astaire run | reload | full-resync | wait-sync | status``.
 
-``run`` starts the daemon (``astaire.supervisor``). The others find it through its
+``run`` starts the daemon (``astaire.daemon``). The others find it through its
 pidfile (signals) and read its shared-memory statistics (``astaire.stats``) without
 talking to it.
 """
@@ -13,13 +13,13 @@ import signal
 import sys
 import time
 
-from astaire import logs
-from astaire.config import (DEFAULT_CLUSTER_SETTINGS, DEFAULT_NODE_CONFIG, local_name_from_config, parse_server,
-                            read_node_config, settings_digest)
+from astaire.daemon import logs
+from astaire.cluster.nodeconfig import DEFAULT_NODE_CONFIG, local_name_from_config, read_node_config
+from astaire.cluster.settings import DEFAULT_CLUSTER_SETTINGS, parse_server, settings_digest
+from astaire.daemon.pidfile import DEFAULT_PIDFILE, daemon_pid
 from astaire.stats import StatsReader, StatsUnavailable
-from astaire.view_cli import _positive
+from astaire.cli.argtypes import number, positive_int
 
-DEFAULT_PIDFILE = "/var/run/astaire/astaire.pid"
 DEFAULT_LOG_DIR = "/var/log/astaire"
 DEFAULT_LOG_LEVEL = 2
 DEFAULT_TAG_INTERVAL = 10.0
@@ -37,23 +37,8 @@ def stats_path_for(pidfile: str) -> str:
     return (root if ext == ".pid" else pidfile) + ".stats"
 
 
-def _number(convert, ok, requirement: str):
-    """An argparse type: ``convert`` the text, then require ``ok(n)``."""
-
-    def parse(text: str):
-        try:
-            n = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not ok(n):
-            raise argparse.ArgumentTypeError(f"{text} {requirement}")
-        return n
-
-    return parse
-
-
-_clearwater_level = _number(int, lambda n: 0 <= n <= 5, "is not a log level 0 (errors only) to 5 (debug)")
-_positive_seconds = _number(float, lambda n: n > 0, "must be more than 0 seconds")
+_clearwater_level = number(int, lambda n: 0 <= n <= 5, "is not a log level 0 (errors only) to 5 (debug)")
+_positive_seconds = number(float, lambda n: n > 0, "must be more than 0 seconds")
 
 
 def _add_pidfile(p: argparse.ArgumentParser) -> None:
@@ -95,7 +80,7 @@ def register(sub) -> None:
                    "(default: the pidfile's path with .stats for .pid)")
     p.add_argument("--daemon", action="store_true",
                    help="detach (double fork) and run in the background")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes streaming in parallel (default: one per CPU, %(default)s here)")
     p.add_argument("--source", choices=("tap", "crawler", "auto"), default="auto",
                    help="how to read the old replicas: tap (Clearwater memcached fork), crawler (stock "
@@ -161,7 +146,7 @@ def _usage_error(message: str) -> int:
 
 
 def cmd_run(args) -> int:
-    from astaire import supervisor
+    from astaire.daemon import arbiter, main
 
     node = read_node_config(args.config)
     local = args.local_name or local_name_from_config(node)
@@ -178,7 +163,7 @@ def cmd_run(args) -> int:
         except argparse.ArgumentTypeError as e:
             print(f"astaire run: log_level in {args.config}: {e}; using {DEFAULT_LOG_LEVEL}", file=sys.stderr)
             level = DEFAULT_LOG_LEVEL
-    options = supervisor.Options(
+    options = arbiter.Options(
         local_name=local,
         cluster_settings_file=os.path.abspath(args.cluster_settings_file),
         log_dir=os.path.abspath(args.log_file),
@@ -190,14 +175,12 @@ def cmd_run(args) -> int:
         tag_interval=args.tag_interval,
         daemon=args.daemon,
     )
-    return supervisor.main(options)
+    return main.main(options)
 
 
 # -- reload / full-resync ---------------------------------------------------------------------
 
 def _signal_daemon(args, sig: int, what: str) -> int:
-    from astaire.supervisor import daemon_pid
-
     pid = daemon_pid(args.pidfile)
     if pid is None:
         print(f"astaire is not running (no daemon holds {args.pidfile})", file=sys.stderr)
@@ -215,8 +198,6 @@ def _signal_daemon(args, sig: int, what: str) -> int:
 
 def _read(args) -> tuple[int | None, dict | None]:
     """(daemon pid or None, its statistics or None)."""
-    from astaire.supervisor import daemon_pid
-
     pid = daemon_pid(args.pidfile)
     if pid is None:
         return None, None

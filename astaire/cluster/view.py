@@ -1,7 +1,8 @@
 """Which servers own each vbucket: Project Clearwater's ``MemcachedStoreView``, bit for bit.
 
-The ring is rebuilt for every server list and grown one node at a time; see DESIGN.md.
-``shared/vectors/views.jsonl`` (computed with the original C++) is reproduced by the tests.
+The ring is rebuilt for every server list and grown one node at a time (docs/compatibility.md,
+"The view"); the reference views in ``tests/data`` (computed with the original C++) are
+reproduced by the tests.
 """
 from __future__ import annotations
 
@@ -65,12 +66,15 @@ class Ring:
         return nodes
 
 
-def _replica_names(servers: Sequence[str], vbuckets: int, replicas: int) -> list[list[str]]:
+def _replica_names(servers: Sequence[str], vbuckets: int, replicas: int, padded: bool) -> list[list[str]]:
+    """Per vbucket, the names of its replicas. The ring pads a short list (fewer nodes than
+    replicas) with the slot's owner: resizing views keep that padding, stable views list
+    each server once (both as the original C++ does; tests/data/views-padding.jsonl)."""
     if not servers:
         return [[] for _ in range(vbuckets)]
     ring = Ring(vbuckets, len(servers))
-    # The ring pads short lists with the owner; the names list keeps each server once (the
-    # reference vectors give a one-server cluster a one-entry list).
+    if padded:
+        return [[servers[n] for n in ring.replicas(vb, replicas)] for vb in range(vbuckets)]
     return [list(dict.fromkeys(servers[n] for n in ring.replicas(vb, replicas))) for vb in range(vbuckets)]
 
 
@@ -94,12 +98,12 @@ class ClusterView:
         self.new: list[list[str]] | None
         if not self.new_servers or not self.servers:
             stable = self.servers or self.new_servers
-            self.current = _replica_names(stable, vbuckets, replicas)
+            self.current = _replica_names(stable, vbuckets, replicas, padded=False)
             self.new = None
             self.read = [list(r) for r in self.current]
         else:
-            self.current = _replica_names(self.servers, vbuckets, replicas)
-            self.new = _replica_names(self.new_servers, vbuckets, replicas)
+            self.current = _replica_names(self.servers, vbuckets, replicas, padded=True)
+            self.new = _replica_names(self.new_servers, vbuckets, replicas, padded=True)
             self.read = []
             for vb in range(vbuckets):
                 merged: list[str] = []

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from astaire.localcluster import LocalCluster
-from astaire.view import ClusterView, vbucket_for_key
+from astaire.demo.localcluster import LocalCluster
+from astaire.cluster.view import ClusterView, vbucket_for_key
 
 
 def register(sub) -> None:
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 def wait_until_running(pidfile: str, proc: subprocess.Popen, timeout: float = 30.0) -> bool:
     """True once the daemon started as ``proc`` holds ``pidfile``; False if it exits first."""
-    from astaire.supervisor import daemon_pid
+    from astaire.daemon.pidfile import daemon_pid
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,7 +111,7 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
 
 
 def run(args) -> int:
-    from astaire import workload
+    from astaire.demo import workload
 
     if args.records < 1 or args.value_size < 0:
         print("astaire demo: --records must be at least 1 and --value-size at least 0", file=sys.stderr)

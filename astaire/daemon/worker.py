@@ -25,7 +25,7 @@ import traceback
 
 import msgpack
 
-from astaire import logs
+from astaire.daemon import logs
 
 log = logging.getLogger("astaire.worker")
 
@@ -64,7 +64,7 @@ def _plain(value):
 
 def _load_stream():
     """The stream machinery, imported after fork so an import failure is a boot failure."""
-    from astaire.stream import StreamJob, run_stream
+    from astaire.resync.stream import StreamJob, run_stream
 
     return StreamJob, run_stream
 

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from astaire import codec
-from astaire.config import parse_server
-from astaire.view import ClusterView, vbucket_for_key
+from astaire.client import BinaryClient
+from astaire.cluster.settings import parse_server
+from astaire.cluster.view import ClusterView, vbucket_for_key
 
 BATCH = 2000
 
@@ -42,39 +43,6 @@ def make_records(count: int, value_size: int = 100, table: str = "demo", seed: i
         start = n % 64
         value = filler[start:start + value_size]
         yield Record(key, value, (now_ms - n) & 0xFFFFFFFF, expiration)
-
-
-class BinaryClient:
-    """A blocking binary-protocol connection that sends requests in pipelined batches."""
-
-    def __init__(self, name: str, timeout: float = 30.0):
-        host, port = parse_server(name)
-        self.name = name
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.parser = codec.FrameParser()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> "BinaryClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def round_trip(self, requests: bytes, fence_opaque: int = 0xFFFFFFFF) -> list:
-        """Send ``requests`` + a NOOP fence; return every response before the fence."""
-        self.sock.sendall(requests + codec.encode_noop(fence_opaque))
-        responses = []
-        while True:
-            for frame in self.parser:
-                if frame.opcode == codec.OP_NOOP and frame.opaque == fence_opaque:
-                    return responses
-                responses.append(frame)
-            data = self.sock.recv(1 << 18)
-            if not data:
-                raise ConnectionError(f"{self.name} closed the connection")
-            self.parser.feed(data)
 
 
 def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:

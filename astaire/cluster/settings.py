@@ -1,23 +1,21 @@
-"""Readers for the two files Astaire takes its configuration from.
+"""The cluster settings file (``cluster_settings``): the server lists the view is built from.
 
-``cluster_settings`` (the server lists) follows Project Clearwater's rules exactly (see
-DESIGN.md); ``/etc/clearwater/config`` is a shell-style ``name=value`` file that is parsed,
-never executed.
+Project Clearwater's rules, followed exactly: lines are stripped; blank lines and lines
+starting with ``#`` are ignored; every other line is ``key=value`` split on ``=`` (more than
+one ``=`` is an error, no ``=`` means an empty value); the keys are ``servers`` (required)
+and ``new_servers`` (optional), nothing else; values are comma-separated ``host:port``
+entries with empty entries dropped. An invalid file at start-up is fatal (exit 3); on a
+reload it is logged and the old view stays.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import shlex
 from dataclasses import dataclass, field
 
-log = logging.getLogger("astaire.config")
+log = logging.getLogger("astaire.cluster")
 
 DEFAULT_CLUSTER_SETTINGS = "/etc/clearwater/cluster_settings"
-DEFAULT_NODE_CONFIG = "/etc/clearwater/config"
-DEFAULT_MEMCACHED_PORT = 11211
-_ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
 class ConfigError(ValueError):
@@ -102,49 +100,3 @@ def settings_digest(path: str) -> str:
             return hashlib.sha256(f.read()).hexdigest()
     except OSError:
         return ""
-
-
-def parse_node_config(text: str, source: str = "<config>") -> dict[str, str]:
-    """Shell-style ``name=value`` lines (quotes, ``#`` comments, optional ``export``).
-
-    The file is tokenised with shlex, never executed: command substitutions and variable
-    references are kept as literal text. Lines that are not assignments are skipped with a
-    warning naming the line.
-    """
-    result: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _ASSIGNMENT.match(line)
-        if not m:
-            log.warning("%s:%d: ignored, not a name=value assignment: %r", source, lineno, line)
-            continue
-        try:
-            tokens = shlex.split(m.group(2), comments=True, posix=True)
-        except ValueError as exc:
-            log.warning("%s:%d: ignored, cannot parse the value (%s): %r", source, lineno, exc, line)
-            continue
-        result[m.group(1)] = " ".join(tokens)
-    return result
-
-
-def read_node_config(path: str) -> dict[str, str]:
-    """The node config as a dict; a missing file is an empty config."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return parse_node_config(f.read(), path)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        log.warning("%s: cannot read node config: %s", path, exc)
-        return {}
-
-
-def local_name_from_config(config: dict[str, str]) -> str | None:
-    ip = config.get("local_ip", "").strip()
-    if not ip:
-        return None
-    if ":" in ip and not ip.startswith("["):
-        ip = f"[{ip}]"
-    return f"{ip}:{DEFAULT_MEMCACHED_PORT}"

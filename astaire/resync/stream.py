@@ -31,9 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from astaire import codec, source
+from astaire import codec
+from astaire.resync import source
 from astaire.protocol_errors import ProtocolError
-from astaire.sink import _reason, connect
+from astaire.client import connect, reason
 
 log = logging.getLogger("astaire.stream")
 
@@ -230,7 +231,7 @@ class _Stream:
         try:
             tsock = connect(job.target, job.connect_timeout)
         except (OSError, ValueError) as e:
-            raise _Failure(f"cannot connect to target {job.target}: {_reason(e)}") from e
+            raise _Failure(f"cannot connect to target {job.target}: {reason(e)}") from e
         self.target = self._add(tsock, f"target {job.target}")
         try:
             src = source.open_source(job.source, job.vbuckets, job.source_kind,
@@ -326,13 +327,13 @@ class _Stream:
             if peer.send_pending():
                 self.last_progress = time.monotonic()
         except OSError as e:
-            raise _Failure(f"{peer.what}: sending failed: {_reason(e)}{self._so_far()}") from e
+            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}") from e
 
     def _read(self, peer: _Peer) -> None:
         try:
             data = peer.recv()
         except OSError as e:
-            raise _Failure(f"{peer.what}: {_reason(e)}{self._so_far()}", peer is not self.target) from e
+            raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", peer is not self.target) from e
         if data is None:
             return
         self.last_progress = time.monotonic()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from astaire import codec
 from astaire.protocol_errors import ProtocolError
-from astaire.sink import _reason, connect
+from astaire.client import connect, reason
 
 log = logging.getLogger("astaire.stream")
 
@@ -144,7 +144,7 @@ def open_tap(server: str, vbuckets, *, connect_timeout: float = 5.0, probe_wait:
     try:
         sock = connect(server, connect_timeout)
     except (OSError, ValueError) as e:
-        raise SourceError(f"cannot connect to source {server}: {_reason(e)}") from e
+        raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
     ok = False
     try:
         request = codec.encode_tap_connect(codec.TAP_FLAG_DUMP, vbuckets=list(vbuckets))
@@ -170,7 +170,7 @@ def open_tap(server: str, vbuckets, *, connect_timeout: float = 5.0, probe_wait:
         ok = True
         return TapSource(server, sock, bytes(got), eof)
     except OSError as e:
-        raise SourceError(f"source {server} failed while opening TAP: {_reason(e)}") from e
+        raise SourceError(f"source {server} failed while opening TAP: {reason(e)}") from e
     finally:
         if not ok:
             sock.close()
@@ -209,7 +209,7 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
             dump = connect(server, connect_timeout)
             socks.append(dump)
         except (OSError, ValueError) as e:
-            raise SourceError(f"cannot connect to source {server}: {_reason(e)}") from e
+            raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
         version = _binary_version(server, fetch, connect_timeout)
         parsed = _version_tuple(version)
         if parsed is not None and parsed < MIN_CRAWLER_VERSION:
@@ -220,7 +220,7 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
         socks.clear()
         return src
     except OSError as e:
-        raise SourceError(f"source {server} failed while starting the crawler: {_reason(e)}") from e
+        raise SourceError(f"source {server} failed while starting the crawler: {reason(e)}") from e
     finally:
         for s in socks:
             s.close()
@@ -296,7 +296,7 @@ def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, id
         except socket.timeout as e:
             raise SourceError(f"source {server} did not answer {step} within {sock.gettimeout():g} s") from e
         except OSError as e:
-            raise SourceError(f"source {server} failed while starting lru_crawler metadump: {_reason(e)}") from e
+            raise SourceError(f"source {server} failed while starting lru_crawler metadump: {reason(e)}") from e
         if attempt == retries:
             break
         attempt += 1

@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the version and which codec implementation is loaded, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from astaire import demo, ops, view_cli
+    from astaire.cli import commands, view
+    from astaire.demo import run as demo
 
-    view_cli.register(sub)
-    ops.register(sub)
+    view.register(sub)
+    commands.register(sub)
     demo.register(sub)
     return parser
 

@@ -1,0 +1,5 @@
+import sys
+
+from astaire.cli import main
+
+sys.exit(main())

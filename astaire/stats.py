@@ -6,17 +6,22 @@ status``, an SNMP agent. Readers never see a half-written update: the writer bum
 sequence counter to an odd number before it writes and to the next even number after
 (a seqlock); a reader copies the file and retries if the counter was odd or moved.
 
-Layout (little-endian, no padding), version 1:
+Layout (little-endian, no padding), version 2:
 
     header  magic "ASTSTATS", version u32, total size u32, sequence u64
     body    see ``_BODY`` below: pid, state, geometry, heartbeat, the four MIB scalars,
-            bandwidth, the settings digest the view is based on, the last resync
+            bandwidth, the settings digest the view is based on, the last resync, the
+            condition flags (waiting for the local memcached, its CAS disabled, local node
+            in neither server list) and the cluster settings file the daemon reads
     failed  bitmap of the last resync's failed vbuckets (vbucket_count bits)
     conns   ``max_connections`` slots of ``_CONN`` + vbucket ids (u16) + entries (u64)
             + bytes (u64), ``vbucket_count`` of each; the first ``connections`` are live
 
-Counters follow DESIGN.md "Statistics": all 0 when no resync runs; "buckets" count
-(vbucket, source) pairs.
+Counters follow the MIB's rules (docs/compatibility.md, "Statistics"): all 0 when no
+resync runs; "buckets" count (vbucket, source) pairs.
+
+Readers validate every count and offset against the file's size and say what is wrong
+(``StatsUnavailable``); a damaged file never gives a traceback or a made-up number.
 """
 from __future__ import annotations
 
@@ -29,11 +34,17 @@ import time
 from dataclasses import dataclass, field
 
 MAGIC = b"ASTSTATS"
-VERSION = 1
+VERSION = 2
 
 STATE_NAMES = {0: "idle", 1: "resyncing", 2: "stopped"}
 STATE_IDLE, STATE_RESYNCING, STATE_STOPPED = 0, 1, 2
-RESULT_NAMES = {0: None, 1: "ok", 2: "failed"}
+RESULT_NAMES = {0: None, 1: "ok", 2: "failed", 3: "refused"}
+RESULT_CODES = {v: k for k, v in RESULT_NAMES.items()}
+
+# Condition flags
+FLAG_WAITING_FOR_LOCAL = 1      # the local memcached does not answer: work waits for it
+FLAG_TARGET_CAS_DISABLED = 2    # the local memcached runs without CAS (-C): resyncs are refused
+FLAG_LOCAL_NOT_IN_CLUSTER = 4   # the local node is in neither server list
 
 # InetAddressType (RFC 4001), as the MIB's connection tables index by it.
 ADDR_IPV4, ADDR_IPV6, ADDR_DNS = 1, 2, 16
@@ -67,10 +78,13 @@ _BODY = struct.Struct(
     "d"  # last resync duration, seconds
     "Q"  # last resync entries
     "Q"  # last resync bytes
+    "I"  # condition flags (FLAG_*)
+    "1024s"  # the cluster settings file the daemon reads
 )
 _CONN = struct.Struct("<IIIII64s")  # addr type, port, needing, resynced, vbucket count, address
 
 MAX_VBUCKETS = 65536
+MAX_CONNECTIONS = 4096
 
 
 class StatsUnavailable(Exception):
@@ -154,6 +168,10 @@ class StatsWriter:
         self.bandwidth = Bandwidth()
         self.connections: dict[object, Connection] = {}
         self.last_resync: dict | None = None
+        self.waiting_for_local = False
+        self.target_cas_disabled = False
+        self.local_in_cluster = True
+        self.settings_file = ""
         self._seq = 0
         self._bitmap_at, self._conns_at, self._slot, size = _layout(vbucket_count, self.max_connections)
         directory = os.path.dirname(os.path.abspath(path))
@@ -192,9 +210,12 @@ class StatsWriter:
             self.buckets_needing, self.buckets_resynchronized, self.entries, self.bytes,
             self.bandwidth.rate(), self.resyncs_completed,
             self.settings_digest.encode()[:128], self.local_name.encode()[:64],
-            {None: 0, "ok": 1, "failed": 2}[last.get("result")], int(bool(last.get("full"))), len(failed),
+            RESULT_CODES[last.get("result")], int(bool(last.get("full"))), len(failed),
             float(last.get("finished_at", 0.0)), float(last.get("seconds", 0.0)),
             int(last.get("entries", 0)), int(last.get("bytes", 0)),
+            (FLAG_WAITING_FOR_LOCAL * self.waiting_for_local | FLAG_TARGET_CAS_DISABLED * self.target_cas_disabled
+             | FLAG_LOCAL_NOT_IN_CLUSTER * (not self.local_in_cluster)),
+            self.settings_file.encode()[:1024],
         )
         bitmap = bytearray((self.vbucket_count + 7) // 8)
         for vb in failed:
@@ -260,19 +281,45 @@ class StatsReader:
         raise StatsUnavailable(f"{self.path}: no consistent read after {self.retries} tries")
 
     def snapshot(self) -> dict:
+        """The statistics as a dict; StatsUnavailable (saying what is wrong) for a missing,
+        foreign, truncated or damaged file."""
         data = self._copy()
         magic, version, size, seq = _HEADER.unpack_from(data, 0)
-        if magic != MAGIC or version != VERSION or size != len(data):
-            raise StatsUnavailable(f"{self.path} is not a version {VERSION} astaire statistics file")
+        if magic != MAGIC:
+            raise StatsUnavailable(f"{self.path} is not an astaire statistics file (bad magic)")
+        if version != VERSION:
+            raise StatsUnavailable(f"{self.path} is a version {version} statistics file; this astaire reads "
+                                   f"version {VERSION} (restart the daemon after an upgrade)")
+        if size != len(data):
+            raise StatsUnavailable(f"{self.path} is damaged: its header says {size} bytes, the file has {len(data)}")
         (pid, state, vc, max_conns, workers, nconns, heartbeat, started_at, resync_started_at, resync_full,
          needing, resynced, entries, nbytes, bandwidth, resyncs, digest, local, last_result, last_full,
-         last_nfailed, last_finished, last_seconds, last_entries, last_bytes) = _BODY.unpack_from(data, _HEADER.size)
+         last_nfailed, last_finished, last_seconds, last_entries, last_bytes, flags,
+         settings_file) = _BODY.unpack_from(data, _HEADER.size)
+        problems = []
+        if not 0 < vc <= MAX_VBUCKETS:
+            problems.append(f"vbucket count {vc}")
+        if not 0 < max_conns <= MAX_CONNECTIONS:
+            problems.append(f"connection slots {max_conns}")
+        if not problems and _layout(vc, max_conns)[3] != len(data):
+            problems.append(f"geometry ({vc} vbuckets, {max_conns} slots) does not fit {len(data)} bytes")
+        if nconns > max_conns:
+            problems.append(f"{nconns} connections in {max_conns} slots")
+        if state not in STATE_NAMES or last_result not in RESULT_NAMES:
+            problems.append(f"state {state} / result {last_result}")
+        if last_nfailed > vc:
+            problems.append(f"{last_nfailed} failed vbuckets of {vc}")
+        if problems:
+            raise StatsUnavailable(f"{self.path} is damaged: " + "; ".join(problems))
         bitmap_at, conns_at, slot, _ = _layout(vc, max_conns)
         failed = [vb for vb in range(vc) if data[bitmap_at + (vb >> 3)] >> (vb & 7) & 1]
         connections = []
-        for i in range(min(nconns, max_conns)):
+        for i in range(nconns):
             at = conns_at + i * slot
             atype, port, c_needing, c_resynced, nvb, addr = _CONN.unpack_from(data, at)
+            if nvb > vc or port > 65535 or atype not in (ADDR_IPV4, ADDR_IPV6, ADDR_DNS):
+                raise StatsUnavailable(f"{self.path} is damaged: connection {i} has {nvb} vbuckets, "
+                                       f"port {port}, address type {atype}")
             at += _CONN.size
             vbs = struct.unpack_from(f"<{nvb}H", data, at)
             ents = struct.unpack_from(f"<{nvb}Q", data, at + 2 * vc)
@@ -313,4 +360,8 @@ class StatsReader:
                 "entries": last_entries,
                 "bytes": last_bytes,
             },
+            "waiting_for_local": bool(flags & FLAG_WAITING_FOR_LOCAL),
+            "target_cas_disabled": bool(flags & FLAG_TARGET_CAS_DISABLED),
+            "local_in_cluster": not flags & FLAG_LOCAL_NOT_IN_CLUSTER,
+            "settings_file": settings_file.rstrip(b"\0").decode(errors="replace"),
         }

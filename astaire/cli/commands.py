@@ -16,6 +16,7 @@ import time
 from astaire.daemon import logs
 from astaire.cluster.nodeconfig import DEFAULT_NODE_CONFIG, local_name_from_config, read_node_config
 from astaire.cluster.settings import DEFAULT_CLUSTER_SETTINGS, parse_server, settings_digest
+from astaire.daemon.bookkeeping import ranges
 from astaire.daemon.pidfile import DEFAULT_PIDFILE, daemon_pid
 from astaire.stats import StatsReader, StatsUnavailable
 from astaire.cli.argtypes import number, positive_int
@@ -28,6 +29,8 @@ DEFAULT_WAIT_TIMEOUT = 600.0
 EXIT_NOT_RUNNING = 1
 EXIT_USAGE = 2
 EXIT_NO_PROGRESS = 4
+EXIT_NOT_IN_CLUSTER = 5
+EXIT_FAILED_VBUCKETS = 6
 EXIT_STATUS_NOT_RUNNING = 3  # LSB: "program is not running"
 
 
@@ -88,6 +91,15 @@ def register(sub) -> None:
     p.add_argument("--tag-interval", type=_positive_seconds, default=DEFAULT_TAG_INTERVAL, metavar="SECONDS",
                    help="how often to check the local memcached's resync tag; a missing tag (memcached "
                    "restarted) starts a full resync (default %(default)g)")
+    p.add_argument("--worker-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="a streaming worker silent this long (hung or stopped) is killed and its stream redone "
+                   "(default %(default)g; time the whole daemon was paused, e.g. by astaire-throttle, does not count)")
+    p.add_argument("--stall-timeout", type=_positive_seconds, default=120.0, metavar="SECONDS",
+                   help="a source that delivers no complete record for this long is abandoned as stalled and "
+                   "another replica serves its vbuckets (default %(default)g)")
+    p.add_argument("--stop-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="on SIGTERM, how long workers get to read open TAP streams to their end before they are "
+                   "killed (default %(default)g; keep the service manager's stop timeout above it)")
     p.set_defaults(func=cmd_run)
     default_error = p.error
 
@@ -114,11 +126,14 @@ def register(sub) -> None:
                        description="Block until the daemon has taken in the current cluster settings file and "
                        "no bucket needs resync, showing progress. Exit 0 then; 1 if the daemon is not running "
                        "or stops; 2 if the cluster settings file cannot be read; 4 after "
-                       "--timeout-without-progress seconds without progress.")
+                       "--timeout-without-progress seconds without progress; 5 if the local node is in neither "
+                       "server list (a typo in local_ip must not look like a finished resync); 6 if the last "
+                       "resync ended with vbuckets no source could serve, or was refused (local memcached "
+                       "without CAS).")
     _add_pidfile(p)
     _add_stats_file(p)
-    p.add_argument("--cluster-settings-file", default=DEFAULT_CLUSTER_SETTINGS, metavar="FILE",
-                   help="the file the daemon must have taken in (default %(default)s)")
+    p.add_argument("--cluster-settings-file", metavar="FILE",
+                   help="the file the daemon must have taken in (default: the file the daemon runs with)")
     p.add_argument("--timeout-without-progress", type=_positive_seconds, default=DEFAULT_WAIT_TIMEOUT,
                    metavar="SECONDS", help="give up after this long without progress (default %(default)g)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -131,8 +146,8 @@ def register(sub) -> None:
                        "statistics file. Exit 0 if it runs, 3 if not (as LSB status does).")
     _add_pidfile(p)
     _add_stats_file(p)
-    p.add_argument("--cluster-settings-file", default=DEFAULT_CLUSTER_SETTINGS, metavar="FILE",
-                   help="report whether the daemon has taken in this file (default %(default)s)")
+    p.add_argument("--cluster-settings-file", metavar="FILE",
+                   help="report whether the daemon has taken in this file (default: the file the daemon runs with)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_status)
 
@@ -174,6 +189,9 @@ def cmd_run(args) -> int:
         source=args.source,
         tag_interval=args.tag_interval,
         daemon=args.daemon,
+        worker_timeout=args.worker_timeout,
+        stall_timeout=args.stall_timeout,
+        stop_timeout=args.stop_timeout,
     )
     return main.main(options)
 
@@ -197,15 +215,27 @@ def _signal_daemon(args, sig: int, what: str) -> int:
 # -- reading the daemon's state ------------------------------------------------------------------
 
 def _read(args) -> tuple[int | None, dict | None]:
-    """(daemon pid or None, its statistics or None)."""
+    """(daemon pid or None, its statistics or None); ``args.stats_problem`` says why there
+    are none (a damaged file, say)."""
+    args.stats_problem = None
     pid = daemon_pid(args.pidfile)
     if pid is None:
         return None, None
     try:
         snap = StatsReader(args.stats_file or stats_path_for(args.pidfile)).snapshot()
-    except StatsUnavailable:
+    except StatsUnavailable as e:
+        args.stats_problem = str(e)
         return pid, None
     return pid, snap if snap["pid"] == pid else None
+
+
+def _settings_file(args, snap: dict | None) -> str:
+    """The settings file to check against: the one given, else the daemon's own."""
+    if args.cluster_settings_file:
+        return args.cluster_settings_file
+    if snap and snap.get("settings_file"):
+        return snap["settings_file"]
+    return DEFAULT_CLUSTER_SETTINGS
 
 
 def _synced(snap: dict, digest: str) -> bool:
@@ -233,9 +263,10 @@ def _progress_line(snap: dict, width: int = 30) -> str:
 
 
 def cmd_wait_sync(args) -> int:
-    if not settings_digest(args.cluster_settings_file):
-        print(f"astaire wait-sync: cannot read the cluster settings file {args.cluster_settings_file}",
-              file=sys.stderr)
+    _, first = _read(args)
+    settings_file = _settings_file(args, first)
+    if not settings_digest(settings_file):
+        print(f"astaire wait-sync: cannot read the cluster settings file {settings_file}", file=sys.stderr)
         return EXIT_USAGE
     tty = sys.stdout.isatty() and not args.quiet
     out = sys.stdout
@@ -277,25 +308,23 @@ def cmd_wait_sync(args) -> int:
                   file=sys.stderr)
             return EXIT_NOT_RUNNING
         first_pid = pid
-        digest = settings_digest(args.cluster_settings_file)
+        settings_file = _settings_file(args, snap)
+        digest = settings_digest(settings_file)
         now = time.monotonic()
         if snap is not None:
             if _synced(snap, digest):
                 say(_progress_line(snap, 30 if tty else 0) if snap["buckets_resynchronized"] else "in sync")
                 finish_line()
-                failed = snap["last_resync"]["failed_vbuckets"]
-                if snap["last_resync"]["result"] == "failed":
-                    print(f"astaire wait-sync: warning: the last resync could not serve vbuckets {failed} "
-                          f"(see the log; 'astaire full-resync' retries)", file=sys.stderr)
-                if not args.quiet:
-                    print(f"astaire is in sync with {args.cluster_settings_file}")
-                return 0
+                return _sync_verdict(args, snap, settings_file)
             key = (snap["settings_digest"], snap["state"], snap["buckets_needing_resync"],
                    snap["buckets_resynchronized"], snap["entries_resynchronized"], snap["resyncs_completed"],
                    snap["resync_started_at"])
             if key != last_key:
                 last_key, last_progress = key, now
-            if snap["state"] == "resyncing":
+            if snap.get("waiting_for_local"):
+                say(f"waiting for the local memcached {snap['local_name']} to answer "
+                    f"({_progress_line(snap, 0)})")
+            elif snap["state"] == "resyncing":
                 say(_progress_line(snap, 30 if tty else 0))
             elif snap["settings_digest"] != digest:
                 say(f"waiting for astaire (pid {pid}) to take in {args.cluster_settings_file} "
@@ -303,7 +332,9 @@ def cmd_wait_sync(args) -> int:
         if now - last_progress > args.timeout_without_progress:
             finish_line()
             if snap is None:
-                why = "astaire publishes no statistics"
+                why = f"astaire publishes no usable statistics ({args.stats_problem or 'none yet'})"
+            elif snap.get("waiting_for_local"):
+                why = f"the local memcached {snap['local_name']} does not answer"
             elif snap["state"] == "idle" and snap["settings_digest"] != digest:
                 why = (f"astaire has not taken in the current {args.cluster_settings_file} "
                        f"(run 'astaire reload')")
@@ -316,6 +347,26 @@ def cmd_wait_sync(args) -> int:
         time.sleep(args.poll_interval)
 
 
+def _sync_verdict(args, snap: dict, settings_file: str) -> int:
+    """No bucket needs resync: say whether that is the truth an operator may act on."""
+    last = snap["last_resync"]
+    if not snap.get("local_in_cluster", True):
+        print(f"astaire wait-sync: the local node {snap['local_name']} is in neither server list of "
+              f"{settings_file}: nothing was resynchronised (check local_ip or --local-name)", file=sys.stderr)
+        return EXIT_NOT_IN_CLUSTER
+    if last["result"] == "refused":
+        print(f"astaire wait-sync: the last resync was refused: the local memcached {snap['local_name']} runs "
+              f"without CAS (-C); restart it without -C", file=sys.stderr)
+        return EXIT_FAILED_VBUCKETS
+    if last["result"] == "failed":
+        print(f"astaire wait-sync: the last resync could not serve vbuckets {ranges(last['failed_vbuckets'])}: "
+              f"no old replica streamed them (see the log; 'astaire full-resync' retries)", file=sys.stderr)
+        return EXIT_FAILED_VBUCKETS
+    if not args.quiet:
+        print(f"astaire is in sync with {settings_file}")
+    return 0
+
+
 # -- status -----------------------------------------------------------------------------------
 
 def status_dict(pid: int | None, snap: dict | None, digest: str | None) -> dict:
@@ -324,7 +375,8 @@ def status_dict(pid: int | None, snap: dict | None, digest: str | None) -> dict:
                 "buckets_needing_resync": 0, "buckets_resynchronized": 0,
                 "entries_resynchronized": 0, "data_resynchronized": 0, "bandwidth": 0,
                 "last_resync": {"result": None, "failed_vbuckets": []}, "connections": [],
-                "settings_current": None}
+                "settings_current": None, "waiting_for_local": False, "target_cas_disabled": False,
+                "local_in_cluster": None}
     out = dict(snap)
     out["settings_current"] = (snap["settings_digest"] == digest) if digest else None
     return out
@@ -332,8 +384,11 @@ def status_dict(pid: int | None, snap: dict | None, digest: str | None) -> dict:
 
 def cmd_status(args) -> int:
     pid, snap = _read(args)
+    args.cluster_settings_file = _settings_file(args, snap)
     digest = settings_digest(args.cluster_settings_file) or None
     status = status_dict(pid, snap, digest)
+    if args.stats_problem:
+        status["statistics_problem"] = args.stats_problem
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0 if pid else EXIT_STATUS_NOT_RUNNING
@@ -341,9 +396,18 @@ def cmd_status(args) -> int:
         print("astaire is not running")
         return EXIT_STATUS_NOT_RUNNING
     if snap is None:
-        print(f"astaire (pid {pid}) is starting: no statistics yet")
+        if args.stats_problem:
+            print(f"astaire (pid {pid}) is running, but its statistics cannot be read: {args.stats_problem}")
+        else:
+            print(f"astaire (pid {pid}) is starting: no statistics yet")
         return 0
     lines = [f"astaire (pid {pid}) is {snap['state']}, local node {snap['local_name']}, {snap['workers']} workers"]
+    if snap["waiting_for_local"]:
+        lines.append(f"  waiting for the local memcached {snap['local_name']} to answer")
+    if snap["target_cas_disabled"]:
+        lines.append(f"  the local memcached {snap['local_name']} runs without CAS (-C): resyncs are refused")
+    if not snap["local_in_cluster"]:
+        lines.append(f"  the local node {snap['local_name']} is in neither server list: nothing to resync")
     if status["settings_current"] is False:
         lines.append(f"  has not taken in the current {args.cluster_settings_file} (run 'astaire reload')")
     if snap["state"] == "resyncing":

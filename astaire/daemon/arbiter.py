@@ -8,11 +8,18 @@ the statistics.
 
     SIGHUP          re-read cluster_settings; resync if the view changed
     SIGUSR1         full resync
-    SIGTERM/INT/QUIT stop the workers and exit 0
+    SIGTERM/INT/QUIT stop the workers (open TAP streams are read to the server's close) and exit 0
 
-Every ``tag_interval`` seconds it reads the tag from the local memcached: a missing tag
-means the local memcached restarted (and lost its data): full resync. An unreachable local
-memcached is a warning, retried at the next interval.
+Every ``tag_interval`` seconds it checks the local memcached (on a thread of its own,
+``astaire.daemon.local``: the loop never waits on the network): a new identity (pid, start
+time) or a missing tag means it restarted and lost its data: full resync. A resync ends
+only after the identity is checked again, so a restart at any moment is never reported as
+a completed resync. When the local memcached does not answer, or a stream fails because
+of it, the work waits (``waiting_for_local``) and is retried; the sources are not blamed.
+
+Workers that stream send a message at least every second; one silent for
+``worker_timeout`` seconds of the arbiter's own waking time (a pause of the whole tree by
+astaire-throttle does not count) is killed and its stream redone.
 
 A resync runs the worklist's rounds: every (server, vbuckets) stream of a round goes to an
 idle worker, the next round starts when the round's streams have ended. A request that
@@ -41,6 +48,7 @@ from astaire.cluster.view import ClusterView
 from astaire.cluster.worklist import Worklist
 from astaire.daemon import logs, worker
 from astaire.daemon.bookkeeping import Resync, Stream, ranges
+from astaire.daemon.local import LocalMonitor, LocalNode
 from astaire.daemon.pidfile import Pidfile
 
 log = logging.getLogger("astaire.supervisor")
@@ -50,7 +58,9 @@ EXIT_ALREADY_RUNNING = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
-STOP_GRACE = 3.0          # seconds workers get to exit on SIGTERM before SIGKILL
+AWAKE_STEP_MAX = 2.0      # seconds of one loop turn counted as awake (longer: the arbiter was stopped)
+LOCAL_RETRY_MAX = 10.0    # seconds between checks of a local memcached that does not answer
+TARGET_BACKOFF_MAX = 30.0 # seconds before streams are handed out again after the target failed
 BOOT_BACKOFF_MAX = 30.0
 HEARTBEAT = 1.0
 
@@ -71,6 +81,9 @@ class Options:
     replicas: int = 2
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
+    worker_timeout: float = 30.0  # a streaming worker silent this long (arbiter-awake time) is killed
+    stall_timeout: float = 120.0  # a source giving no complete record this long is abandoned
+    stop_timeout: float = 60.0    # on SIGTERM, time workers get to drain TAP streams before SIGKILL
 
 
 # -- workers as the supervisor sees them -----------------------------------------------------------
@@ -82,6 +95,8 @@ class WorkerHandle:
     messages: object
     ready: bool = False
     stream: Stream | None = None
+    last_heard: float = 0.0   # the arbiter's awake clock when it last heard from the worker
+    killed: bool = False
 
 
 # -- the arbiter ----------------------------------------------------------------------------------
@@ -111,27 +126,28 @@ class Supervisor:
         self.stats: stats.StatsWriter | None = None
         self.selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        self.monitor: LocalMonitor | None = None
+        self.initial = True               # the first answer from the local memcached decides the first resync
+        self.need_check = True            # a resync starts only after a fresh answer from the local memcached
+        self.local_identity: tuple | None = None
+        self.cas_enabled: bool | None = None
+        self.waiting_for_local = False
+        self.local_failures = 0
+        self.next_local_retry = 0.0
+        self.target_failures = 0
+        self.dispatch_not_before = 0.0
+        self.awake = 0.0                  # seconds the arbiter itself was running (see tick)
+        self._last_tick = time.monotonic()
 
-    # Injectable for tests; the real ones talk to the local memcached.
-    @staticmethod
-    def set_tag(target: str) -> None:
-        from astaire.resync.target import set_tag
-
-        set_tag(target)
-
-    @staticmethod
-    def tag_present(target: str) -> bool:
-        from astaire.resync.target import tag_present
-
-        return tag_present(target)
+    node_factory = LocalNode  # injectable for tests; the real one talks to the local memcached
 
     # -- life cycle ----------------------------------------------------------------------------
 
     def run(self) -> int:
         try:
             self._setup()
-            self._initial_resync()
             while not self.stopping:
+                self.tick()
                 self.reap_workers()
                 sig = self.sig_queue.pop(0) if self.sig_queue else None
                 if sig is not None:
@@ -139,7 +155,9 @@ class Supervisor:
                     if self.stopping:
                         break
                 self.manage_workers()
-                self.check_tag()
+                self.murder_workers()
+                self.local_answers()
+                self.check_local()
                 self.advance()
                 self.heartbeat()
                 if sig is None:
@@ -163,15 +181,19 @@ class Supervisor:
         self.stats = stats.StatsWriter(o.stats_file, vbucket_count=o.vbuckets,
                                        max_connections=max(16, o.workers))
         self.stats.local_name = self.local
+        self.stats.settings_file = o.cluster_settings_file
         self.stats.workers = o.workers
         self.stats.settings_digest = ""  # set when the first resync starts from this view
         self.stats.publish()
         log.log(logs.STATUS, "astaire %d started: local node %s, %d workers, source %s, cluster %s",
                 os.getpid(), self.local, o.workers, o.source, self._describe_view(self.view))
         logs.STARTED.log()
+        self.monitor = LocalMonitor(self.node_factory(self.local), self._wake_w)
 
     def _teardown(self) -> None:
         self.stop_workers()
+        if self.monitor is not None:
+            self.monitor.stop()
         signal.set_wakeup_fd(-1)
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -236,8 +258,11 @@ class Supervisor:
     def wait(self) -> None:
         now = time.monotonic()
         timeout = min(HEARTBEAT, max(0.0, self.next_heartbeat - now))
-        if self._tag_checks_active():
-            timeout = min(timeout, max(0.0, self.next_tag_check - now))
+        if not self.monitor.busy:
+            due = self.next_local_retry if self.waiting_for_local else self.next_tag_check
+            timeout = min(timeout, max(0.0, due - now))
+        if self.resync is not None and self.dispatch_not_before > now:
+            timeout = min(timeout, self.dispatch_not_before - now)
         if len(self.workers) < self.options.workers:
             timeout = min(timeout, max(0.0, self.spawn_not_before - now))
         for key, _ in self.selector.select(timeout):
@@ -250,9 +275,18 @@ class Supervisor:
             else:
                 self.read_worker(key.data)
 
+    def tick(self) -> None:
+        """Advance the awake clock: time the arbiter itself ran. A turn that took longer than
+        AWAKE_STEP_MAX means the arbiter was stopped (astaire-throttle's SIGSTOP fallback
+        pauses the whole tree), and that pause must not count against the workers."""
+        now = time.monotonic()
+        self.awake += min(max(0.0, now - self._last_tick), AWAKE_STEP_MAX)
+        self._last_tick = now
+
     def heartbeat(self) -> None:
         now = time.monotonic()
         if now >= self.next_heartbeat:
+            self.stats.waiting_for_local = self.waiting_for_local
             self.stats.publish()  # heartbeat time and a decaying bandwidth
             self.next_heartbeat = now + HEARTBEAT
 
@@ -270,7 +304,7 @@ class Supervisor:
             close_fds.append(self.pidfile.fd)
         pid, sock = worker.spawn(close_fds)
         sock.setblocking(False)
-        self.workers[pid] = WorkerHandle(pid, sock, worker.unpacker())
+        self.workers[pid] = WorkerHandle(pid, sock, worker.unpacker(), last_heard=self.awake)
         self.selector.register(sock, selectors.EVENT_READ, pid)
         log.info("worker %d spawned", pid)
 
@@ -295,6 +329,7 @@ class Supervisor:
                 self.on_message(w, msg)
 
     def on_message(self, w: WorkerHandle, msg: dict) -> None:
+        w.last_heard = self.awake
         kind = msg.get("t")
         if kind == "ready":
             w.ready = True
@@ -303,6 +338,8 @@ class Supervisor:
         s = w.stream
         if s is None or msg.get("id") != s.id:
             log.warning("worker %d sent %s for stream %s it is not running", w.pid, kind, msg.get("id"))
+            return
+        if kind == "hb":
             return
         if kind == "progress":
             self.on_progress(s, msg["d"])
@@ -355,13 +392,34 @@ class Supervisor:
                           "treating %s as failed", w.pid, how, s.server, s.attempts, s.server)
             self._publish_counters()
 
+    def murder_workers(self) -> None:
+        """Kill a streaming worker silent for longer than worker_timeout (awake time): hung,
+        or stopped. Its stream is redone (for TAP, that is an early close: logged)."""
+        for w in self.workers.values():
+            if w.stream is None or w.killed or self.awake - w.last_heard <= self.options.worker_timeout:
+                continue
+            log.error("worker %d has been silent for %.0f s streaming from %s (hung or stopped); killing it: "
+                      "its stream is redone, and a TAP stream it held is closed early",
+                      w.pid, self.awake - w.last_heard, w.stream.server)
+            w.killed = True
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop_workers(self) -> None:
+        """SIGTERM every worker and wait: a streaming worker stops writing and reads its TAP
+        stream to the server's close (the fork can crash on an early close) before it exits."""
+        streaming = [w for w in self.workers.values() if w.stream is not None]
         for pid in list(self.workers):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + STOP_GRACE
+        if streaming:
+            log.log(logs.STATUS, "waiting up to %.0f s for %d streaming worker(s) to read their streams to the end",
+                    self.options.stop_timeout, len(streaming))
+        deadline = time.monotonic() + self.options.stop_timeout
         while self.workers and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -370,15 +428,27 @@ class Supervisor:
             if pid:
                 self._forget_worker(pid)
             else:
+                self._discard_worker_output()
                 time.sleep(0.02)
         for pid in list(self.workers):
-            log.warning("worker %d did not stop within %.0f s; killing it", pid, STOP_GRACE)
+            log.warning("worker %d did not stop within %.0f s; killing it", pid, self.options.stop_timeout)
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
             self._forget_worker(pid)
+
+    def _discard_worker_output(self) -> None:
+        """While stopping: keep the channels empty so no worker blocks on a full socket."""
+        for w in self.workers.values():
+            if w.sock is None:
+                continue
+            try:
+                while w.sock.recv(65536):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
 
     def _forget_worker(self, pid: int) -> None:
         w = self.workers.pop(pid, None)
@@ -391,42 +461,108 @@ class Supervisor:
 
     # -- resync ---------------------------------------------------------------------------
 
-    def _initial_resync(self) -> None:
-        present = self._tag_state()
-        if present is False:
-            log.log(logs.STATUS, "no resync tag in the local memcached %s: full resync", self.local)
-        self.request_resync(full=present is False, why="astaire started")
+    # -- the local memcached --------------------------------------------------------------
 
-    def _tag_state(self) -> bool | None:
-        """True/False: the tag is there or not; None: the local memcached did not answer."""
-        try:
-            self.tag_seen = bool(self.tag_present(self.local))
-        except Exception as e:
-            log.warning("cannot read the resync tag from the local memcached %s (%s); "
-                        "trying again in %g s", self.local, e, self.options.tag_interval)
-            self.tag_seen = None
-        self.next_tag_check = time.monotonic() + self.options.tag_interval
-        return self.tag_seen
+    def check_local(self) -> None:
+        """Ask the monitor thread what it needs to know next (one question at a time)."""
+        if self.monitor.busy:
+            return
+        now = time.monotonic()
+        r = self.resync
+        if r is not None and r.finishing and not r.superseded and not r.finish_asked:
+            if now >= self.next_local_retry:
+                r.finish_asked = True
+                self.monitor.request("finish", expected=r.identity)
+            return
+        if self.waiting_for_local:
+            due = now >= self.next_local_retry
+        else:
+            due = now >= self.next_tag_check or (self.need_check and self.requested is not None)
+        if due or self.initial and now >= self.next_local_retry:
+            self.monitor.request("check", cas=True)
+
+    def local_answers(self) -> None:
+        for a in self.monitor.answers():
+            if a.ok:
+                self._local_answered(a)
+            else:
+                self._local_silent(a)
+
+    def _local_silent(self, a) -> None:
+        now = time.monotonic()
+        self.local_failures += 1
+        delay = min(LOCAL_RETRY_MAX, 0.5 * 2 ** (self.local_failures - 1))
+        self.next_local_retry = now + delay
+        level = logging.WARNING if self.local_failures in (1, 10) or self.local_failures % 60 == 0 else logging.INFO
+        log.log(level, "the local memcached %s does not answer (%s); %s; retrying in %.1f s",
+                self.local, a.error, "the resync waits for it" if self.resync or self.requested is not None
+                else "waiting for it", delay)
+        if a.kind == "finish" and self.resync is not None:
+            self.resync.finish_asked = False
+        self._set_waiting(True)
+
+    def _set_waiting(self, waiting: bool) -> None:
+        if waiting != self.waiting_for_local:
+            self.waiting_for_local = waiting
+            self.stats.waiting_for_local = waiting
+            self.stats.publish()
+
+    def _local_answered(self, a) -> None:
+        now = time.monotonic()
+        if self.waiting_for_local:
+            log.log(logs.STATUS, "the local memcached %s answers again (after %d tries)", self.local,
+                    self.local_failures)
+        self.local_failures = 0
+        self._set_waiting(False)
+        self.next_tag_check = now + self.options.tag_interval
+        previous, self.local_identity = self.local_identity, a.identity
+        if a.kind == "finish":
+            self._finish_answered(a, previous)
+            return
+        self.cas_enabled = a.cas_enabled
+        self.tag_seen = a.tag
+        if self.initial:
+            self.initial = False
+            if a.tag is False:
+                log.log(logs.STATUS, "no resync tag in the local memcached %s: full resync", self.local)
+            self.request_resync(full=a.tag is False, why="astaire started")
+        elif previous is not None and a.identity != previous:
+            log.log(logs.STATUS, "the local memcached %s restarted (pid %s started at %s, was pid %s started at %s) "
+                    "and lost its data: full resync", self.local, a.identity[0], a.identity[1], previous[0],
+                    previous[1])
+            self.request_resync(full=True, why="the local memcached restarted")
+        elif a.tag is False and self._tag_checks_active():
+            log.log(logs.STATUS, "the resync tag is gone from the local memcached %s (it restarted): "
+                    "full resync", self.local)
+            self.request_resync(full=True, why="the local memcached restarted")
+        self.need_check = False  # this answer is fresh enough to start a resync on
+
+    def _finish_answered(self, a, previous) -> None:
+        r = self.resync
+        if r is None or not r.finishing or r.superseded:
+            return
+        if a.restarted:
+            log.log(logs.STATUS, "the local memcached %s restarted during the resync (pid %s started at %s, was "
+                    "pid %s started at %s): the resync is not complete; a full resync follows", self.local,
+                    a.identity[0], a.identity[1], r.identity[0], r.identity[1])
+            self.request_resync(full=True, why="the local memcached restarted")
+            self.need_check = True
+            return
+        self.tag_seen = True
+        self.finish_resync()
 
     def _tag_checks_active(self) -> bool:
-        """Checked when idle, and during a resync that started with the tag in place (a
-        restart then loses what the resync already wrote). A resync that started without
-        the tag sets it only at its end, so a check could not tell a restart from that."""
+        """A missing tag means a restart when idle, or during a resync that started with the
+        tag in place. A resync that started without the tag sets it only at its end (its
+        restarts are caught by the identity check)."""
         if self.requested is not None:
             return False
         r = self.resync
         return r is None or (r.watch_tag and not r.superseded)
 
-    def check_tag(self) -> None:
-        if not self._tag_checks_active() or time.monotonic() < self.next_tag_check:
-            return
-        if self._tag_state() is False:
-            log.log(logs.STATUS, "the resync tag is gone from the local memcached %s (it restarted): "
-                    "full resync", self.local)
-            self.request_resync(full=True, why="the local memcached restarted")
-
     def request_resync(self, full: bool, why: str) -> None:
         self.requested = bool(full or self.requested)
+        self.need_check = True
         if self.resync is not None and not self.resync.superseded:
             self.resync.superseded = True
             log.log(logs.STATUS, "%s during a resync: %d running streams finish, then a new %sresync starts",
@@ -443,22 +579,48 @@ class Supervisor:
         if r is None:
             if self.requested is None or self.stopping:
                 return
+            if self.need_check or self.waiting_for_local or self.monitor.busy or self.local_identity is None:
+                return  # a fresh answer from the local memcached first
             r = self.start_resync()
+            if r is None:
+                return
+        if r.finishing:
+            return
         while not r.pending and not r.running:
             if not r.next_round():
-                self.finish_resync()
+                r.finishing = True  # done once the local memcached is checked (check_local)
                 return
             log.info("round %d: %s", r.rounds,
                      ", ".join(f"{s.server} ({len(s.vbuckets)} vbuckets)" for s in r.pending))
         self.dispatch()
 
-    def start_resync(self) -> Resync:
+    def start_resync(self) -> Resync | None:
         full = bool(self.requested)
         self.requested = None
         wl = Worklist(self.view, self.local, full=full)
+        st = self.stats
+        in_cluster = self.local in self.view.servers or self.local in self.view.new_servers
+        st.local_in_cluster = in_cluster
+        if not in_cluster:
+            log.warning("the local node %s is in neither server list (%s): nothing to pull; check local_ip "
+                        "or --local-name", self.local, self._describe_view(self.view))
+            logs.LOCAL_NOT_IN_CLUSTER.log(self.local)
+        st.target_cas_disabled = self.cas_enabled is False
+        if self.cas_enabled is False:
+            log.error("resync refused: the local memcached %s runs without CAS (-C), so records could not be "
+                      "replaced without risking newer data; restart it without -C", self.local)
+            logs.RESYNC_REFUSED.log(self.local)
+            st.last_resync = {"result": "refused", "failed_vbuckets": wl.vbuckets, "full": full,
+                              "finished_at": time.time(), "seconds": 0.0, "entries": 0, "bytes": 0}
+            st.settings_digest = self.view_digest
+            st.reset_counters()
+            st.publish()
+            return None
         r = self.resync = Resync(wl, full, ids=self.stream_ids)
         r.watch_tag = self.tag_seen is True
-        st = self.stats
+        r.identity = self.local_identity
+        self.target_failures = 0
+        self.dispatch_not_before = 0.0
         st.reset_counters()
         st.state = stats.STATE_RESYNCING
         st.resync_started_at = r.started_at
@@ -475,6 +637,8 @@ class Supervisor:
     def dispatch(self) -> None:
         r = self.resync
         o = self.options
+        if self.waiting_for_local or time.monotonic() < self.dispatch_not_before:
+            return
         for w in self.workers.values():
             if not (w.ready and w.stream is None and w.sock is not None):
                 continue
@@ -483,7 +647,7 @@ class Supervisor:
                 return
             job = {"source": s.server, "vbuckets": s.vbuckets, "target": self.local, "source_kind": o.source,
                    "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
-                   "idle_timeout": o.idle_timeout}
+                   "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout}
             try:
                 w.sock.setblocking(True)
                 w.sock.sendall(worker.pack({"t": "job", "id": s.id, "job": job}))
@@ -497,6 +661,7 @@ class Supervisor:
                 if w.sock is not None:
                     w.sock.setblocking(False)
             w.stream = s
+            w.last_heard = self.awake
             host, port = parse_server(s.server)
             self.stats.connections[s.id] = stats.Connection(host, port, list(s.vbuckets))
             log.info("stream %d: %d vbuckets from %s to worker %d", s.id, len(s.vbuckets), s.server, w.pid)
@@ -520,6 +685,9 @@ class Supervisor:
         if r is None or s.id not in r.running:
             return
         ok = bool(msg.get("ok"))
+        if not ok and msg.get("target_failed"):
+            self.on_target_failed(s, msg)
+            return
         _, nbytes = r.finished(s, ok, msg.get("counts") or {})
         self.stats.bandwidth.add(max(0, nbytes))
         self.stats.connections.pop(s.id, None)
@@ -532,15 +700,27 @@ class Supervisor:
                         s.id, s.server, msg.get("kind") or "?", msg.get("error"))
         self._publish_counters()
 
+    def on_target_failed(self, s: Stream, msg: dict) -> None:
+        """The local memcached failed the stream: the source is not blamed. The stream is
+        queued again and nothing is handed out until the local memcached answers, then
+        after a growing delay; a restart found meanwhile turns this into a full resync."""
+        r = self.resync
+        self.stats.connections.pop(s.id, None)
+        r.requeue(s)
+        self.target_failures += 1
+        delay = min(TARGET_BACKOFF_MAX, 0.5 * 2 ** (self.target_failures - 1))
+        self.dispatch_not_before = time.monotonic() + delay
+        log.warning("stream %d from %s stopped because the local memcached %s failed (%s); %s is not blamed: "
+                    "the stream is redone once the local memcached answers (in %.1f s at the earliest)",
+                    s.id, s.server, self.local, msg.get("error"), s.server, delay)
+        self.next_local_retry = time.monotonic()
+        self._set_waiting(True)
+        self._publish_counters()
+
     def finish_resync(self) -> None:
         r = self.resync
         wl = r.worklist
         failed = wl.failed_vbuckets
-        try:
-            self.set_tag(self.local)
-            self.tag_seen = True
-        except Exception as e:
-            log.error("cannot set the resync tag in the local memcached %s: %s", self.local, e)
         seconds = time.monotonic() - r.started
         st = self.stats
         st.last_resync = {"result": "failed" if failed else "ok", "failed_vbuckets": failed, "full": r.full,

@@ -42,6 +42,9 @@ class Resync:
         self.running: dict[int, Stream] = {}
         self.superseded = False       # a newer request replaces it once running streams end
         self.watch_tag = False        # the tag was there at the start: a loss means a restart
+        self.identity: tuple | None = None  # the local memcached's (pid, start) when it began
+        self.finishing = False        # every stream ended: the local memcached is checked, then done
+        self.finish_asked = False
         self.started = time.monotonic()
         self.started_at = time.time()
         self.resynchronized = 0
@@ -100,20 +103,26 @@ class Resync:
             self.worklist.server_failed(stream.server)
         return e1 - e0, b1 - b0
 
-    def worker_lost(self, stream: Stream) -> bool:
-        """Its worker died: forget what it reported and queue it again (first), or give up
-        on the source after MAX_STREAM_ATTEMPTS. Returns True when it was queued again."""
+    def requeue(self, stream: Stream) -> None:
+        """Forget what ``stream`` reported and queue it again, first. The source is not
+        blamed (its worker died, or the target failed)."""
         self.running.pop(stream.id, None)
         entries, nbytes = stream.totals()
         self.entries -= entries
         self.bytes -= nbytes
         stream.reported = {}
         stream.worker = None
+        self.pending.appendleft(stream)
+
+    def worker_lost(self, stream: Stream) -> bool:
+        """Its worker died: queue it again, or give up on the source after
+        MAX_STREAM_ATTEMPTS. Returns True when it was queued again."""
+        self.requeue(stream)
         stream.attempts += 1
         if stream.attempts >= MAX_STREAM_ATTEMPTS:
+            self.pending.remove(stream)
             self.worklist.server_failed(stream.server)
             return False
-        self.pending.appendleft(stream)
         return True
 
 

@@ -179,3 +179,17 @@ RESYNC_COMPLETED = Event(
     "Astaire has copied all the data the local memcached should hold.",
     "Normal.",
     "None.")
+RESYNC_REFUSED = Event(
+    BASE + 8, syslog.LOG_ERR,
+    "Astaire refused to resync: the local memcached %s has CAS disabled.",
+    "The local memcached was started with -C, so it gives no CAS values and Astaire could not "
+    "replace an older record without risking a newer one written meanwhile.",
+    "The local memcached is not resynchronised; its records arrive only as clients write them.",
+    "Restart the local memcached without -C; Astaire then runs a full resync.")
+LOCAL_NOT_IN_CLUSTER = Event(
+    BASE + 9, syslog.LOG_WARNING,
+    "Astaire's local node %s is in neither server list of cluster_settings.",
+    "local_ip in /etc/clearwater/config (or --local-name) does not name a server of the cluster, "
+    "often a typo.",
+    "Astaire pulls nothing to this node; 'astaire wait-sync' exits 5.",
+    "Correct local_ip (or the server lists in cluster_settings) and restart Astaire.")

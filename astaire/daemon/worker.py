@@ -7,13 +7,18 @@ msgpack messages (maps with a ``"t"`` type):
                            {"t": "quit"}
     worker -> supervisor   {"t": "ready", "pid": pid}                     once, after boot
                            {"t": "progress", "id": n, "d": {vb: [entries, bytes]}}  deltas
+                           {"t": "hb", "id": n}                           liveness, while streaming
                            {"t": "result", "id": n, "ok": bool, "error": str|None, "kind": str,
-                            "counts": {vb: [entries, bytes]}, "seconds": s, "stats": {...}}
+                            "counts": {vb: [entries, bytes]}, "seconds": s, "stats": {...},
+                            "target_failed": bool, "drained": bytes}
 
 A worker runs one stream at a time and always to its end (a TAP stream closed early can
-crash the Clearwater fork). It exits 0 when the supervisor says quit or goes away, and
-with ``EXIT_BOOT_ERROR`` when it cannot set itself up, so the supervisor can tell a crash
-loop from a one-off (as gunicorn's workers do).
+crash the Clearwater fork). While it streams it sends a message at least every
+``HEARTBEAT`` seconds; the supervisor kills a worker silent for much longer. SIGTERM while
+idle ends it at once; while streaming it stops writing and reads a TAP stream to the
+server's close (discarding it), reports, then exits. It exits 0 when the supervisor says
+quit or goes away, and with ``EXIT_BOOT_ERROR`` when it cannot set itself up, so the
+supervisor can tell a crash loop from a one-off (as gunicorn's workers do).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import traceback
 
 import msgpack
@@ -36,10 +42,16 @@ EXIT_CHANNEL_ERROR = 4  # the supervisor's messages made no sense
 
 BOOT_FAILURE_CODES = frozenset({EXIT_BOOT_ERROR})
 
+HEARTBEAT = 1.0  # seconds: the longest a streaming worker stays silent
+
 # Signals the supervisor handles; a worker must not act on them (a SIGHUP or SIGINT sent to
-# the process group is the supervisor's business), except SIGTERM, which ends it at once.
+# the process group is the supervisor's business). SIGTERM has its own handler (Worker).
 _IGNORED_IN_WORKER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT, signal.SIGQUIT)
-_DEFAULT_IN_WORKER = (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2)
+_DEFAULT_IN_WORKER = (signal.SIGCHLD, signal.SIGUSR2)
+
+
+class _Stop(Exception):
+    """SIGTERM while idle: leave the loop and exit 0."""
 
 
 def pack(message: dict) -> bytes:
@@ -75,11 +87,27 @@ class Worker:
     def __init__(self, sock: socket.socket, progress_interval: float = 0.25):
         self.sock = sock
         self.progress_interval = progress_interval
+        self.busy = False
+        self.terminating = False
+        self.last_sent = 0.0
 
     def send(self, message: dict) -> None:
         self.sock.sendall(pack(message))
+        self.last_sent = time.monotonic()
+
+    def _on_term(self, sig, frame) -> None:
+        self.terminating = True
+        if not self.busy:
+            raise _Stop()
 
     def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            return self._run()
+        except _Stop:
+            return EXIT_OK
+
+    def _run(self) -> int:
         try:
             stream_job, run_stream = _load_stream()
         except Exception:
@@ -88,6 +116,8 @@ class Worker:
         self.send({"t": "ready", "pid": os.getpid()})
         messages = unpacker()
         while True:
+            if self.terminating:
+                return EXIT_OK
             try:
                 data = self.sock.recv(65536)
             except ConnectionError:
@@ -102,20 +132,35 @@ class Worker:
                 if kind != "job":
                     log.error("worker %d: unexpected message from the supervisor: %r", os.getpid(), msg)
                     return EXIT_CHANNEL_ERROR
-                self.run_job(msg["id"], msg["job"], stream_job, run_stream)
+                self.busy = True
+                try:
+                    self.run_job(msg["id"], msg["job"], stream_job, run_stream)
+                finally:
+                    self.busy = False
 
     def run_job(self, job_id: int, spec: dict, stream_job, run_stream) -> None:
         def progress(delta) -> None:
-            self.send({"t": "progress", "id": job_id, "d": {int(vb): [int(e), int(b)] for vb, (e, b) in delta.items()}})
+            if delta:
+                self.send({"t": "progress", "id": job_id,
+                           "d": {int(vb): [int(e), int(b)] for vb, (e, b) in delta.items()}})
+            elif time.monotonic() - self.last_sent >= HEARTBEAT:
+                self.send({"t": "hb", "id": job_id})
 
         try:
             job = stream_job(**spec)
-            result = run_stream(job, progress=progress, progress_interval=self.progress_interval)
+            result = run_stream(job, progress=progress, progress_interval=self.progress_interval,
+                                should_stop=lambda: self.terminating)
+            if self.terminating:
+                log.info("worker %d stopping on SIGTERM: stream from %s ended (%s); %d TAP bytes drained and "
+                         "discarded", os.getpid(), spec.get("source"), "complete" if result.ok else result.error,
+                         int(getattr(result, "drained_bytes", 0) or 0))
             reply = {
                 "t": "result", "id": job_id, "ok": bool(result.ok), "error": result.error,
                 "kind": str(result.kind or ""),
                 "counts": {int(vb): [int(e), int(b)] for vb, (e, b) in (result.vbucket_counts or {}).items()},
                 "seconds": float(result.seconds or 0.0), "stats": _plain(result.stats or {}),
+                "target_failed": bool(getattr(result, "target_failed", False)),
+                "drained": int(getattr(result, "drained_bytes", 0) or 0),
             }
         except (BrokenPipeError, ConnectionResetError):
             raise  # the supervisor is gone: nothing to report to

@@ -55,6 +55,7 @@ class StreamJob:
     window: int = 4096
     crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
+    stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
 
 
 @dataclass
@@ -66,16 +67,18 @@ class StreamResult:
     vbucket_counts: dict  # {vb: (entries, bytes)}
     seconds: float
     drained_bytes: int = field(default=0)  # TAP bytes read and discarded after a failure or stop
+    target_failed: bool = False  # the failure was the target's (the local memcached): never blame the source
 
 
 class _Failure(Exception):
     """Ends the stream. ``source_done``: the source itself broke or went silent, so a TAP
     stream is not drained (there is nothing sane left to read)."""
 
-    def __init__(self, message: str, source_done: bool = False):
+    def __init__(self, message: str, source_done: bool = False, target: bool = False):
         super().__init__(message)
         self.message = message
         self.source_done = source_done
+        self.target = target
 
 
 class _Spool:
@@ -175,6 +178,9 @@ class _Stream:
         self.reported: dict = {}
         self.next_report = 0.0
         self.progress_failed: str | None = None
+        self.target_failed = False
+        self.records_seen = 0                    # frames or listings taken from the source so far
+        self.last_record = time.monotonic()      # when that number last grew (the stall deadline)
 
     # -- the whole stream ------------------------------------------------------------
 
@@ -191,6 +197,7 @@ class _Stream:
             self._pump()
         except _Failure as e:
             self.error = e.message
+            self.target_failed = e.target
             if self.kind == source.TAP and not self.source_ended and not e.source_done:
                 self._drain()
         except Exception:
@@ -214,6 +221,7 @@ class _Stream:
             if stats.get("failed"):
                 self.error = (f"{stats['failed']} record(s) from {job.source} were not written to "
                               f"target {job.target}: {stats['last_error']}")
+                self.target_failed = True
         self._report(force=True)
         ok = self.error is None
         if ok:
@@ -224,14 +232,14 @@ class _Stream:
             source.forget_kind(job.source)
             log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,
                         self.kind or "kind unknown", seconds, self.error)
-        return StreamResult(ok, self.error, self.kind, stats, counts, seconds, self.drained)
+        return StreamResult(ok, self.error, self.kind, stats, counts, seconds, self.drained, self.target_failed)
 
     def _open(self) -> None:
         job = self.job
         try:
             tsock = connect(job.target, job.connect_timeout)
         except (OSError, ValueError) as e:
-            raise _Failure(f"cannot connect to target {job.target}: {reason(e)}") from e
+            raise _Failure(f"cannot connect to target {job.target}: {reason(e)}", target=True) from e
         self.target = self._add(tsock, f"target {job.target}")
         try:
             src = source.open_source(job.source, job.vbuckets, job.source_kind,
@@ -293,9 +301,11 @@ class _Stream:
             now = time.monotonic()
             if now - self.last_progress > job.idle_timeout:
                 who, source_done = self._idle_culprit()
-                raise _Failure(f"no progress from {who} for {job.idle_timeout:g} s{self._so_far()}", source_done)
+                raise _Failure(f"no progress from {who} for {job.idle_timeout:g} s{self._so_far()}", source_done,
+                               target=not source_done)
             if now >= self.next_report:
                 self._report()
+                self._check_stall(now)
 
     def _produce(self) -> None:
         w = self.writer
@@ -327,23 +337,25 @@ class _Stream:
             if peer.send_pending():
                 self.last_progress = time.monotonic()
         except OSError as e:
-            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}") from e
+            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}",
+                           target=peer is self.target) from e
 
     def _read(self, peer: _Peer) -> None:
         try:
             data = peer.recv()
         except OSError as e:
-            raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", peer is not self.target) from e
+            raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", peer is not self.target,
+                           target=peer is self.target) from e
         if data is None:
             return
         self.last_progress = time.monotonic()
         if peer is self.target:
             if not data:
-                raise _Failure(f"target {self.job.target} closed the connection{self._so_far()}")
+                raise _Failure(f"target {self.job.target} closed the connection{self._so_far()}", target=True)
             try:
                 self.writer.feed_target(data)
             except ProtocolError as e:
-                raise _Failure(f"target {self.job.target} broke the protocol: {e}") from e
+                raise _Failure(f"target {self.job.target} broke the protocol: {e}", target=True) from e
         elif peer is self.src and self.fetch is not None:
             if data:
                 self._take_metadump(data)
@@ -405,7 +417,10 @@ class _Stream:
     def _stop(self, why: str) -> None:
         self.error = why
         if self.kind == source.TAP and not self.source_ended:
+            t0 = time.monotonic()
             self._drain()
+            log.info("%s: read the TAP stream of %s to the server's close, discarding %d bytes in %.2f s",
+                     why, self.job.source, self.drained, time.monotonic() - t0)
 
     def _drain(self) -> None:
         """Read a TAP stream to the server's close and discard it (never close it first)."""
@@ -433,6 +448,24 @@ class _Stream:
                 self.drained += len(data)
                 last = time.monotonic()
 
+    def _check_stall(self, now: float) -> None:
+        """The stall deadline: bytes that keep arriving just under the idle timeout but never
+        complete a record. A stalled source is abandoned (for TAP, an early close: logged)."""
+        st = self.writer.stats()
+        seen = st["entries"] + st["skipped_unwanted"] + st["skipped_own"] + st["other_tap"]
+        if seen != self.records_seen:
+            self.records_seen, self.last_record = seen, now
+            return
+        if now - self.last_record <= self.job.stall_timeout:
+            return
+        who, source_done = self._idle_culprit()
+        if not source_done:
+            raise _Failure(f"{who} took no record for {self.job.stall_timeout:g} s{self._so_far()}", target=True)
+        log.warning("abandoning source %s as stalled: no complete record for %g s%s; closing its %s stream early",
+                    self.job.source, self.job.stall_timeout, self._so_far(), self.kind)
+        raise _Failure(f"source {self.job.source} stalled: no complete record for {self.job.stall_timeout:g} s"
+                       f"{self._so_far()}", True)
+
     def _idle_culprit(self) -> tuple[str, bool]:
         w = self.writer
         if self.target.out or w.backlog:
@@ -457,10 +490,9 @@ class _Stream:
             e0, b0 = self.reported.get(vb, (0, 0))
             if entries != e0 or nbytes != b0:
                 delta[vb] = (entries - e0, nbytes - b0)
-        if not delta and not force:
-            return
-        self.reported = counts
-        try:
+        if delta or force:
+            self.reported = counts
+        try:  # called even with nothing new: it is also the worker's heartbeat
             self.progress(delta)
         except Exception as e:  # whoever follows us is gone: end early (a TAP stream is still drained)
             log.exception("progress callback failed; ending the stream")

@@ -70,7 +70,7 @@ class NetSnmp:
 def parse_values(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
-        if not line.startswith("."):
+        if not line.startswith(".") or "No more variables left" in line:
             continue
         oid, _, value = line.partition(" ")
         out[oid[1:]] = value.strip()

@@ -153,3 +153,54 @@ class Tree:
             if oid[:len(base)] == base and len(oid) > len(base):
                 return True
         return False
+
+
+STUB_DIR = os.path.join(os.path.dirname(MIB_FILE), "stubs")
+
+
+def compile_mib() -> dict:
+    """ASTAIRE-MIB compiled by pysmi (JSON code generator), offline: the base SMI modules
+    are pysmi's stubs, INET-ADDRESS-MIB comes from ``stubs/``. Returns symbol -> definition."""
+    import json
+
+    from pysmi.codegen import JsonCodeGen
+    from pysmi.compiler import MibCompiler
+    from pysmi.parser import SmiStarParser
+    from pysmi.reader import FileReader
+    from pysmi.searcher import StubSearcher
+    from pysmi.writer import CallbackWriter
+
+    out: dict[str, str] = {}
+    compiler = MibCompiler(SmiStarParser(), JsonCodeGen(),
+                           CallbackWriter(lambda name, data, ctx: out.__setitem__(name, data)))
+    compiler.add_sources(FileReader(os.path.dirname(MIB_FILE), recursive=False), FileReader(STUB_DIR, recursive=False))
+    compiler.add_searchers(StubSearcher(*JsonCodeGen.baseMibs))
+    status = compiler.compile("ASTAIRE-MIB", rebuild=True, genTexts=True)
+    if status.get("ASTAIRE-MIB") != "compiled":
+        raise ValueError(f"ASTAIRE-MIB did not compile: {status}")
+    return json.loads(out["ASTAIRE-MIB"])
+
+
+def check_against_mib(compiled: dict | None = None) -> list[str]:
+    """Differences between this module's objects and the compiled MIB (empty: they agree)."""
+    compiled = compile_mib() if compiled is None else compiled
+    problems = []
+    for name, oid in OBJECTS.items():
+        node = compiled.get(name)
+        if node is None:
+            problems.append(f"{name} is not in ASTAIRE-MIB")
+            continue
+        if node["oid"] != ".".join(map(str, oid)):
+            problems.append(f"{name}: agent {'.'.join(map(str, oid))}, MIB {node['oid']}")
+        access = node.get("maxaccess")
+        if name in READABLE:
+            if access != "read-only":
+                problems.append(f"{name}: readable in the agent, {access} in the MIB")
+            if node["syntax"]["type"] != READABLE[name]:
+                problems.append(f"{name}: {READABLE[name]} in the agent, {node['syntax']['type']} in the MIB")
+        elif access not in (None, "not-accessible"):
+            problems.append(f"{name}: not served by the agent but {access} in the MIB")
+    for name, node in compiled.items():
+        if node.get("class") == "objecttype" and node.get("maxaccess") == "read-only" and name not in READABLE:
+            problems.append(f"{name} is readable in the MIB but not served by the agent")
+    return problems

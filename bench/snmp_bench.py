@@ -22,11 +22,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
-from astaire import workload  # noqa: E402
-from astaire.localcluster import MemcachedServer  # noqa: E402
+from astaire.demo import workload  # noqa: E402
+from astaire.demo.localcluster import MemcachedServer  # noqa: E402
 from astaire.snmp.mib import ASTAIRE  # noqa: E402
 from astaire.stats import StatsReader, StatsUnavailable  # noqa: E402
-from astaire.view import ClusterView  # noqa: E402
+from astaire.cluster.view import ClusterView  # noqa: E402
 
 A = ".".join(map(str, ASTAIRE))
 

@@ -7,9 +7,9 @@ import os
 import signal
 import time
 
-from astaire import workload
+from astaire.demo import workload
 from astaire.snmp.mib import clamp
-from astaire.view import ClusterView
+from astaire.cluster.view import ClusterView
 from tests.snmp_helpers import SCALARS, A, NetSnmp, needs_netsnmp, parse_values, wait_until
 
 pytestmark = needs_netsnmp

@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 import urllib.request
 
-from astaire import workload
-from astaire.view import ClusterView
+from astaire.demo import workload
+from astaire.cluster.view import ClusterView
 from tests.snmp_helpers import wait_until
 
 

@@ -6,7 +6,8 @@ package reorganisation needs a change in this file alone.
 """
 from __future__ import annotations
 
-from astaire.config import DEFAULT_NODE_CONFIG, read_node_config  # noqa: F401
-from astaire.ops import DEFAULT_PIDFILE, stats_path_for  # noqa: F401
+from astaire.cli.commands import stats_path_for  # noqa: F401
+from astaire.cluster.nodeconfig import DEFAULT_NODE_CONFIG, read_node_config  # noqa: F401
+from astaire.daemon.arbiter import HEARTBEAT  # noqa: F401
+from astaire.daemon.pidfile import DEFAULT_PIDFILE, daemon_pid  # noqa: F401
 from astaire.stats import StatsReader, StatsUnavailable  # noqa: F401
-from astaire.supervisor import HEARTBEAT, daemon_pid  # noqa: F401

@@ -52,7 +52,7 @@ def test_a_resync_read_with_snmpget_getnext_bulkwalk_table_and_walk_and_the_alar
         got = snmp.values("snmpget", *SCALARS)
         nxt = snmp.values("snmpgetnext", A, f"{A}.1.0", f"{A}.6")
         walk = snmp.values("snmpbulkwalk", A)
-        table = snmp.cmd("snmptable", f"ASTAIRE-MIB::astaireConnectionTable",
+        table = snmp.cmd("snmptable", "ASTAIRE-MIB::astaireConnectionTable",
                          opts=("-m", "ASTAIRE-MIB", "-Ci", "-Cf", "|")).stdout
         plain = snmp.cmd("snmpwalk", A, opts=("-On", "-Oq"))
         st1 = json.loads(d.cli("status", "--json").stdout)

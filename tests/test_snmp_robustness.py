@@ -148,7 +148,7 @@ def test_informs_are_retried_until_acknowledged(snmp_agents, trapd, tmp_path, st
     catcher.bind(("127.0.0.1", 0))
     port = catcher.getsockname()[1]
     node_config = tmp_path / "node-config"
-    node_config.write_text(f"snmp_ip=127.0.0.1\n")
+    node_config.write_text("snmp_ip=127.0.0.1\n")
     agent = snmp_agents("--stats-file", stats_file.path, "--config", str(node_config), "--inform-port", str(port))
     catcher.settimeout(5)
     seen = []

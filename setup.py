@@ -26,6 +26,6 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
 setup(
     packages=find_packages(include=["astaire", "astaire.*"]) + ["astaire_throttle"],
     package_dir={"astaire": "astaire", "astaire_throttle": "throttle/astaire_throttle"},
-    package_data={"astaire": ["*.pyx", "*.pxd", "*.h", "py.typed"]},
+    package_data={"astaire": ["*.pyx", "*.pxd", "*.h", "py.typed"], "astaire.snmp": ["*.txt", "stubs/*.txt"]},
     ext_modules=ext_modules,
 )

@@ -25,14 +25,15 @@ RESIZING = ClusterView([S1, S2], [S1, S2, LOCAL])
 
 # -- resync bookkeeping -------------------------------------------------------------------
 
-def test_rounds_hand_out_each_server_once_and_count_buckets_on_success_only():
+def test_one_pass_hands_out_each_server_once_and_counts_buckets_on_success_only():
     wl = Worklist(RESIZING, LOCAL)
     r = Resync(wl, full=False)
     assert r.needing == wl.needing == 2 * len(wl.sources)
-    assert r.next_round()
+    assert r.start()
     assert sorted(s.server for s in r.pending) == [S1, S2]
     first, second = r.take(101), r.take(102)
     assert r.take(103) is None and set(r.running) == {first.id, second.id}
+    assert len(first.vbuckets) == len(second.vbuckets) == len(wl.sources)  # every vbucket from both
     r.progress(first, {first.vbuckets[0]: (3, 300)})
     r.finished(first, True, {first.vbuckets[0]: (5, 500)})  # final counts replace the progress
     assert (r.entries, r.bytes, r.resynchronized) == (5, 500, len(first.vbuckets))
@@ -41,17 +42,24 @@ def test_rounds_hand_out_each_server_once_and_count_buckets_on_success_only():
     assert r.resynchronized == len(first.vbuckets)  # a failed stream resynchronizes nothing
     assert r.entries == 12  # ...but what it received was received
     assert second.server in wl.failed_servers
-    assert r.next_round()  # round 2: the failed server's vbuckets from the good one
-    assert [s.server for s in r.pending] == [first.server]
-    third = r.take(101)
-    r.finished(third, True, {})
-    assert not r.next_round()
-    assert wl.failed_vbuckets == []
+    assert not r.start()  # one pass: nothing more
+    assert wl.failed_vbuckets == []  # the good source served them all
+
+
+def test_a_stream_whose_target_failed_is_requeued_and_its_source_not_blamed():
+    wl = Worklist(RESIZING, LOCAL)
+    r = Resync(wl, full=False)
+    r.start()
+    s = r.take(1)
+    r.progress(s, {s.vbuckets[0]: (4, 400)})
+    r.requeue(s)
+    assert (r.entries, r.bytes) == (0, 0) and r.pending[0] is s and s.attempts == 0
+    assert wl.failed_servers == []
 
 
 def test_a_stream_whose_worker_died_is_requeued_first_and_its_progress_uncounted():
     r = Resync(Worklist(RESIZING, LOCAL), full=False)
-    r.next_round()
+    r.start()
     s = r.take(1)
     r.progress(s, {s.vbuckets[0]: (40, 4000), s.vbuckets[1]: (2, 200)})
     assert (r.entries, r.bytes) == (42, 4200)
@@ -68,7 +76,7 @@ def test_a_stream_whose_worker_died_is_requeued_first_and_its_progress_uncounted
 def test_a_stream_that_kills_its_worker_every_time_fails_its_source():
     wl = Worklist(RESIZING, LOCAL)
     r = Resync(wl, full=False)
-    r.next_round()
+    r.start()
     s = r.take(1)
     for attempt in range(1, MAX_STREAM_ATTEMPTS):
         assert r.worker_lost(s)
@@ -79,7 +87,7 @@ def test_a_stream_that_kills_its_worker_every_time_fails_its_source():
 
 def test_a_superseded_resync_hands_out_nothing_more():
     r = Resync(Worklist(RESIZING, LOCAL), full=False)
-    r.next_round()
+    r.start()
     r.superseded = True
     assert r.take(1) is None and r.pending
 
@@ -89,9 +97,9 @@ def test_stream_ids_stay_unique_across_resyncs():
 
     ids = itertools.count(1)
     a = Resync(Worklist(RESIZING, LOCAL), False, ids=ids)
-    a.next_round()
+    a.start()
     b = Resync(Worklist(RESIZING, LOCAL), True, ids=ids)
-    b.next_round()
+    b.start()
     assert not {s.id for s in a.pending} & {s.id for s in b.pending}
 
 

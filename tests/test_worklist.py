@@ -1,4 +1,4 @@
-"""The worklist: which vbuckets the local node pulls, from whom, in which rounds."""
+"""The worklist: which vbuckets the local node pulls, and from whom: one pass per source."""
 from astaire.cluster.view import ClusterView
 from astaire.cluster.worklist import Worklist
 
@@ -7,8 +7,8 @@ A, B, C = "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"
 
 def test_stable_cluster_needs_nothing_without_full_resync():
     wl = Worklist(ClusterView([A, B]), A)
-    assert wl.sources == {} and wl.needing == 0 and wl.done
-    assert wl.next_round() == {}
+    assert wl.sources == {} and wl.needing == 0
+    assert wl.streams() == {}
 
 
 def test_full_resync_on_stable_cluster_pulls_from_the_other_replica():
@@ -29,46 +29,44 @@ def test_scale_up_new_node_pulls_each_gained_vbucket_from_both_old_replicas():
     assert wl.needing == sum(len(view.current[vb]) for vb in gained)
 
 
-def test_rounds_take_primary_first_then_next_replica():
+def test_one_pass_streams_each_old_replica_once_for_every_wanted_vbucket_it_holds():
     view = ClusterView([A, B], [A, B, C])
     wl = Worklist(view, C)
-    first = wl.next_round()
-    assert {s for s in first} <= {A, B}
-    for server, vbs in first.items():
-        assert all(view.current[vb][0] == server for vb in vbs)
-    for server, vbs in first.items():
+    streams = wl.streams()
+    assert set(streams) == {A, B}
+    for server, vbs in streams.items():
+        assert vbs == sorted(vb for vb in wl.sources if server in view.current[vb])
+    assert sum(len(v) for v in streams.values()) == wl.needing
+    assert wl.streams() == {}  # one pass only
+    for server, vbs in streams.items():
         wl.stream_succeeded(server, vbs)
-    second = wl.next_round()
-    for server, vbs in second.items():
-        assert all(view.current[vb][1] == server for vb in vbs)
-        wl.stream_succeeded(server, vbs)
-    assert wl.next_round() == {} and wl.done and wl.failed_vbuckets == []
+    assert wl.failed_vbuckets == []
 
 
-def test_failed_server_leaves_every_list_and_unserved_vbuckets_are_failed():
+def test_a_failed_source_leaves_its_vbuckets_served_by_the_other_replica():
     view = ClusterView([A, B], [A, B, C])
     wl = Worklist(view, C)
-    first = wl.next_round()
+    streams = wl.streams()
     wl.server_failed(A)
-    for server, vbs in first.items():
-        if server != A:
-            wl.stream_succeeded(server, vbs)
-    rest = wl.next_round()
-    assert A not in rest
-    for server, vbs in rest.items():
-        wl.stream_succeeded(server, vbs)
-    assert wl.next_round() == {}
-    assert wl.done and wl.failed_vbuckets == []  # every vbucket had B as a replica
+    wl.stream_succeeded(B, streams[B])
+    assert wl.failed_servers == [A]
+    assert wl.failed_vbuckets == []  # every vbucket had B as a replica
 
 
 def test_vbuckets_with_every_source_failed_are_reported():
     view = ClusterView([A, B], [A, B, C])
     wl = Worklist(view, C)
-    wl.next_round()
+    wl.streams()
     wl.server_failed(A)
     wl.server_failed(B)
-    assert wl.done
     assert wl.failed_vbuckets == wl.vbuckets and wl.vbuckets
+
+
+def test_padded_resizing_lists_give_each_source_once():
+    view = ClusterView([A], [A, C], replicas=2)  # the current ring has one node: lists padded [A, A]
+    wl = Worklist(view, C)
+    assert all(sources == [A] for sources in wl.sources.values()) and wl.sources
+    assert wl.needing == len(wl.sources)
 
 
 def test_node_keeping_its_vbuckets_pulls_nothing_on_scale_up():

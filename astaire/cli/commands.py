@@ -91,6 +91,11 @@ def register(sub) -> None:
     p.add_argument("--tag-interval", type=_positive_seconds, default=DEFAULT_TAG_INTERVAL, metavar="SECONDS",
                    help="how often to check the local memcached's resync tag; a missing tag (memcached "
                    "restarted) starts a full resync (default %(default)g)")
+    p.add_argument("--connect-timeout", type=_positive_seconds, default=5.0, metavar="SECONDS",
+                   help="how long to wait for a server to accept a connection or answer a first request "
+                   "(default %(default)g)")
+    p.add_argument("--idle-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="a stream with no progress from a peer for this long fails (default %(default)g)")
     p.add_argument("--worker-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="a streaming worker silent this long (hung or stopped) is killed and its stream redone "
                    "(default %(default)g; time the whole daemon was paused, e.g. by astaire-throttle, does not count)")
@@ -189,6 +194,8 @@ def cmd_run(args) -> int:
         source=args.source,
         tag_interval=args.tag_interval,
         daemon=args.daemon,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
         worker_timeout=args.worker_timeout,
         stall_timeout=args.stall_timeout,
         stop_timeout=args.stop_timeout,

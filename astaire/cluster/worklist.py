@@ -1,8 +1,13 @@
-"""What the local node must pull, and in which rounds (docs/compatibility.md, "The worklist").
+"""What the local node must pull, and from whom (docs/compatibility.md, "The worklist").
 
-Each vbucket the local node (newly) owns is streamed from every reachable old replica,
-primary first, one server per round: a replica that restarted and lost records cannot
-leave the new home short.
+Each vbucket the local node (newly) owns is streamed from every reachable old replica: a
+replica that restarted and lost records cannot leave the new home short. The original
+streamed in rounds (each round the first remaining source of every vbucket); because the
+conflict rule makes the final state independent of arrival order, one pass per source is
+equivalent and cheaper: each old replica is streamed once, for every wanted vbucket it
+holds, all sources at once. A source that fails is dropped for this resync; its vbuckets
+still count as served when another replica streamed them. A failure of the target (the
+local memcached) is not the source's and is not recorded here.
 """
 from __future__ import annotations
 
@@ -23,46 +28,35 @@ class Worklist:
             if sources and local not in sources:
                 self.sources[vb] = sources
         self.needing = sum(len(s) for s in self.sources.values())
-        self._remaining = {vb: list(s) for vb, s in self.sources.items()}
         self._served: set[int] = set()
+        self._handed_out = False
         self.failed_servers: list[str] = []
 
     @property
     def vbuckets(self) -> list[int]:
         return sorted(self.sources)
 
-    def next_round(self) -> dict[str, list[int]]:
-        """Server -> its vbuckets for this round; each server is taken off those lists.
-
-        Empty when every list is exhausted (the resync is then finished once the streams
-        already handed out have ended).
-        """
+    def streams(self) -> dict[str, list[int]]:
+        """Server -> every wanted vbucket it holds, primaries first in server order; the
+        first call hands out the whole pass, later calls nothing."""
+        if self._handed_out:
+            return {}
+        self._handed_out = True
         groups: dict[str, list[int]] = {}
-        for vb in sorted(self._remaining):
-            remaining = self._remaining[vb]
-            if remaining:
-                groups.setdefault(remaining[0], []).append(vb)
-        for server, vbs in groups.items():
-            for vb in vbs:
-                self._remaining[vb].remove(server)
+        for vb in sorted(self.sources):
+            for server in self.sources[vb]:
+                groups.setdefault(server, []).append(vb)
         return groups
 
     def stream_succeeded(self, server: str, vbuckets) -> None:
         self._served.update(vbuckets)
 
     def server_failed(self, server: str) -> None:
-        """A server that failed (connect, protocol error, disconnect) leaves every list."""
+        """A server that failed (connect, protocol error, disconnect, stall) for this resync."""
         if server not in self.failed_servers:
             self.failed_servers.append(server)
-        for remaining in self._remaining.values():
-            if server in remaining:
-                remaining.remove(server)
-
-    @property
-    def done(self) -> bool:
-        return not any(self._remaining.values())
 
     @property
     def failed_vbuckets(self) -> list[int]:
-        """Vbuckets no source has served (final once the last round's streams ended)."""
+        """Vbuckets no source has served (final once every stream has ended)."""
         return sorted(vb for vb in self.sources if vb not in self._served)

@@ -21,8 +21,8 @@ Workers that stream send a message at least every second; one silent for
 ``worker_timeout`` seconds of the arbiter's own waking time (a pause of the whole tree by
 astaire-throttle does not count) is killed and its stream redone.
 
-A resync runs the worklist's rounds: every (server, vbuckets) stream of a round goes to an
-idle worker, the next round starts when the round's streams have ended. A request that
+A resync makes one pass per source: every old replica is streamed once, for all the wanted
+vbuckets it holds, each stream on an idle worker, all sources at once. A request that
 arrives during a resync (SIGHUP with a changed view, SIGUSR1, missing tag) never aborts a
 running stream (TAP streams are read to their end); the old worklist is no longer
 dispatched and the new resync starts once the running streams have ended.
@@ -569,12 +569,12 @@ class Supervisor:
                     why, len(self.resync.running), "full " if self.requested else "")
 
     def advance(self) -> None:
-        """Move the resync on: start a requested one, start rounds, finish, dispatch."""
+        """Move the resync on: start a requested one, queue its pass, finish, dispatch."""
         r = self.resync
         if r is not None and r.superseded:
             if r.running:
                 return
-            log.log(logs.STATUS, "superseded resync stopped after %d rounds (%d entries)", r.rounds, r.entries)
+            log.log(logs.STATUS, "superseded resync stopped (%d entries)", r.entries)
             self.resync = r = None
         if r is None:
             if self.requested is None or self.stopping:
@@ -586,12 +586,11 @@ class Supervisor:
                 return
         if r.finishing:
             return
-        while not r.pending and not r.running:
-            if not r.next_round():
+        if not r.pending and not r.running:
+            if not r.start():
                 r.finishing = True  # done once the local memcached is checked (check_local)
                 return
-            log.info("round %d: %s", r.rounds,
-                     ", ".join(f"{s.server} ({len(s.vbuckets)} vbuckets)" for s in r.pending))
+            log.info("one pass per source: %s", ", ".join(f"{s.server} ({len(s.vbuckets)} vbuckets)" for s in r.pending))
         self.dispatch()
 
     def start_resync(self) -> Resync | None:
@@ -737,8 +736,8 @@ class Supervisor:
                       ranges(failed), ", ".join(wl.failed_servers) or "none", r.entries, r.bytes)
             logs.RESYNC_FAILED.log(ranges(failed))
         else:
-            log.log(logs.STATUS, "resync completed in %.2f s: %d vbuckets, %d entries, %d bytes, %d rounds",
-                    seconds, len(wl.sources), r.entries, r.bytes, r.rounds)
+            log.log(logs.STATUS, "resync completed in %.2f s: %d vbuckets, %d entries, %d bytes, %d streams",
+                    seconds, len(wl.sources), r.entries, r.bytes, r.streams)
             logs.RESYNC_COMPLETED.log()
 
     def _publish_counters(self) -> None:

@@ -33,7 +33,7 @@ class Stream:
 
 
 class Resync:
-    """One resync: the worklist's rounds, the streams waiting and running, the counters."""
+    """One resync: its pass over the sources, the streams waiting and running, the counters."""
 
     def __init__(self, worklist: Worklist, full: bool, ids=None):
         self.worklist = worklist
@@ -50,21 +50,21 @@ class Resync:
         self.resynchronized = 0
         self.entries = 0
         self.bytes = 0
-        self.rounds = 0
+        self.streams = 0  # streams queued (one per source server)
         self._ids = ids if ids is not None else itertools.count(1)
 
     @property
     def needing(self) -> int:
         return self.worklist.needing
 
-    def next_round(self) -> bool:
-        """Queue the next round's streams; False when the worklist is exhausted."""
-        groups = self.worklist.next_round()
+    def start(self) -> bool:
+        """Queue the pass: one stream per source server; False when there is nothing (more)."""
+        groups = self.worklist.streams()
         if not groups:
             return False
-        self.rounds += 1
         for server, vbuckets in groups.items():
             self.pending.append(Stream(next(self._ids), server, list(vbuckets)))
+            self.streams += 1
         return True
 
     def take(self, pid: int) -> Stream | None:

@@ -148,3 +148,33 @@ def test_the_throttle_does_not_touch_a_process_that_reused_astaires_pid(tmp_path
     finally:
         other.kill()
         other.wait()
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_pausing_the_whole_daemon_as_the_throttle_does_never_counts_as_a_hung_worker(tap_resize):
+    r = tap_resize("paused", 400, tap={"delay_per_frame": 0.01}, source="tap",
+                   extra=("--worker-timeout", "1", "--connect-timeout", "0.2"))
+    wait_for(lambda: r.d.snapshot()["connections"], 20, what="a streaming worker")
+    procs = _tree(r.d.pid)
+    for p in procs:
+        p.suspend()
+    time.sleep(7)  # longer than the liveness bound (max(--worker-timeout, 3 x connect timeout + 5) = 5.6 s)
+    for p in procs:
+        p.resume()
+    s = r.d.wait_sync()
+    assert s["last_resync"]["result"] == "ok"
+    assert "has been silent" not in r.d.log()
+    assert r.tap.client_closed_early == 0
+
+
+def test_sigterm_mid_tap_stream_reads_it_to_the_end_and_never_closes_early(tap_resize):
+    r = tap_resize("term", 600, tap={"delay_per_frame": 0.004}, source="tap")
+    wait_for(lambda: r.d.snapshot()["entries_resynchronized"] > 0, 20, what="the TAP stream under way")
+    assert r.d.stop(timeout=30) == 0
+    assert r.tap.client_closed_early == 0
+    assert r.tap.streams_completed >= 1
+    assert "discarding" in r.d.log()  # the log says what was drained

@@ -395,8 +395,11 @@ class Supervisor:
     def murder_workers(self) -> None:
         """Kill a streaming worker silent for longer than worker_timeout (awake time): hung,
         or stopped. Its stream is redone (for TAP, that is an early close: logged)."""
+        o = self.options
+        # Opening a source blocks for up to a few connect timeouts without a heartbeat.
+        bound = max(o.worker_timeout, 3 * o.connect_timeout + 5)
         for w in self.workers.values():
-            if w.stream is None or w.killed or self.awake - w.last_heard <= self.options.worker_timeout:
+            if w.stream is None or w.killed or self.awake - w.last_heard <= bound:
                 continue
             log.error("worker %d has been silent for %.0f s streaming from %s (hung or stopped); killing it: "
                       "its stream is redone, and a TAP stream it held is closed early",

@@ -138,3 +138,65 @@ def test_bandwidth_is_bytes_per_second_over_the_previous_five_seconds():
     assert bw.rate(now=104.0) == 1000.0
     assert bw.rate(now=105.5) == 800.0  # the first sample has left the window
     assert bw.rate(now=109.0) == 0.0
+
+
+def test_a_damaged_file_is_a_clear_error_never_a_traceback_or_a_made_up_number(path):
+    import random
+    import shutil
+
+    w = StatsWriter(path, vbucket_count=128, max_connections=4)
+    w.state = stats.STATE_RESYNCING
+    w.connections[1] = Connection("10.0.0.1", 11211, [3, 5], entries={3: 10})
+    w.publish()
+    good = open(path, "rb").read()
+    w.close(remove=False)
+    rng = random.Random(7)
+    damaged = path + ".damaged"
+    outcomes = {"read": 0, "refused": 0}
+    header_and_body = 24 + 400
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(header_and_body)] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        with open(damaged, "wb") as f:
+            f.write(data)
+        try:
+            snap = StatsReader(damaged, retries=2).snapshot()
+        except StatsUnavailable as e:
+            assert str(e).startswith(damaged)
+            outcomes["refused"] += 1
+            continue
+        assert 0 < snap["vbuckets"] <= stats.MAX_VBUCKETS
+        assert all(len(c["buckets"]) <= snap["vbuckets"] for c in snap["connections"])
+        outcomes["read"] += 1
+    assert outcomes["refused"] > 100 and outcomes["read"] > 100
+    shutil.copy(path, damaged)
+
+
+def test_status_and_wait_sync_report_a_damaged_file_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "astaire.pid"
+    stats_file = tmp_path / "astaire.stats"
+    settings = tmp_path / "cluster_settings"
+    settings.write_text("servers=127.0.0.1:11211\n")
+    # A daemon stand-in: this process holds the pidfile's lock, the stats file is garbage.
+    from astaire.daemon.pidfile import Pidfile
+
+    pf = Pidfile(str(pidfile))
+    pf.acquire()
+    pf.write(os.getpid())
+    stats_file.write_bytes(b"ASTSTATS" + b"\xff" * 500)
+    try:
+        r = subprocess.run([sys.executable, "-m", "astaire.cli", "status", "--pidfile", str(pidfile),
+                            "--cluster-settings-file", str(settings)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "cannot be read" in r.stdout and "Traceback" not in r.stderr
+        r = subprocess.run([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", str(pidfile),
+                            "--cluster-settings-file", str(settings), "--timeout-without-progress", "0.5"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 4 and "no usable statistics" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        pf.release()

@@ -1,4 +1,4 @@
-"""The fake TAP server sends what DESIGN.md says the Clearwater fork sends, byte for byte."""
+"""The fake TAP server sends what docs/compatibility.md says the Clearwater fork sends, byte for byte."""
 from __future__ import annotations
 
 import socket
@@ -10,7 +10,7 @@ import pytest
 
 from tests.tapserver import HEADER, TapConnect, TapServer
 
-# The raw frame observed from the fork (DESIGN.md): key tapcheck:0000, flags 0xa5000000,
+# The raw frame observed from the fork (layout: docs/compatibility.md): key tapcheck:0000, flags 0xa5000000,
 # expiration 0x6b04d198, CAS 1, value "value-0000-".
 OBSERVED = bytes.fromhex(
     "8041000d100000000000002800000000000000000000000100000000ff000000a50000006b04d198"

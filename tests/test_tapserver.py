@@ -65,6 +65,17 @@ def dump(server: TapServer, connect: bytes | None = None) -> tuple[bytes, str]:
         return read_to_close(s)
 
 
+def dump_items(values: list[bytes], **faults) -> tuple[list[tuple], bytes, str]:
+    """Items k0, k1, ... with ``values`` in a TapServer with ``faults``, dumped once:
+    (whole frames, the leftover bytes, how the server ended the stream)."""
+    with TapServer(**faults) as server:
+        for i, value in enumerate(values):
+            server.put(b"k%d" % i, value)
+        data, how = dump(server)
+    frames, rest = split_frames(data)
+    return frames, rest, how
+
+
 def test_mutation_matches_the_observed_fork_frame_byte_for_byte():
     with TapServer() as server:
         server.put(b"tapcheck:0000", b"value-0000-", 0xA5000000, 0x6B04D198, cas=1)
@@ -127,40 +138,24 @@ def test_no_tap_answers_like_stock_memcached():
 
 
 def test_die_after_resets_the_connection_after_n_mutations():
-    with TapServer(die_after=3) as server:
-        for i in range(10):
-            server.put(b"k%d" % i, b"v")
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"v"] * 10, die_after=3)
     assert how == "reset"
     assert len(frames) <= 3 and rest == b""  # a reset may discard what was still in flight
 
 
 def test_cut_mid_frame_closes_with_half_a_frame_buffered():
-    with TapServer(cut_mid_frame_after=2) as server:
-        for i in range(5):
-            server.put(b"k%d" % i, b"value-%d" % i)
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"value-%d" % i for i in range(5)], cut_mid_frame_after=2)
     assert how == "eof" and len(frames) == 2 and 0 < len(rest) < 24 + 16 + 2 + 7
 
 
 def test_garbage_after_sends_a_frame_with_a_bad_magic():
-    with TapServer(garbage_after=1) as server:
-        for i in range(3):
-            server.put(b"k%d" % i, b"v")
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"v"] * 3, garbage_after=1)
     assert how == "eof"
     assert [f[0] for f in frames] == [0x80, 0x99]
 
 
 def test_interleave_sends_every_other_tap_opcode_among_the_mutations():
-    with TapServer(interleave_other_opcodes=True, interleave_every=2) as server:
-        for i in range(5):
-            server.put(b"k%d" % i, b"v")
-        data, _ = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, _ = dump_items([b"v"] * 5, interleave_other_opcodes=True, interleave_every=2)
     assert rest == b""
     opcodes = [f[1] for f in frames]
     assert opcodes.count(0x41) == 5

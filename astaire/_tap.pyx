@@ -744,7 +744,7 @@ cdef class FrameParser:
 
 
 def decode_tap_mutation(frame):
-    """Decode a TAP_MUTATION frame in the Clearwater fork's layout (DESIGN.md)."""
+    """Decode a TAP_MUTATION frame in the Clearwater fork's layout (docs/compatibility.md, "Binary protocol and TAP")."""
     if frame.magic != MAGIC_REQUEST or frame.opcode != OP_TAP_MUTATION:
         raise UnexpectedFrame(
             f"not a TAP_MUTATION (magic 0x{frame.magic:02x}, opcode 0x{frame.opcode:02x})", frame.offset)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Line-rate benchmark of a resync (DESIGN.md section 3), on loopback with stock memcached.
+"""Line-rate benchmark of a resync (docs/architecture.md, "Measuring"), on loopback with stock memcached.
 
 In one run:
   * astaire   - N MemcachedStore-layout records loaded into a 2-node cluster, resized to 3;

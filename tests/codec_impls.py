@@ -1,7 +1,8 @@
 """Both codec builds, for tests that must run against each (msgpack/aiohttp style).
 
-``IMPLS`` parametrises a fixture over the pure-Python twin and the compiled module; the
-compiled one is skipped, with the reason, only when it has not been built.
+``IMPLS`` lists the pure-Python twin and the compiled module; the compiled one is skipped,
+with the reason, only when it has not been built. The ``tap`` fixture (provided to every
+test module by conftest) runs a test once per build.
 """
 import pytest
 
@@ -19,3 +20,9 @@ IMPLS = [
     pytest.param(_tap_py, id="python"),
     pytest.param(_tap_c, id="cython", marks=pytest.mark.skipif(_tap_c is None, reason=_NOT_BUILT or "built")),
 ]
+
+
+@pytest.fixture(params=IMPLS)
+def tap(request):
+    """The codec module, once per build."""
+    return request.param

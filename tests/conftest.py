@@ -1,6 +1,7 @@
 import pytest
 
 from astaire.demo.localcluster import LocalCluster, MemcachedServer
+from tests.codec_impls import tap  # noqa: F401 (a fixture: the codec and Writer tests run once per build)
 from tests.daemon_helpers import daemons, servers, tap_resize, taps  # noqa: F401 (fixtures for the end-to-end tests)
 from tests.snmp_helpers import snmp_agents, trapd  # noqa: F401 (fixtures for the SNMP tests)
 from tests.throttle_helpers import group_name  # noqa: F401 (a fixture for the throttle tests)

@@ -1,4 +1,4 @@
-"""A fake TAP server that speaks as DESIGN.md describes Project Clearwater's memcached fork.
+"""A fake TAP server that speaks as docs/compatibility.md describes Project Clearwater's memcached fork.
 
 Stock memcached has no TAP, so this is the one fake the tests use. It is written
 independently of ``astaire.codec`` (plain ``struct``) so that it checks the codec rather

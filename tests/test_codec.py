@@ -22,12 +22,7 @@ from astaire.protocol_errors import (
     UnexpectedFrame,
 )
 
-from codec_impls import IMPLS, _tap_c
-
-
-@pytest.fixture(params=IMPLS)
-def tap(request):
-    return request.param
+from codec_impls import _tap_c
 
 
 VECTORS = Path(__file__).resolve().parent / "data" / "hashes.jsonl"  # from the original C++ (tests/data/README.md)

@@ -1,4 +1,4 @@
-"""cluster_settings and node config readers follow DESIGN.md's rules; errors name file and line."""
+"""cluster_settings and node config readers follow docs/compatibility.md's rules; errors name file and line."""
 import pytest
 
 from astaire.cluster.nodeconfig import local_name_from_config, parse_node_config, read_node_config

@@ -14,7 +14,7 @@ def test_the_mib_compiles_offline_and_the_agent_agrees_with_it():
     compiled = mib.compile_mib()
     assert compiled["astaire"]["oid"] == "1.2.826.0.1.1578918.9.9"
     assert mib.check_against_mib(compiled) == []
-    # Index structure as DESIGN.md spells it.
+    # Index structure as docs/compatibility.md spells it ("Statistics").
     def index(entry):
         return [i["object"] for i in compiled[entry]["indices"]]
     assert index("astaireBandwidthEntry") == ["astaireBandwidthScope"]

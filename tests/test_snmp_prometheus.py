@@ -1,4 +1,4 @@
-"""astaire-snmp --prometheus: the gauges and counters DESIGN.md names, from a real daemon's resync."""
+"""astaire-snmp --prometheus: the gauges and counters docs/compatibility.md names, from a real daemon's resync."""
 from __future__ import annotations
 
 import re

@@ -24,7 +24,7 @@ HEADER = struct.Struct(">BBHBBHIIQ")
 # -- helpers shared with test_stream_crawler ------------------------------------------------
 
 def vbucket(key: bytes, vbuckets: int = 128) -> int:
-    """DESIGN.md: md5(key)[0:4] little-endian & (vbuckets - 1); computed here without the codec."""
+    """md5(key)[0:4] little-endian & (vbuckets - 1) (docs/compatibility.md); computed without the codec."""
     return int.from_bytes(hashlib.md5(key).digest()[:4], "little") & (vbuckets - 1)
 
 

@@ -1,4 +1,4 @@
-"""The fake TAP server sends what DESIGN.md says the Clearwater fork sends, byte for byte."""
+"""The fake TAP server sends what docs/compatibility.md says the Clearwater fork sends, byte for byte."""
 from __future__ import annotations
 
 import socket
@@ -10,7 +10,7 @@ import pytest
 
 from tests.tapserver import HEADER, TapConnect, TapServer
 
-# The raw frame observed from the fork (DESIGN.md): key tapcheck:0000, flags 0xa5000000,
+# The raw frame observed from the fork (layout: docs/compatibility.md): key tapcheck:0000, flags 0xa5000000,
 # expiration 0x6b04d198, CAS 1, value "value-0000-".
 OBSERVED = bytes.fromhex(
     "8041000d100000000000002800000000000000000000000100000000ff000000a50000006b04d198"
@@ -63,6 +63,17 @@ def dump(server: TapServer, connect: bytes | None = None) -> tuple[bytes, str]:
     with socket.create_connection((server.host, server.port), timeout=5) as s:
         s.sendall(connect if connect is not None else tap_connect())
         return read_to_close(s)
+
+
+def dump_items(values: list[bytes], **faults) -> tuple[list[tuple], bytes, str]:
+    """Items k0, k1, ... with ``values`` in a TapServer with ``faults``, dumped once:
+    (whole frames, the leftover bytes, how the server ended the stream)."""
+    with TapServer(**faults) as server:
+        for i, value in enumerate(values):
+            server.put(b"k%d" % i, value)
+        data, how = dump(server)
+    frames, rest = split_frames(data)
+    return frames, rest, how
 
 
 def test_mutation_matches_the_observed_fork_frame_byte_for_byte():
@@ -127,40 +138,24 @@ def test_no_tap_answers_like_stock_memcached():
 
 
 def test_die_after_resets_the_connection_after_n_mutations():
-    with TapServer(die_after=3) as server:
-        for i in range(10):
-            server.put(b"k%d" % i, b"v")
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"v"] * 10, die_after=3)
     assert how == "reset"
     assert len(frames) <= 3 and rest == b""  # a reset may discard what was still in flight
 
 
 def test_cut_mid_frame_closes_with_half_a_frame_buffered():
-    with TapServer(cut_mid_frame_after=2) as server:
-        for i in range(5):
-            server.put(b"k%d" % i, b"value-%d" % i)
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"value-%d" % i for i in range(5)], cut_mid_frame_after=2)
     assert how == "eof" and len(frames) == 2 and 0 < len(rest) < 24 + 16 + 2 + 7
 
 
 def test_garbage_after_sends_a_frame_with_a_bad_magic():
-    with TapServer(garbage_after=1) as server:
-        for i in range(3):
-            server.put(b"k%d" % i, b"v")
-        data, how = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, how = dump_items([b"v"] * 3, garbage_after=1)
     assert how == "eof"
     assert [f[0] for f in frames] == [0x80, 0x99]
 
 
 def test_interleave_sends_every_other_tap_opcode_among_the_mutations():
-    with TapServer(interleave_other_opcodes=True, interleave_every=2) as server:
-        for i in range(5):
-            server.put(b"k%d" % i, b"v")
-        data, _ = dump(server)
-    frames, rest = split_frames(data)
+    frames, rest, _ = dump_items([b"v"] * 5, interleave_other_opcodes=True, interleave_every=2)
     assert rest == b""
     opcodes = [f[1] for f in frames]
     assert opcodes.count(0x41) == 5

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.throttle_helpers import CPUS, V1_ROOT, V2_ROOT, needs_v1  # first: it puts throttle/ on the path
+from tests.throttle_helpers import CPUS, V1_ROOT, V2_ROOT, fake_cgroup2, needs_v1  # first: it puts throttle/ on the path
 
 from astaire_throttle.cgroup import (
     CgroupUnavailable,
@@ -117,13 +117,7 @@ def fake_v2(tmp_path):
     """A directory laid out like a cgroup2 root with the cpu controller and a child group
     (the kernel would create the child's files at mkdir; a plain directory cannot)."""
     root = tmp_path / "unified"
-    child = root / "astaire"
-    child.mkdir(parents=True)
-    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-    (root / "cgroup.subtree_control").write_text("memory\n")
-    (root / "cgroup.procs").write_text("")
-    (child / "cpu.max").write_text("max 100000\n")
-    (child / "cgroup.procs").write_text("")
+    fake_cgroup2(root, "astaire", subtree_control="memory\n")
     return root
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.throttle_helpers import CPUS, V1_ROOT, V2_ROOT, needs_v1  # first: it puts throttle/ on the path
+from tests.throttle_helpers import CPUS, V1_ROOT, V2_ROOT, fake_cgroup2, needs_v1  # first: it puts throttle/ on the path
 
 from astaire_throttle.cgroup import quota_us
 
@@ -63,6 +63,16 @@ def cpu_share(pids, seconds=MEASURE_SECONDS) -> float:
     c0, t0 = used(), time.monotonic()
     time.sleep(seconds)
     return (used() - c0) / (time.monotonic() - t0)
+
+
+def held_share(service, pids, how: str) -> float:
+    """The CPU share of *pids* while *service* holds them; prints the throttle's own CPU."""
+    throttle_cpu0 = sum(service.ps.cpu_times()[:2])
+    t0 = time.monotonic()
+    share = cpu_share(pids)
+    own = (sum(service.ps.cpu_times()[:2]) - throttle_cpu0) / (time.monotonic() - t0)
+    print(f"throttle's own CPU while holding ({how}): {own:.5f} CPU s/s")
+    return share
 
 
 def assert_in_band(share, percentage):
@@ -201,11 +211,7 @@ def test_holds_the_share_and_follows_the_percentage_across_a_restart(
     wait_for(lambda: group_members(group) >= set(astaire.pids), "the stand-in in the group",
              log=first.log)
     assert int(Path(group, "cpu.cfs_quota_us").read_text()) == quota_us(100_000, CPUS, 5)
-    throttle_cpu0 = sum(first.ps.cpu_times()[:2])
-    t0 = time.monotonic()
-    share_5 = cpu_share(astaire.pids)
-    own = (sum(first.ps.cpu_times()[:2]) - throttle_cpu0) / (time.monotonic() - t0)
-    print(f"throttle's own CPU while holding (cgroup v1): {own:.5f} CPU s/s")
+    share_5 = held_share(first, astaire.pids, "cgroup v1")
     assert_in_band(share_5, 5)
 
     assert first.stop() == 0
@@ -317,12 +323,7 @@ def test_signal_fallback_holds_the_share_and_continues_everything_on_exit(
     if wrapper:
         assert "falling back to stopping and continuing" in service.log_text()
     time.sleep(1.0)  # let the feedback loop settle on the stand-in's demand
-    throttle_cpu0 = sum(service.ps.cpu_times()[:2])
-    t0 = time.monotonic()
-    share = cpu_share(astaire.pids)
-    own = (sum(service.ps.cpu_times()[:2]) - throttle_cpu0) / (time.monotonic() - t0)
-    print(f"throttle's own CPU while holding (signal duty cycle): {own:.5f} CPU s/s")
-    assert_in_band(share, 20)
+    assert_in_band(held_share(service, astaire.pids, "signal duty cycle"), 20)
     assert service.stop() == 0
     assert psutil.STATUS_STOPPED not in astaire.statuses()
     assert "limit lifted" in service.log_text()
@@ -347,12 +348,7 @@ def test_signal_fallback_never_leaves_a_process_stopped(tmp_path, standins, serv
 
 def test_v2_mode_on_a_layout_like_cgroup2(tmp_path, standins, services, config):
     root = tmp_path / "unified"
-    child = root / "astaire-test"
-    child.mkdir(parents=True)
-    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-    (root / "cgroup.subtree_control").write_text("")
-    (child / "cpu.max").write_text("max 100000\n")
-    (child / "cgroup.procs").write_text("")
+    child = fake_cgroup2(root, "astaire-test")
     astaire = standins()
     pidfile = tmp_path / "astaire.pid"
     pidfile.write_text(f"{astaire.pid}\n")

@@ -22,13 +22,6 @@ from astaire.protocol_errors import (
     UnexpectedFrame,
 )
 
-from codec_impls import IMPLS
-
-
-@pytest.fixture(params=IMPLS)
-def tap(request):
-    return request.param
-
 
 ALL = range(128)
 HEADER = struct.Struct(">BBHBBHIIQ")

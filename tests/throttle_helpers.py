@@ -1,5 +1,6 @@
-"""What the astaire-throttle tests share: where the cgroup hierarchies are, and a test-only
-group that is removed afterwards (the ``group_name`` fixture, made available by conftest)."""
+"""What the astaire-throttle tests share: where the cgroup hierarchies are, a fake cgroup2
+layout, and a test-only group that is removed afterwards (the ``group_name`` fixture, made
+available by conftest)."""
 import errno
 import os
 import secrets
@@ -27,6 +28,20 @@ def _v1_writable() -> bool:
 
 
 needs_v1 = pytest.mark.skipif(not _v1_writable(), reason="no writable cgroup v1 cpu hierarchy")
+
+
+def fake_cgroup2(root: Path, child: str, subtree_control: str = "") -> Path:
+    """Lay ``root`` out like a cgroup2 root with the cpu controller available and one child
+    group, whose path is returned (the kernel would create the child's files at mkdir; a
+    plain directory cannot)."""
+    group = root / child
+    group.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text(subtree_control)
+    (root / "cgroup.procs").write_text("")
+    (group / "cpu.max").write_text("max 100000\n")
+    (group / "cgroup.procs").write_text("")
+    return group
 
 
 def remove_group(root: str, path: str) -> None:

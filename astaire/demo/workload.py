@@ -3,7 +3,13 @@
 Used by ``astaire demo``, the benchmark and the end-to-end tests. Records are written the
 way Project Clearwater's MemcachedStore writes them: key ``table\\\\key``, item flags = the
 low 32 bits of the write time in milliseconds, absolute expiry, one copy on each replica of
-the key's vbucket. Everything talks pipelined binary protocol (no per-record round trip).
+the key's vbucket. Nothing makes a round trip per record.
+
+Loading uses the binary protocol (``astaire.client``), exact flags and expiry per record,
+and works on any server, the Clearwater fork included. The placement check needs stock
+memcached (it lists keys with ``lru_crawler metadump``, which the fork lacks) and reads
+the records back over the text protocol with pymemcache's multi-key ``get``; it never asks
+for ``stats``, whose text form crashes the fork (docs/compatibility.md).
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from pymemcache.client.base import Client as TextClient
 
 from astaire import codec
 from astaire.client import BinaryClient
@@ -78,16 +86,27 @@ def load(view: ClusterView, records: Iterable[Record]) -> int:
     return count
 
 
-def fetch(name: str, keys: list[bytes]) -> dict[bytes, tuple[bytes, int]]:
-    """key -> (value, flags) for the keys ``name`` holds."""
-    found: dict[bytes, tuple[bytes, int]] = {}
-    with BinaryClient(name) as client:
+class _ValueAndFlags:
+    """pymemcache serde that hands back what the server holds: ``(value bytes, item flags)``."""
+
+    def serialize(self, key, value):  # loading goes through the binary client, never here
+        raise TypeError("the workload's text client only reads")
+
+    def deserialize(self, key, value, flags):
+        return value, flags
+
+
+def fetch(name: str, keys: list[bytes], timeout: float = 60.0) -> dict[bytes, tuple[bytes, int]]:
+    """key -> (value, flags) for the keys ``name`` holds. Stock memcached only: one text
+    ``get`` of many keys per batch (pymemcache), so no per-record round trip."""
+    client = TextClient(parse_server(name), serde=_ValueAndFlags(), connect_timeout=timeout, timeout=timeout)
+    try:
+        found: dict[bytes, tuple[bytes, int]] = {}
         for batch in _batches(keys):
-            reqs = [(codec.OP_GETKQ, k, b"", 0, 0, 0, 0) for k in batch]
-            for frame in client.round_trip(codec.encode_batch(reqs)):
-                if frame.status == codec.STATUS_SUCCESS:
-                    found[frame.key] = (frame.value, int.from_bytes(frame.extras[:4], "big"))
-    return found
+            found.update(client.get_many(batch))
+        return found
+    finally:
+        client.close()
 
 
 def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:

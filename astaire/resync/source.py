@@ -1,12 +1,12 @@
 """The source side: an old replica streamed over TAP (Clearwater fork) or the LRU crawler (stock).
 
 Everything here runs before the bulk transfer starts, on blocking sockets with timeouts,
-and hands ``astaire.stream`` connected sockets plus any bytes already read from them.
+and hands ``astaire.resync.stream`` connected sockets plus any bytes already read from them.
 
 TAP: one connection, one ``TAP_CONNECT`` (DUMP, LIST_VBUCKETS), then the server sends its
 whole dump and closes. The fork ignores the vbucket list; the Writer filters.
 
-Telling TAP from stock memcached safely (DESIGN.md): the TAP_CONNECT is sent on a fresh
+Telling TAP from stock memcached safely (docs/compatibility.md, "Stock memcached"): the TAP_CONNECT is sent on a fresh
 connection that becomes the real stream if the server speaks TAP. Stock memcached answers
 an unknown opcode only after discarding ``extras + key`` bytes *more* than the frame had,
 so it says nothing at first. If nothing arrives within ``probe_wait`` the probe sends

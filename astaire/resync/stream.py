@@ -1,7 +1,7 @@
 """One stream: the records of some vbuckets, from one old replica into the local memcached.
 
 ``run_stream`` opens the target, then the source (TAP or the LRU crawler, see
-``astaire.source``), and moves bytes between non-blocking sockets and the codec's
+``astaire.resync.source``), and moves bytes between non-blocking sockets and the codec's
 ``Writer``, which does all per-record work. Python here only does I/O in large chunks:
 
 - reads of up to 256 KiB go straight into the Writer;

@@ -1,4 +1,4 @@
-"""``astaire-snmp``: the statistics agent beside the daemon (DESIGN.md "The statistics agent")."""
+"""``astaire-snmp``: the statistics agent beside the daemon (its contract: docs/compatibility.md)."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""The astaire subtree (DESIGN.md "Statistics") and its values for one statistics snapshot.
+"""The astaire subtree (docs/compatibility.md, "Statistics") and its values for one statistics snapshot.
 
 The names and OIDs below are checked against ``ASTAIRE-MIB.txt`` as compiled by pysmi
 (tests/test_snmp_mib.py), so the MIB file that ships and the agent cannot drift apart.

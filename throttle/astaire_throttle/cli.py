@@ -7,6 +7,7 @@ import logging.handlers
 import signal
 import sys
 
+from astaire.cli.argtypes import number
 from astaire_throttle import __version__
 from astaire_throttle.cgroup import DEFAULT_CGROUP_NAME, CgroupUnavailable, check_group_name
 from astaire_throttle.config import DEFAULT_CONFIG_PATH, DEFAULT_PERCENTAGE, PERCENTAGE_SETTING
@@ -91,14 +92,7 @@ def _group_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
+_positive = number(float, lambda v: v > 0, "must be more than 0 seconds")
 
 
 def _setup_logging(log_file: str | None, level: str) -> logging.Handler:

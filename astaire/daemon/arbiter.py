@@ -1,39 +1,27 @@
-"""The arbiter: signals, the view, the worklist, the workers and the statistics.
+"""The arbiter: signals, the worker processes, and the loop.
 
 Modelled on gunicorn's arbiter. Signal handlers only queue the signal (and the wake-up
 fd set with ``signal.set_wakeup_fd`` ends the main loop's wait); the main loop reaps
 dead workers with ``waitpid(-1, WNOHANG)``, handles one queued signal per turn, keeps the
-worker count right, checks the resync tag, hands streams to idle workers and publishes
+worker count right, kills workers that went silent, lets the conductor move the resync on
+(``astaire.daemon.conductor``: the view, the resync, the local memcached) and publishes
 the statistics.
 
     SIGHUP          re-read cluster_settings; resync if the view changed
     SIGUSR1         full resync
     SIGTERM/INT/QUIT stop the workers (open TAP streams are read to the server's close) and exit 0
 
-Every ``tag_interval`` seconds it checks the local memcached (on a thread of its own,
-``astaire.daemon.local``: the loop never waits on the network): a new identity (pid, start
-time) or a missing tag means it restarted and lost its data: full resync. A resync ends
-only after the identity is checked again, so a restart at any moment is never reported as
-a completed resync. When the local memcached does not answer, or a stream fails because
-of it, the work waits (``waiting_for_local``) and is retried; the sources are not blamed.
+Nothing here waits on the network: the local memcached is asked on a thread of its own
+(``astaire.daemon.local``), so signals are handled whatever memcached does.
 
 Workers that stream send a message at least every second; one silent for
 ``worker_timeout`` seconds of the arbiter's own waking time (a pause of the whole tree by
 astaire-throttle does not count) is killed and its stream redone.
 
-A resync makes one pass per source: every old replica is streamed once, for all the wanted
-vbuckets it holds, each stream on an idle worker, all sources at once. A request that
-arrives during a resync (SIGHUP with a changed view, SIGUSR1, missing tag) never aborts a
-running stream (TAP streams are read to their end); the old worklist is no longer
-dispatched and the new resync starts once the running streams have ended.
-
-The resync's own bookkeeping (streams waiting and running, counters) is in
-``astaire.daemon.bookkeeping``; starting the daemon (pidfile, detaching) in
-``astaire.daemon.main``.
+Starting the daemon (pidfile, detaching) is in ``astaire.daemon.main``.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import selectors
@@ -43,11 +31,11 @@ import time
 from dataclasses import dataclass
 
 from astaire import stats
-from astaire.cluster.settings import ConfigError, parse_server, read_cluster_settings, settings_digest
+from astaire.cluster.settings import ConfigError, read_cluster_settings, settings_digest
 from astaire.cluster.view import ClusterView
-from astaire.cluster.worklist import Worklist
 from astaire.daemon import logs, worker
-from astaire.daemon.bookkeeping import Resync, Stream, ranges
+from astaire.daemon.bookkeeping import Stream
+from astaire.daemon.conductor import Conductor
 from astaire.daemon.local import LocalMonitor, LocalNode
 from astaire.daemon.pidfile import Pidfile
 
@@ -59,8 +47,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
 AWAKE_STEP_MAX = 2.0      # seconds of one loop turn counted as awake (longer: the arbiter was stopped)
-LOCAL_RETRY_MAX = 10.0    # seconds between checks of a local memcached that does not answer
-TARGET_BACKOFF_MAX = 30.0 # seconds before streams are handed out again after the target failed
 BOOT_BACKOFF_MAX = 30.0
 HEARTBEAT = 1.0
 
@@ -113,29 +99,16 @@ class Supervisor:
         self.pidfile = pidfile
         self.workers: dict[int, WorkerHandle] = {}
         self.sig_queue: list[int] = []
-        self.resync: Resync | None = None
-        self.requested: bool | None = None  # None, or "full?" of the resync to start next
+        self.conductor: Conductor | None = None
         self.stopping = False
         self.exit_code = EXIT_OK
         self.boot_failures = 0
         self.spawn_not_before = 0.0
-        self.next_tag_check = 0.0
-        self.tag_seen: bool | None = None  # the last tag check's answer (None: no answer)
         self.next_heartbeat = 0.0
-        self.stream_ids = itertools.count(1)  # unique over the daemon's life
         self.stats: stats.StatsWriter | None = None
         self.selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self.monitor: LocalMonitor | None = None
-        self.initial = True               # the first answer from the local memcached decides the first resync
-        self.need_check = True            # a resync starts only after a fresh answer from the local memcached
-        self.local_identity: tuple | None = None
-        self.cas_enabled: bool | None = None
-        self.waiting_for_local = False
-        self.local_failures = 0
-        self.next_local_retry = 0.0
-        self.target_failures = 0
-        self.dispatch_not_before = 0.0
         self.awake = 0.0                  # seconds the arbiter itself was running (see tick)
         self._last_tick = time.monotonic()
 
@@ -156,9 +129,10 @@ class Supervisor:
                         break
                 self.manage_workers()
                 self.murder_workers()
-                self.local_answers()
-                self.check_local()
-                self.advance()
+                c = self.conductor
+                c.local_answers()
+                c.check_local()
+                c.advance(self.idle_workers(), self.hand_out, self.stopping)
                 self.heartbeat()
                 if sig is None:
                     self.wait()
@@ -186,9 +160,10 @@ class Supervisor:
         self.stats.settings_digest = ""  # set when the first resync starts from this view
         self.stats.publish()
         log.log(logs.STATUS, "astaire %d started: local node %s, %d workers, source %s, cluster %s",
-                os.getpid(), self.local, o.workers, o.source, self._describe_view(self.view))
+                os.getpid(), self.local, o.workers, o.source, Conductor._describe_view(self.view))
         logs.STARTED.log()
         self.monitor = LocalMonitor(self.node_factory(self.local), self._wake_w)
+        self.conductor = Conductor(o, self.view, self.view_digest, self.stats, self.monitor)
 
     def _teardown(self) -> None:
         self.stop_workers()
@@ -231,24 +206,14 @@ class Supervisor:
             settings = read_cluster_settings(path)
         except ConfigError as e:
             log.error("SIGHUP: invalid cluster settings, keeping the current view (%s): %s",
-                      self._describe_view(self.view), e)
+                      Conductor._describe_view(self.conductor.view), e)
             return
         view = ClusterView.from_settings(settings, self.options.vbuckets, self.options.replicas)
-        if view == self.view:
-            log.log(logs.STATUS, "SIGHUP: cluster settings re-read, view unchanged (%s)", self._describe_view(view))
-            self.view_digest = digest
-            if self.resync is None and self.requested is None:
-                self.stats.settings_digest = digest
-                self.stats.publish()
-            return
-        log.log(logs.STATUS, "SIGHUP: cluster view changed from %s to %s",
-                self._describe_view(self.view), self._describe_view(view))
-        self.view, self.view_digest = view, digest
-        self.request_resync(full=False, why="the cluster view changed")
+        self.conductor.view_changed(view, digest)
 
     def handle_usr1(self) -> None:
         log.log(logs.STATUS, "SIGUSR1: full resync requested")
-        self.request_resync(full=True, why="a full resync was requested")
+        self.conductor.request_resync(full=True, why="a full resync was requested")
 
     def handle_term(self, sig: int) -> None:
         log.log(logs.STATUS, "%s: stopping", self.SIG_NAMES.get(sig, sig))
@@ -257,12 +222,7 @@ class Supervisor:
 
     def wait(self) -> None:
         now = time.monotonic()
-        timeout = min(HEARTBEAT, max(0.0, self.next_heartbeat - now))
-        if not self.monitor.busy:
-            due = self.next_local_retry if self.waiting_for_local else self.next_tag_check
-            timeout = min(timeout, max(0.0, due - now))
-        if self.resync is not None and self.dispatch_not_before > now:
-            timeout = min(timeout, self.dispatch_not_before - now)
+        timeout = min(HEARTBEAT, max(0.0, self.next_heartbeat - now), self.conductor.next_wake(now))
         if len(self.workers) < self.options.workers:
             timeout = min(timeout, max(0.0, self.spawn_not_before - now))
         for key, _ in self.selector.select(timeout):
@@ -286,7 +246,6 @@ class Supervisor:
     def heartbeat(self) -> None:
         now = time.monotonic()
         if now >= self.next_heartbeat:
-            self.stats.waiting_for_local = self.waiting_for_local
             self.stats.publish()  # heartbeat time and a decaying bandwidth
             self.next_heartbeat = now + HEARTBEAT
 
@@ -342,10 +301,10 @@ class Supervisor:
         if kind == "hb":
             return
         if kind == "progress":
-            self.on_progress(s, msg["d"])
+            self.conductor.on_progress(s, msg["d"])
         elif kind == "result":
             w.stream = None
-            self.on_result(s, msg)
+            self.conductor.on_result(s, msg)
 
     def reap_workers(self) -> None:
         while True:
@@ -379,18 +338,26 @@ class Supervisor:
                     w.pid, how, self.boot_failures, delay)
         elif w.stream is None:
             log.warning("worker %d exited (%s) while idle; replacing it", w.pid, how)
-        s = w.stream
-        if s is not None and self.resync is not None and s.id in self.resync.running:
-            self.stats.connections.pop(s.id, None)
-            entries, nbytes = s.totals()
-            if self.resync.worker_lost(s):
-                log.warning("worker %d died (%s) streaming %d vbuckets from %s; redoing the stream "
-                            "(%d entries, %d bytes it had reported are not counted)",
-                            w.pid, how, len(s.vbuckets), s.server, entries, nbytes)
-            else:
-                log.error("worker %d died (%s) streaming from %s, the %d time for this stream; "
-                          "treating %s as failed", w.pid, how, s.server, s.attempts, s.server)
-            self._publish_counters()
+        if w.stream is not None:
+            self.conductor.worker_lost(w.pid, w.stream, how)
+
+    def idle_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.ready and w.stream is None and w.sock is not None]
+
+    def hand_out(self, w: WorkerHandle, s: Stream, job: dict) -> bool:
+        """Send ``job`` (stream ``s``) to the worker; False if its channel is broken."""
+        try:
+            w.sock.setblocking(True)
+            w.sock.sendall(worker.pack({"t": "job", "id": s.id, "job": job}))
+        except OSError as e:
+            log.warning("cannot hand a stream to worker %d (%s); it will be replaced", w.pid, e)
+            return False
+        finally:
+            if w.sock is not None:
+                w.sock.setblocking(False)
+        w.stream = s
+        w.last_heard = self.awake
+        return True
 
     def murder_workers(self) -> None:
         """Kill a streaming worker silent for longer than worker_timeout (awake time): hung,
@@ -461,301 +428,3 @@ class Supervisor:
             except (KeyError, ValueError):
                 pass
             w.sock.close()
-
-    # -- resync ---------------------------------------------------------------------------
-
-    # -- the local memcached --------------------------------------------------------------
-
-    def check_local(self) -> None:
-        """Ask the monitor thread what it needs to know next (one question at a time)."""
-        if self.monitor.busy:
-            return
-        now = time.monotonic()
-        r = self.resync
-        if r is not None and r.finishing and not r.superseded and not r.finish_asked:
-            if now >= self.next_local_retry:
-                r.finish_asked = True
-                self.monitor.request("finish", expected=r.identity)
-            return
-        if self.waiting_for_local:
-            due = now >= self.next_local_retry
-        else:
-            due = now >= self.next_tag_check or (self.need_check and self.requested is not None)
-        if due or self.initial and now >= self.next_local_retry:
-            self.monitor.request("check", cas=True)
-
-    def local_answers(self) -> None:
-        for a in self.monitor.answers():
-            if a.ok:
-                self._local_answered(a)
-            else:
-                self._local_silent(a)
-
-    def _local_silent(self, a) -> None:
-        now = time.monotonic()
-        self.local_failures += 1
-        delay = min(LOCAL_RETRY_MAX, 0.5 * 2 ** (self.local_failures - 1))
-        self.next_local_retry = now + delay
-        level = logging.WARNING if self.local_failures in (1, 10) or self.local_failures % 60 == 0 else logging.INFO
-        log.log(level, "the local memcached %s does not answer (%s); %s; retrying in %.1f s",
-                self.local, a.error, "the resync waits for it" if self.resync or self.requested is not None
-                else "waiting for it", delay)
-        if a.kind == "finish" and self.resync is not None:
-            self.resync.finish_asked = False
-        self._set_waiting(True)
-
-    def _set_waiting(self, waiting: bool) -> None:
-        if waiting != self.waiting_for_local:
-            self.waiting_for_local = waiting
-            self.stats.waiting_for_local = waiting
-            self.stats.publish()
-
-    def _local_answered(self, a) -> None:
-        now = time.monotonic()
-        if self.waiting_for_local:
-            log.log(logs.STATUS, "the local memcached %s answers again (after %d tries)", self.local,
-                    self.local_failures)
-        self.local_failures = 0
-        self._set_waiting(False)
-        self.next_tag_check = now + self.options.tag_interval
-        previous, self.local_identity = self.local_identity, a.identity
-        if a.kind == "finish":
-            self._finish_answered(a, previous)
-            return
-        self.cas_enabled = a.cas_enabled
-        self.tag_seen = a.tag
-        if self.initial:
-            self.initial = False
-            if a.tag is False:
-                log.log(logs.STATUS, "no resync tag in the local memcached %s: full resync", self.local)
-            self.request_resync(full=a.tag is False, why="astaire started")
-        elif previous is not None and a.identity != previous:
-            log.log(logs.STATUS, "the local memcached %s restarted (pid %s started at %s, was pid %s started at %s) "
-                    "and lost its data: full resync", self.local, a.identity[0], a.identity[1], previous[0],
-                    previous[1])
-            self.request_resync(full=True, why="the local memcached restarted")
-        elif a.tag is False and self._tag_checks_active():
-            log.log(logs.STATUS, "the resync tag is gone from the local memcached %s (it restarted): "
-                    "full resync", self.local)
-            self.request_resync(full=True, why="the local memcached restarted")
-        self.need_check = False  # this answer is fresh enough to start a resync on
-
-    def _finish_answered(self, a, previous) -> None:
-        r = self.resync
-        if r is None or not r.finishing or r.superseded:
-            return
-        if a.restarted:
-            log.log(logs.STATUS, "the local memcached %s restarted during the resync (pid %s started at %s, was "
-                    "pid %s started at %s): the resync is not complete; a full resync follows", self.local,
-                    a.identity[0], a.identity[1], r.identity[0], r.identity[1])
-            self.request_resync(full=True, why="the local memcached restarted")
-            self.need_check = True
-            return
-        self.tag_seen = True
-        self.finish_resync()
-
-    def _tag_checks_active(self) -> bool:
-        """A missing tag means a restart when idle, or during a resync that started with the
-        tag in place. A resync that started without the tag sets it only at its end (its
-        restarts are caught by the identity check)."""
-        if self.requested is not None:
-            return False
-        r = self.resync
-        return r is None or (r.watch_tag and not r.superseded)
-
-    def request_resync(self, full: bool, why: str) -> None:
-        self.requested = bool(full or self.requested)
-        self.need_check = True
-        if self.resync is not None and not self.resync.superseded:
-            self.resync.superseded = True
-            log.log(logs.STATUS, "%s during a resync: %d running streams finish, then a new %sresync starts",
-                    why, len(self.resync.running), "full " if self.requested else "")
-
-    def advance(self) -> None:
-        """Move the resync on: start a requested one, queue its pass, finish, dispatch."""
-        r = self.resync
-        if r is not None and r.superseded:
-            if r.running:
-                return
-            log.log(logs.STATUS, "superseded resync stopped (%d entries)", r.entries)
-            self.resync = r = None
-        if r is None:
-            if self.requested is None or self.stopping:
-                return
-            if self.need_check or self.waiting_for_local or self.monitor.busy or self.local_identity is None:
-                return  # a fresh answer from the local memcached first
-            r = self.start_resync()
-            if r is None:
-                return
-        if r.finishing:
-            return
-        if not r.pending and not r.running:
-            if not r.start():
-                r.finishing = True  # done once the local memcached is checked (check_local)
-                return
-            log.info("one pass per source: %s", ", ".join(f"{s.server} ({len(s.vbuckets)} vbuckets)" for s in r.pending))
-        self.dispatch()
-
-    def start_resync(self) -> Resync | None:
-        full = bool(self.requested)
-        self.requested = None
-        wl = Worklist(self.view, self.local, full=full)
-        st = self.stats
-        in_cluster = self.local in self.view.servers or self.local in self.view.new_servers
-        st.local_in_cluster = in_cluster
-        if not in_cluster:
-            log.warning("the local node %s is in neither server list (%s): nothing to pull; check local_ip "
-                        "or --local-name", self.local, self._describe_view(self.view))
-            logs.LOCAL_NOT_IN_CLUSTER.log(self.local)
-        st.target_cas_disabled = self.cas_enabled is False
-        if self.cas_enabled is False:
-            log.error("resync refused: the local memcached %s runs without CAS (-C), so records could not be "
-                      "replaced without risking newer data; restart it without -C", self.local)
-            logs.RESYNC_REFUSED.log(self.local)
-            st.last_resync = {"result": "refused", "failed_vbuckets": wl.vbuckets, "full": full,
-                              "finished_at": time.time(), "seconds": 0.0, "entries": 0, "bytes": 0}
-            st.settings_digest = self.view_digest
-            st.reset_counters()
-            st.publish()
-            return None
-        r = self.resync = Resync(wl, full, ids=self.stream_ids)
-        r.watch_tag = self.tag_seen is True
-        r.identity = self.local_identity
-        self.target_failures = 0
-        self.dispatch_not_before = 0.0
-        st.reset_counters()
-        st.state = stats.STATE_RESYNCING
-        st.resync_started_at = r.started_at
-        st.resync_full = full
-        st.buckets_needing = wl.needing
-        st.settings_digest = self.view_digest
-        st.publish()
-        servers = sorted({s for srcs in wl.sources.values() for s in srcs})
-        log.log(logs.STATUS, "%s resync started: %d vbuckets to pull, %d (vbucket, source) pairs, from %s",
-                "full" if full else "view", len(wl.sources), wl.needing, ", ".join(servers) or "nobody")
-        logs.RESYNC_STARTED.log("full " if full else "")
-        return r
-
-    def dispatch(self) -> None:
-        r = self.resync
-        o = self.options
-        if self.waiting_for_local or time.monotonic() < self.dispatch_not_before:
-            return
-        for w in self.workers.values():
-            if not (w.ready and w.stream is None and w.sock is not None):
-                continue
-            s = r.take(w.pid)
-            if s is None:
-                return
-            job = {"source": s.server, "vbuckets": s.vbuckets, "target": self.local, "source_kind": o.source,
-                   "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
-                   "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout}
-            try:
-                w.sock.setblocking(True)
-                w.sock.sendall(worker.pack({"t": "job", "id": s.id, "job": job}))
-            except OSError as e:
-                log.warning("cannot hand a stream to worker %d (%s); it will be replaced", w.pid, e)
-                r.running.pop(s.id, None)
-                s.worker = None
-                r.pending.appendleft(s)
-                continue
-            finally:
-                if w.sock is not None:
-                    w.sock.setblocking(False)
-            w.stream = s
-            w.last_heard = self.awake
-            host, port = parse_server(s.server)
-            self.stats.connections[s.id] = stats.Connection(host, port, list(s.vbuckets))
-            log.info("stream %d: %d vbuckets from %s to worker %d", s.id, len(s.vbuckets), s.server, w.pid)
-        self._publish_counters()
-
-    def on_progress(self, s: Stream, delta: dict) -> None:
-        r = self.resync
-        if r is None or s.id not in r.running:
-            return
-        _, nbytes = r.progress(s, delta)
-        self.stats.bandwidth.add(nbytes)
-        conn = self.stats.connections.get(s.id)
-        if conn is not None:
-            for vb, (e, b) in delta.items():
-                conn.entries[vb] = conn.entries.get(vb, 0) + e
-                conn.bytes[vb] = conn.bytes.get(vb, 0) + b
-        self._publish_counters()
-
-    def on_result(self, s: Stream, msg: dict) -> None:
-        r = self.resync
-        if r is None or s.id not in r.running:
-            return
-        ok = bool(msg.get("ok"))
-        if not ok and msg.get("target_failed"):
-            self.on_target_failed(s, msg)
-            return
-        _, nbytes = r.finished(s, ok, msg.get("counts") or {})
-        self.stats.bandwidth.add(max(0, nbytes))
-        self.stats.connections.pop(s.id, None)
-        entries, total_bytes = s.totals()
-        if ok:
-            log.info("stream %d from %s (%s) done: %d vbuckets, %d entries, %d bytes in %.2f s",
-                     s.id, s.server, msg.get("kind"), len(s.vbuckets), entries, total_bytes, msg.get("seconds", 0))
-        else:
-            log.warning("stream %d from %s failed (%s): %s; it is dropped as a source for this resync",
-                        s.id, s.server, msg.get("kind") or "?", msg.get("error"))
-        self._publish_counters()
-
-    def on_target_failed(self, s: Stream, msg: dict) -> None:
-        """The local memcached failed the stream: the source is not blamed. The stream is
-        queued again and nothing is handed out until the local memcached answers, then
-        after a growing delay; a restart found meanwhile turns this into a full resync."""
-        r = self.resync
-        self.stats.connections.pop(s.id, None)
-        r.requeue(s)
-        self.target_failures += 1
-        delay = min(TARGET_BACKOFF_MAX, 0.5 * 2 ** (self.target_failures - 1))
-        self.dispatch_not_before = time.monotonic() + delay
-        log.warning("stream %d from %s stopped because the local memcached %s failed (%s); %s is not blamed: "
-                    "the stream is redone once the local memcached answers (in %.1f s at the earliest)",
-                    s.id, s.server, self.local, msg.get("error"), s.server, delay)
-        self.next_local_retry = time.monotonic()
-        self._set_waiting(True)
-        self._publish_counters()
-
-    def finish_resync(self) -> None:
-        r = self.resync
-        wl = r.worklist
-        failed = wl.failed_vbuckets
-        seconds = time.monotonic() - r.started
-        st = self.stats
-        st.last_resync = {"result": "failed" if failed else "ok", "failed_vbuckets": failed, "full": r.full,
-                          "finished_at": time.time(), "seconds": seconds, "entries": r.entries, "bytes": r.bytes}
-        st.resyncs_completed += 1
-        st.settings_digest = self.view_digest  # a same-view edit taken in during the resync
-        st.reset_counters()
-        st.publish()
-        self.resync = None
-        self.next_tag_check = time.monotonic() + self.options.tag_interval
-        if failed:
-            log.error("resync finished in %.2f s with %d vbuckets no source could serve: %s "
-                      "(failed sources: %s); %d entries, %d bytes", seconds, len(failed),
-                      ranges(failed), ", ".join(wl.failed_servers) or "none", r.entries, r.bytes)
-            logs.RESYNC_FAILED.log(ranges(failed))
-        else:
-            log.log(logs.STATUS, "resync completed in %.2f s: %d vbuckets, %d entries, %d bytes, %d streams",
-                    seconds, len(wl.sources), r.entries, r.bytes, r.streams)
-            logs.RESYNC_COMPLETED.log()
-
-    def _publish_counters(self) -> None:
-        r = self.resync
-        if r is None:
-            return
-        st = self.stats
-        st.buckets_needing = r.needing
-        st.buckets_resynchronized = r.resynchronized
-        st.entries = max(0, r.entries)
-        st.bytes = max(0, r.bytes)
-        st.publish()
-
-    @staticmethod
-    def _describe_view(view: ClusterView) -> str:
-        if view.resizing:
-            return f"servers={','.join(view.servers)} new_servers={','.join(view.new_servers)}"
-        return f"servers={','.join(view.servers or view.new_servers)}"

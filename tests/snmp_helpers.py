@@ -171,14 +171,7 @@ class Trapd:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.out.close()
+        stop_process(self.proc, self.out)
 
 
 @pytest.fixture
@@ -194,3 +187,15 @@ def wait_until(predicate, timeout=10.0, what="condition"):
 
 def seconds_since(t0: float) -> float:
     return time.monotonic() - t0
+
+
+def stop_process(proc, output) -> None:
+    """Terminate ``proc`` (kill it if it lingers) and close the file its output went to."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        output.close()

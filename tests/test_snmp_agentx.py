@@ -12,7 +12,7 @@ import pytest
 from astaire.snmp import agentx
 from astaire.snmp.mib import Tree
 from astaire.stats import Connection, StatsReader, StatsWriter
-from tests.snmp_helpers import SCALARS, A, NetSnmp, free_udp_port, snmp_env, wait_until
+from tests.snmp_helpers import SCALARS, A, NetSnmp, free_udp_port, snmp_env, stop_process, wait_until
 
 needs_snmpd = pytest.mark.skipif(shutil.which("snmpd") is None, reason="snmpd not installed (scripts/setup)")
 
@@ -36,14 +36,7 @@ class Snmpd:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.log.close()
+        stop_process(self.proc, self.log)
 
 
 @pytest.fixture

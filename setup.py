@@ -1,4 +1,4 @@
-"""Build script: the Cython codec is compiled here; everything else is declared in pyproject.toml.
+"""Build script: the Cython codec (``_tap`` and ``_writer``, sharing ``_tap.pxd``) is compiled here; everything else is declared in pyproject.toml.
 
 Set ASTAIRE_NO_EXTENSIONS=1 to install without compiling (the package then runs on its
 pure-Python codec, as it does with ASTAIRE_PUREPYTHON=1).
@@ -12,8 +12,9 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("astaire._tap", ["astaire/_tap.pyx"], extra_compile_args=["-O3"],
-                   include_dirs=["astaire"], depends=["astaire/_md5.h"])],
+        [Extension(f"astaire.{unit}", [f"astaire/{unit}.pyx"], extra_compile_args=["-O3"],
+                   include_dirs=["astaire"], depends=["astaire/_md5.h", "astaire/_tap.pxd"])
+         for unit in ("_tap", "_writer")],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -483,14 +483,6 @@ def encode_set(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
     return _store(OP_SET, key, value, flags, expiration, opaque, cas)
 
 
-def encode_setq(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
-    return _store(OP_SETQ, key, value, flags, expiration, opaque, cas)
-
-
-def encode_replace(key, value, flags=0, expiration=0, opaque=0, cas=0) -> bytes:
-    return _store(OP_REPLACE, key, value, flags, expiration, opaque, cas)
-
-
 def encode_delete(key, opaque=0, cas=0) -> bytes:
     return encode_request(OP_DELETE, key, opaque=opaque, cas=cas)
 
@@ -1142,6 +1134,6 @@ __all__ = [
     "Frame", "TapMutation", "FrameParser", "Writer",
     "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
     "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
-    "encode_add", "encode_addq", "encode_set", "encode_setq", "encode_replace",
+    "encode_add", "encode_addq", "encode_set",
     "encode_delete", "encode_noop", "encode_version", "encode_tap_mutation", "encode_batch",
 ]

@@ -1,7 +1,8 @@
 """The binary-protocol/TAP codec, compiled when available.
 
-``astaire._tap`` is the Cython build; ``astaire._tap_py`` is its pure-Python twin with
-the same names. Setting ``ASTAIRE_PUREPYTHON=1`` forces the pure one (as
+The Cython build is two units, ``astaire._tap`` (frame parser, TAP scanner, encoders)
+and ``astaire._writer`` (the Writer), joined by ``_tap.pxd``; ``astaire._tap_py`` is
+their pure-Python twin with the same names. Setting ``ASTAIRE_PUREPYTHON=1`` forces the pure one (as
 ``MSGPACK_PUREPYTHON`` does for msgpack). ``IMPLEMENTATION`` says which is loaded.
 """
 import os
@@ -13,6 +14,7 @@ if os.environ.get("ASTAIRE_PUREPYTHON", "") not in ("", "0"):
 else:
     try:
         from astaire._tap import *  # noqa: F401,F403
+        from astaire._writer import *  # noqa: F401,F403
 
         IMPLEMENTATION = "cython"
     except ImportError:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from astaire import _tap_py  # noqa: E402
 
 try:
-    from astaire import _tap as _tap_c  # noqa: E402
+    from tests.codec_impls import _tap_c  # noqa: E402  (both compiled units as one namespace)
 except ImportError:  # pragma: no cover - depends on the build
     _tap_c = None
 

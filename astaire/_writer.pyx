@@ -1,0 +1,1131 @@
+# cython: language_level=3
+"""The Writer: the per-record resync state machine, compiled (twin of ``_tap_py.Writer``).
+
+Frames come in through the scanners of ``astaire._tap`` (declared in ``_tap.pxd``); here
+live the slots (one per record in flight, its index the opaque), the quiet-ADD fences,
+the conflict rule, and the crawler's metadump parser and fetch queues. Per-record work runs
+in C without the GIL and builds no Python object.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memcmp, memmove, memchr
+from libc.stdlib cimport malloc, calloc, realloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+from astaire._tap cimport *
+
+from astaire._tap import DEFAULT_MAX_BODY, _wanted_table
+from astaire.protocol_errors import CrawlerBusy, CrawlerError, MalformedFrame, UnexpectedFrame
+
+cdef uint32_t C_FENCE_BIT = 0x80000000u
+cdef uint32_t C_FENCE_MASK = 0x7FFFFFFFu
+
+# Record states: what the record waits for.
+cdef enum:
+    ST_FREE = 0
+    ST_ADDQ = 1   # quiet ADD sent: an error response, or its fence, settles it
+    ST_GETK = 2   # read of the local copy sent
+    ST_SET = 3    # CAS SET sent
+    ST_ADD = 4    # non-quiet ADD sent (after the key vanished, or read-first found none)
+    ST_READ = 5   # read-first: GETK of the local copy sent before any write
+
+# How the Writer first touches a record in the target (see Writer).
+MODE_ADDQ = "addq"
+MODE_READ = "read"
+MODE_AUTO = "auto"
+WRITER_MODES = (MODE_ADDQ, MODE_READ, MODE_AUTO)
+
+cdef enum:
+    OUT_ADDED = 0
+    OUT_REPLACED = 1
+    OUT_KEPT = 2
+    OUT_FAILED = 3
+
+_STATUS_NAMES = {
+    0x00: "SUCCESS", 0x01: "KEY_ENOENT", 0x02: "KEY_EEXISTS", 0x03: "E2BIG", 0x04: "EINVAL",
+    0x05: "NOT_STORED", 0x07: "NOT_MY_VBUCKET", 0x81: "UNKNOWN_COMMAND", 0x82: "ENOMEM",
+}
+_OP_NAMES = {0x12: "ADDQ", 0x02: "ADD", 0x0C: "GETK", 0x01: "SET", 0x0D: "GETKQ"}
+
+
+cdef int emit_store(Buf *out, uint8_t opcode, const char *key, uint32_t klen, const char *val, uint32_t vlen,
+                    uint32_t flags, uint32_t exp, uint32_t opaque, uint64_t cas) noexcept nogil:
+    cdef size_t size = C_HEADER + 8 + klen + vlen
+    cdef uint8_t *p
+    if buf_reserve(out, size) < 0:
+        return -1
+    p = <uint8_t *>out.data + out.len
+    put_header(p, C_MAGIC_REQ, opcode, <uint16_t>klen, 8, 0, 8 + klen + vlen, opaque, cas)
+    put32(p + 24, flags)
+    put32(p + 28, exp)
+    memcpy(p + 32, key, klen)
+    memcpy(p + 32 + klen, val, vlen)
+    out.len += size
+    return 0
+
+
+cdef int emit_key_only(Buf *out, uint8_t opcode, const char *key, uint32_t klen, uint32_t opaque) noexcept nogil:
+    cdef uint8_t *p
+    if buf_reserve(out, C_HEADER + klen) < 0:
+        return -1
+    p = <uint8_t *>out.data + out.len
+    put_header(p, C_MAGIC_REQ, opcode, <uint16_t>klen, 0, 0, klen, opaque, 0)
+    memcpy(p + 24, key, klen)
+    out.len += C_HEADER + klen
+    return 0
+
+
+# A FIFO of 64-bit entries (head/tail, compacting like Buf).
+cdef struct U64Q:
+    uint64_t *data
+    size_t head
+    size_t len
+    size_t cap
+
+
+cdef int q_push(U64Q *q, uint64_t v) noexcept nogil:
+    if fifo_room(q) < 0:
+        return -1
+    q.data[q.len] = v
+    q.len += 1
+    return 0
+
+
+cdef inline void q_pop(U64Q *q) noexcept nogil:
+    q.head += 1
+    if q.head == q.len:
+        q.head = 0
+        q.len = 0
+
+
+# ---------------------------------------------------------------------------------------
+# The Writer: per-record resync loop
+
+cdef struct Slot:
+    char *data        # key then value
+    size_t cap
+    uint32_t klen
+    uint32_t vlen
+    uint32_t flags
+    uint32_t exp
+    uint32_t rounds
+    uint32_t fence
+    uint8_t state
+
+# A queued record in the Writer's queue buffer: this header, then key, then value.
+cdef struct QRec:
+    uint32_t flags
+    uint32_t exp
+    uint32_t klen
+    uint32_t vlen
+
+# Slot buffers above this size are given back when their record settles.
+cdef enum:
+    SLOT_KEEP = 65536
+
+
+def _key_text(key):
+    return repr(bytes(key[:80]))
+
+
+# -- crawler fetches, in C ----------------------------------------------------------------
+# Keys listed by the crawler wait in a FIFO of fixed-size entries (``Fetch``) until
+# fetch_requests sends them; then they wait in a second FIFO, in opaque order, until their
+# batch's NOOP comes back. A small open-addressing set over the first FIFO finds a key
+# listed again while its fetch is still queued.
+
+cdef struct Fetch:
+    uint32_t exp
+    uint32_t vb
+    uint32_t hash       # vbucket_hash(key)
+    uint16_t klen
+    uint8_t answered
+    char key[C_MAX_KEY]
+
+
+cdef struct FetchQ:
+    Fetch *data
+    size_t head
+    size_t len
+    size_t cap
+    uint64_t first      # sequence number of data[head]
+
+
+cdef inline size_t fq_count(FetchQ *q) noexcept nogil:
+    return q.len - q.head
+
+
+cdef inline Fetch *fq_at(FetchQ *q, uint64_t seq) noexcept nogil:
+    return &q.data[q.head + <size_t>(seq - q.first)]
+
+
+# Both FIFOs make room the same way: compact first, double only when still full.
+ctypedef fused Fifo:
+    U64Q
+    FetchQ
+
+
+cdef inline int fifo_room(Fifo *q) noexcept nogil:
+    """Room for one more entry at q.data[q.len]; -1 when out of memory."""
+    cdef size_t cap
+    cdef void *d
+    if q.len < q.cap:
+        return 0
+    if q.head:
+        memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(q.data[0]))
+        q.len -= q.head
+        q.head = 0
+    if q.len == q.cap:
+        cap = q.cap * 2 if q.cap else 64
+        d = realloc(q.data, cap * sizeof(q.data[0]))
+        if d == NULL:
+            return -1
+        if Fifo is U64Q:
+            q.data = <uint64_t *>d
+        else:
+            q.data = <Fetch *>d
+        q.cap = cap
+    return 0
+
+
+cdef Fetch *fq_push(FetchQ *q) noexcept nogil:
+    """Room for one more entry at the tail (sequence number q.first + count), or NULL."""
+    if fifo_room(q) < 0:
+        return NULL
+    q.len += 1
+    return &q.data[q.len - 1]
+
+
+cdef inline void fq_pop(FetchQ *q) noexcept nogil:
+    q.head += 1
+    q.first += 1
+    if q.head == q.len:
+        q.head = 0
+        q.len = 0
+
+
+cdef struct KeySet:
+    uint64_t *slots     # sequence number + 1 of a queued Fetch; 0 = empty
+    size_t mask
+    size_t count
+    int bits
+
+
+cdef inline size_t ks_home(KeySet *ks, uint32_t h) noexcept nogil:
+    # Multiplicative hashing: the low bits of h are the vbucket and may all be alike.
+    return <size_t>(<uint32_t>(h * 2654435769u) >> (32 - ks.bits))
+
+
+cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t klen) noexcept nogil:
+    cdef size_t i
+    cdef Fetch *e
+    if ks.slots == NULL:
+        return False
+    i = ks_home(ks, h)
+    while ks.slots[i]:
+        e = fq_at(q, ks.slots[i] - 1)
+        if e.hash == h and e.klen == klen and memcmp(e.key, key, klen) == 0:
+            return True
+        i = (i + 1) & ks.mask
+    return False
+
+
+cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
+    cdef size_t i = ks_home(ks, h)
+    while ks.slots[i]:
+        i = (i + 1) & ks.mask
+    ks.slots[i] = seq + 1
+    ks.count += 1
+
+
+cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
+    """Add the queued Fetch ``seq`` (already pushed). Grows by rebuilding from the queue."""
+    cdef int bits
+    cdef uint64_t s
+    cdef uint64_t *slots
+    if ks.slots != NULL and (ks.count + 1) * 2 <= ks.mask + 1:
+        ks_put(ks, seq, h)
+        return 0
+    bits = ks.bits + 1 if ks.slots != NULL else 6
+    while (<size_t>1 << bits) < (fq_count(q) + 1) * 2:
+        bits += 1
+    slots = <uint64_t *>calloc(<size_t>1 << bits, sizeof(uint64_t))
+    if slots == NULL:
+        return -1
+    free(ks.slots)
+    ks.slots = slots
+    ks.bits = bits
+    ks.mask = (<size_t>1 << bits) - 1
+    ks.count = 0
+    for s in range(q.first, q.first + fq_count(q)):
+        ks_put(ks, s, fq_at(q, s).hash)
+    return 0
+
+
+cdef void ks_remove(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
+    """Remove ``seq`` (still in the queue), shifting later probes back (no tombstones)."""
+    cdef size_t i, j, k
+    if ks.slots == NULL:
+        return
+    i = ks_home(ks, h)
+    while ks.slots[i] != seq + 1:
+        if ks.slots[i] == 0:
+            return
+        i = (i + 1) & ks.mask
+    j = i
+    while True:
+        j = (j + 1) & ks.mask
+        if ks.slots[j] == 0:
+            break
+        k = ks_home(ks, fq_at(q, ks.slots[j] - 1).hash)
+        if (i < k <= j) if i <= j else (i < k or k <= j):
+            continue  # its home lies after the hole: it stays
+        ks.slots[i] = ks.slots[j]
+        i = j
+    ks.slots[i] = 0
+    ks.count -= 1
+
+
+cdef class Writer:
+    """Writes one source stream's records into the local memcached (the target), by the
+    conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
+    only for records the ADDQ found present. Python does the socket I/O and hands whole
+    chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
+    what ``target_requests`` and ``fetch_requests`` return.
+
+    ``mode`` chooses a record's first request to the target: "addq" (the quiet ADD above:
+    one request when the target has no copy, three when it has one), "read" (read first:
+    GETK, then ADD if there is no copy, CAS SET if it is older, nothing otherwise: one
+    request when the target has a copy, two when not) or "auto": ADDQ first, and for each
+    following batch of ``window // 4`` records whichever of the two the last batch's first
+    requests favoured (read first once more than half of them found a copy).
+
+    Not thread-safe: one Writer belongs to one stream's I/O loop (its C loops run without
+    the GIL, so concurrent calls on one Writer would race on its buffers)."""
+
+    cdef uint8_t *_table
+    cdef uint32_t _mask
+    cdef readonly uint32_t vbuckets
+    cdef readonly uint32_t window
+    cdef readonly uint64_t max_body
+    cdef readonly uint32_t max_retries
+    cdef uint32_t _fence_every
+    cdef readonly str mode
+    cdef bint _auto
+    cdef bint _read_first
+    cdef uint32_t _probe_present    # auto: first requests that found a local copy, this batch
+    cdef uint32_t _probe_total      # auto: first requests answered, this batch
+    # Counters.
+    cdef readonly uint64_t entries
+    cdef uint64_t _nbytes
+    cdef readonly uint64_t added
+    cdef readonly uint64_t replaced
+    cdef readonly uint64_t kept
+    cdef readonly uint64_t failed
+    cdef readonly uint64_t retries
+    cdef readonly uint64_t skipped_own
+    cdef readonly uint64_t skipped_unwanted
+    cdef readonly uint64_t tombstones
+    cdef readonly uint64_t other_tap
+    cdef readonly uint64_t vanished
+    cdef readonly uint64_t duplicates
+    cdef readonly uint64_t read_first   # records whose first request was a read
+    cdef readonly str last_error
+    cdef uint64_t *_vb_entries
+    cdef uint64_t *_vb_bytes
+    # Source side (TAP).
+    cdef Buf _src
+    cdef uint64_t _src_offset
+    cdef bint _finished
+    # Records accepted but not yet given a slot, and the slots (opaque = index).
+    cdef Buf _queue
+    cdef size_t _q_count
+    cdef Slot *_slots
+    cdef uint32_t *_free
+    cdef uint32_t _n_free
+    cdef uint32_t _in_use
+    # Quiet ADDs in flight in send order (slot << 32 | fence seq), and fences awaited.
+    cdef U64Q _fifo
+    cdef U64Q _fences
+    cdef uint32_t _fence_seq
+    cdef uint32_t _unfenced
+    cdef Buf _out
+    # Target side.
+    cdef Buf _tgt
+    cdef uint64_t _tgt_offset
+    # Crawler side (not per-record hot: Python containers are fine here).
+    cdef Buf _md
+    cdef uint64_t _md_offset
+    cdef bint _md_ended
+    cdef int _mdn                               # listed keys parsed, not yet hashed
+    cdef uint16_t _mdlen[LANES]
+    cdef uint32_t _mdexp[LANES]
+    cdef char _mdkeys[LANES * C_MAX_KEY]
+    cdef FetchQ _fq            # listed, not yet sent
+    cdef KeySet _fq_keys       # the keys in _fq
+    cdef FetchQ _inflight      # sent, in opaque order, until their batch's NOOP
+    cdef uint32_t _inflight_first   # opaque of _inflight's first entry
+    cdef U64Q _fetch_batches   # (NOOP opaque << 32 | fetch count) per batch in flight
+    cdef size_t _front_answered
+    cdef size_t _fetch_in_flight
+    cdef uint32_t _fetch_seq
+    cdef uint32_t _fetch_batch_seq
+    cdef Buf _fetch_out
+    cdef Buf _fch
+    cdef uint64_t _fch_offset
+
+    def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
+                 mode=MODE_ADDQ):
+        cdef uint32_t i
+        if mode not in WRITER_MODES:
+            raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
+        table = _wanted_table(wanted, vbuckets)
+        window = int(window)
+        if window < 1 or window > 0x7FFFFFFF:
+            raise ValueError(f"window must be between 1 and {0x7FFFFFFF}, not {window}")
+        if max_body < 0:
+            raise ValueError("max_body must be >= 0")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self._table != NULL:
+            raise RuntimeError("Writer.__init__ called twice")
+        self.vbuckets = len(table)
+        self._mask = self.vbuckets - 1
+        self.window = window
+        self.max_body = max_body_arg(max_body)
+        self.max_retries = min(int(max_retries), 0xFFFFFFFF)
+        self._fence_every = max(1, self.window // 4)
+        self.mode = str(mode)
+        self._auto = mode == MODE_AUTO
+        self._read_first = mode == MODE_READ
+        self.last_error = ""
+        self._table = <uint8_t *>malloc(self.vbuckets)
+        self._vb_entries = <uint64_t *>malloc(self.vbuckets * sizeof(uint64_t))
+        self._vb_bytes = <uint64_t *>malloc(self.vbuckets * sizeof(uint64_t))
+        self._slots = <Slot *>malloc(self.window * sizeof(Slot))
+        self._free = <uint32_t *>malloc(self.window * sizeof(uint32_t))
+        if (self._table == NULL or self._vb_entries == NULL or self._vb_bytes == NULL or self._slots == NULL
+                or self._free == NULL):
+            raise MemoryError()
+        for i in range(self.vbuckets):
+            self._table[i] = table[i]
+            self._vb_entries[i] = 0
+            self._vb_bytes[i] = 0
+        for i in range(self.window):
+            self._slots[i].data = NULL
+            self._slots[i].cap = 0
+            self._slots[i].state = ST_FREE
+            self._free[i] = self.window - 1 - i
+        self._n_free = self.window
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self._slots != NULL:
+            for i in range(self.window):
+                free(self._slots[i].data)
+        free(self._slots)
+        free(self._free)
+        free(self._table)
+        free(self._vb_entries)
+        free(self._vb_bytes)
+        free(self._fifo.data)
+        free(self._fences.data)
+        buf_free(&self._src)
+        buf_free(&self._queue)
+        buf_free(&self._out)
+        buf_free(&self._tgt)
+        buf_free(&self._md)
+        buf_free(&self._fetch_out)
+        free(self._fq.data)
+        free(self._inflight.data)
+        free(self._fq_keys.slots)
+        free(self._fetch_batches.data)
+        buf_free(&self._fch)
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def bytes(self):
+        return self._nbytes
+
+    @property
+    def backlog(self):
+        """Records accepted but not yet settled."""
+        return self._q_count + self._in_use
+
+    @property
+    def fetch_backlog(self):
+        """Crawler fetches listed but not yet answered."""
+        return fq_count(&self._fq) + self._fetch_in_flight
+
+    @property
+    def done(self):
+        return ((self._finished or self._md_ended) and self._q_count == 0 and self._in_use == 0
+                and self._fences.len == self._fences.head and self._out.len == 0
+                and fq_count(&self._fq) == 0 and self._fetch_in_flight == 0)
+
+    def stats(self):
+        return {
+            "entries": self.entries, "bytes": self._nbytes, "added": self.added,
+            "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
+            "retries": self.retries, "skipped_own": self.skipped_own,
+            "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "read_first": self.read_first, "last_error": self.last_error, "backlog": self.backlog,
+            "fetch_backlog": self.fetch_backlog, "done": self.done,
+        }
+
+    def vbucket_counts(self):
+        """{vbucket: (entries, bytes)} for every wanted vbucket, cumulative."""
+        cdef uint32_t vb
+        return {vb: (self._vb_entries[vb], self._vb_bytes[vb])
+                for vb in range(self.vbuckets) if self._table[vb]}
+
+    def finish(self):
+        """The source ended cleanly. A frame cut short by the end is a protocol error."""
+        if self._src.head < self._src.len:
+            raise MalformedFrame(
+                f"source stream ended inside a frame ({self._src.len - self._src.head} bytes buffered)",
+                self._src_offset)
+        self._finished = True
+        if self._close_batch() < 0:
+            raise MemoryError()
+
+    # -- records and slots (C only) --------------------------------------------------
+
+    cdef int _emit_fence(self) noexcept nogil:
+        cdef uint32_t seq = self._fence_seq
+        cdef uint8_t *p
+        self._fence_seq = (seq + 1) & C_FENCE_MASK
+        if q_push(&self._fences, seq) < 0 or buf_reserve(&self._out, C_HEADER) < 0:
+            return -1
+        p = <uint8_t *>self._out.data + self._out.len
+        put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, C_FENCE_BIT | seq, 0)
+        self._out.len += C_HEADER
+        self._unfenced = 0
+        return 0
+
+    cdef inline int _close_batch(self) noexcept nogil:
+        if self._unfenced:
+            return self._emit_fence()
+        return 0
+
+    cdef int _start(self, const char *key, uint32_t klen, const char *val, uint32_t vlen,
+                    uint32_t flags, uint32_t exp) noexcept nogil:
+        """Give a record a free slot (its opaque) and send its first request: a read (GETK)
+        in read-first mode, else a quiet ADD (fenced every batch)."""
+        cdef uint32_t slot
+        cdef Slot *s
+        cdef size_t need = <size_t>klen + vlen
+        cdef size_t cap
+        cdef char *d
+        self._n_free -= 1
+        slot = self._free[self._n_free]
+        s = &self._slots[slot]
+        if s.cap < need:
+            cap = need if need > 256 else 256
+            d = <char *>realloc(s.data, cap)
+            if d == NULL:
+                self._n_free += 1
+                return -1
+            s.data = d
+            s.cap = cap
+        memcpy(s.data, key, klen)
+        memcpy(s.data + klen, val, vlen)
+        s.klen = klen
+        s.vlen = vlen
+        s.flags = flags
+        s.exp = exp
+        s.rounds = 0
+        self._in_use += 1
+        if self._read_first:
+            s.state = ST_READ
+            self.read_first += 1
+            return emit_key_only(&self._out, C_OP_GETK, s.data, klen, slot)
+        s.state = ST_ADDQ
+        s.fence = self._fence_seq
+        if emit_store(&self._out, C_OP_ADDQ, key, klen, val, vlen, flags, exp, slot, 0) < 0:
+            return -1
+        if q_push(&self._fifo, (<uint64_t>slot << 32) | s.fence) < 0:
+            return -1
+        self._unfenced += 1
+        if self._unfenced >= self._fence_every:
+            return self._emit_fence()
+        return 0
+
+    cdef int _accept(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
+                     uint32_t exp, uint32_t vb, uint64_t size) noexcept nogil:
+        cdef QRec h
+        self.entries += 1
+        self._nbytes += size
+        self._vb_entries[vb] += 1
+        self._vb_bytes[vb] += size
+        if vlen == 0:
+            self.tombstones += 1
+        if self._n_free and self._q_count == 0:
+            return self._start(key, klen, val, vlen, flags, exp)  # same order as queueing then pumping
+        if buf_reserve(&self._queue, sizeof(QRec) + klen + vlen) < 0:
+            return -1
+        h.flags = flags
+        h.exp = exp
+        h.klen = klen
+        h.vlen = vlen
+        memcpy(self._queue.data + self._queue.len, &h, sizeof(QRec))
+        memcpy(self._queue.data + self._queue.len + sizeof(QRec), key, klen)
+        memcpy(self._queue.data + self._queue.len + sizeof(QRec) + klen, val, vlen)
+        self._queue.len += sizeof(QRec) + klen + vlen
+        self._q_count += 1
+        return 0
+
+    cdef int _pump(self) noexcept nogil:
+        cdef QRec h
+        cdef const char *p
+        while self._q_count and self._n_free:
+            p = self._queue.data + self._queue.head
+            memcpy(&h, p, sizeof(QRec))
+            if self._start(p + sizeof(QRec), h.klen, p + sizeof(QRec) + h.klen, h.vlen, h.flags, h.exp) < 0:
+                return -1
+            self._queue.head += sizeof(QRec) + h.klen + h.vlen
+            self._q_count -= 1
+        if self._q_count == 0:
+            self._queue.head = self._queue.len = 0
+            if self._queue.cap > KEEP_EMPTY_BUF:
+                buf_free(&self._queue)
+        return self._close_batch()
+
+    cdef inline void _probed(self, bint present) noexcept nogil:
+        """Auto mode: a first request's answer (did the target hold a copy?)."""
+        if not self._auto:
+            return
+        self._probe_total += 1
+        if present:
+            self._probe_present += 1
+        if self._probe_total >= self._fence_every:
+            self._read_first = self._probe_present * 2 > self._probe_total
+            self._probe_present = 0
+            self._probe_total = 0
+
+    cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
+        cdef Slot *s = &self._slots[slot]
+        s.state = ST_FREE
+        if s.cap > SLOT_KEEP:
+            free(s.data)
+            s.data = NULL
+            s.cap = 0
+        self._free[self._n_free] = slot
+        self._n_free += 1
+        self._in_use -= 1
+        if outcome == OUT_ADDED:
+            self.added += 1
+        elif outcome == OUT_REPLACED:
+            self.replaced += 1
+        elif outcome == OUT_KEPT:
+            self.kept += 1
+        else:
+            self.failed += 1
+
+    cdef int _send(self, uint32_t slot, int state) noexcept nogil:
+        cdef Slot *s = &self._slots[slot]
+        s.state = state
+        if state == ST_GETK:
+            return emit_key_only(&self._out, C_OP_GETK, s.data, s.klen, slot)
+        return emit_store(&self._out, C_OP_ADD, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp, slot, 0)
+
+    cdef object _slot_key(self, uint32_t slot):
+        return PyBytes_FromStringAndSize(self._slots[slot].data, self._slots[slot].klen)
+
+    cdef int _fail(self, uint32_t slot, str what) except -1:
+        self.last_error = what
+        self._settle(slot, OUT_FAILED)
+        return 0
+
+    cdef int _retry(self, uint32_t slot, int state) except -1:
+        """Another round for a record that lost a race: re-read (GETK) or re-add (ADD)."""
+        cdef Slot *s = &self._slots[slot]
+        s.rounds += 1
+        self.retries += 1
+        if s.rounds > self.max_retries:
+            self._fail(slot, f"gave up on key {_key_text(self._slot_key(slot))} after {self.max_retries} retries")
+            return 0
+        if self._send(slot, state) < 0:
+            raise MemoryError()
+        return 0
+
+    # -- source: TAP -----------------------------------------------------------------
+
+    cdef int _tap_loop(self, Py_ssize_t *accepted) noexcept nogil:
+        """Consume whole TAP frames from the source buffer. Returns 0, or a scanner error
+        code with the buffer's head left on the offending frame."""
+        cdef Buf *b = &self._src
+        cdef const uint8_t *p = <const uint8_t *>b.data
+        cdef const char *key
+        cdef size_t pos = b.head
+        cdef TapBatch tb
+        cdef TapInfo *t
+        cdef int r, i
+        cdef uint32_t vb
+        while True:
+            r = scan_batch(p, b.len, &pos, self.max_body, &tb)
+            self.other_tap += tb.other
+            for i in range(tb.n):
+                t = &tb.info[i]
+                key = <const char *>p + tb.start[i] + t.keyoff
+                if t.keylen >= C_OWN_LEN and memcmp(key, astaire_own_prefix, C_OWN_LEN) == 0:
+                    self.skipped_own += 1
+                    continue
+                vb = tb.hash[i] & self._mask
+                if not self._table[vb]:
+                    self.skipped_unwanted += 1
+                    continue
+                if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size) < 0:
+                    return E_NOMEM
+                accepted[0] += 1
+            self._src_offset += pos - b.head
+            b.head = pos
+            if r != 1:
+                return r if r < 0 else 0
+
+    def feed_tap(self, data):
+        """Take a chunk of the TAP stream; returns how many records it accepted."""
+        cdef int r
+        cdef Py_ssize_t accepted = 0
+        inbuf_take(&self._src, data)
+        with nogil:
+            r = self._tap_loop(&accepted)
+        if r < 0:
+            raise_frame_error(r, <const uint8_t *>self._src.data + self._src.head, self._src_offset, self.max_body)
+        return accepted
+
+    # -- target ----------------------------------------------------------------------
+
+    def target_requests(self):
+        """The frames to send to the local memcached now (the buffer is cleared)."""
+        cdef int r
+        with nogil:
+            r = self._pump()
+        if r < 0:
+            raise MemoryError()
+        out = PyBytes_FromStringAndSize(self._out.data, self._out.len)
+        self._out.len = 0
+        if self._out.cap > KEEP_EMPTY_BUF:  # do not keep a burst's worth of memory
+            buf_free(&self._out)
+        return out
+
+    def feed_target(self, data):
+        """Take a chunk of the local memcached's responses."""
+        self._feed_answers(data, &self._tgt, &self._tgt_offset, False)
+
+    cdef int _feed_answers(self, object data, Buf *t, uint64_t *offset, bint fetch) except -1:
+        """Append a chunk to a response buffer (the target's, or the source's answers to
+        fetches when ``fetch``) and hand each whole frame to its handler; a frame cut
+        short stays buffered for the next chunk."""
+        cdef const uint8_t *p
+        cdef size_t size = 0
+        cdef int r
+        inbuf_take(t, data)
+        while t.head < t.len:
+            p = <const uint8_t *>t.data + t.head
+            r = check_header(p, t.len - t.head, self.max_body, &size)
+            if r == R_INCOMPLETE:
+                break
+            if r < 0:
+                raise_frame_error(r, p, offset[0], self.max_body)
+            if fetch:
+                self._on_fetch(p, size, offset[0])
+            else:
+                self._on_target(p, size, offset[0])
+            t.head += size
+            offset[0] += size
+        return 0
+
+    cdef int _on_target(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
+        cdef uint8_t opcode = p[1]
+        cdef uint16_t status = be16(p + 6)
+        cdef uint32_t opaque = be32(p + 12)
+        cdef uint32_t seq, slot, local, extlen, keylen
+        cdef uint64_t entry
+        cdef Slot *s
+        cdef int state, expected
+        if p[0] != C_MAGIC_RES:
+            raise UnexpectedFrame(f"request opcode 0x{opcode:02x} from the target", offset)
+        if opcode == C_OP_NOOP and opaque & C_FENCE_BIT:
+            seq = opaque & C_FENCE_MASK
+            if self._fences.head == self._fences.len or self._fences.data[self._fences.head] != seq:
+                raise UnexpectedFrame(f"NOOP response with unexpected opaque 0x{opaque:08x} from the target",
+                                      offset)
+            q_pop(&self._fences)
+            while self._fifo.head < self._fifo.len:
+                entry = self._fifo.data[self._fifo.head]
+                if <uint32_t>entry != seq:
+                    break
+                q_pop(&self._fifo)
+                slot = <uint32_t>(entry >> 32)
+                s = &self._slots[slot]
+                if s.state == ST_ADDQ and s.fence == seq:
+                    self._probed(False)
+                    self._settle(slot, OUT_ADDED)
+            return 0
+        if opaque >= self.window or self._slots[opaque].state == ST_FREE:
+            expected = -1
+        else:
+            state = self._slots[opaque].state
+            expected = (C_OP_ADDQ if state == ST_ADDQ else C_OP_GETK if state == ST_GETK or state == ST_READ
+                        else C_OP_SET if state == ST_SET else C_OP_ADD)
+        if expected != opcode:
+            raise UnexpectedFrame(
+                f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} from the target", offset)
+        slot = opaque
+        s = &self._slots[slot]
+        state = s.state
+        extlen = p[4]
+        keylen = be16(p + 2)
+        if state == ST_GETK or state == ST_READ:
+            if status == C_ST_SUCCESS:
+                if extlen != 4:
+                    raise MalformedFrame(f"GETK response extras length {extlen}, expected 4", offset)
+                if keylen != s.klen or memcmp(p + C_HEADER + 4, s.data, keylen) != 0:
+                    raise UnexpectedFrame("GETK response for another key from the target", offset)
+                local = be32(p + C_HEADER)
+                if state == ST_READ:
+                    self._probed(True)
+                if (local - s.flags) & 0x80000000u:  # int32(local - record) < 0: the local copy is older
+                    s.state = ST_SET
+                    if emit_store(&self._out, C_OP_SET, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp,
+                                  slot, be64(p + 16)) < 0:
+                        raise MemoryError()
+                else:
+                    self._settle(slot, OUT_KEPT)
+                return 0
+            if status == C_ST_ENOENT:
+                if state == ST_READ:
+                    self._probed(False)
+                    if self._send(slot, ST_ADD) < 0:  # the normal path when the key is absent
+                        raise MemoryError()
+                    return 0
+                return self._retry(slot, ST_ADD)
+        elif state == ST_ADDQ or state == ST_ADD:
+            if status == C_ST_SUCCESS:
+                self._settle(slot, OUT_ADDED)
+                return 0
+            if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
+                if state == ST_ADDQ:
+                    self._probed(True)
+                    if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
+                        raise MemoryError()
+                    return 0
+                return self._retry(slot, ST_GETK)
+        else:  # ST_SET
+            if status == C_ST_SUCCESS:
+                self._settle(slot, OUT_REPLACED)
+                return 0
+            if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
+                return self._retry(slot, ST_GETK)
+            if status == C_ST_ENOENT:
+                return self._retry(slot, ST_ADD)
+        cdef size_t vstart = C_HEADER + extlen + keylen
+        cdef size_t vlen = min(size - vstart, <size_t>200)
+        name = _STATUS_NAMES.get(status, "unknown status")
+        text = PyBytes_FromStringAndSize(<const char *>p + vstart, vlen).decode("utf-8", "replace")
+        self._fail(slot, f"{_OP_NAMES[opcode]} of key {_key_text(self._slot_key(slot))} failed: "
+                         f"status 0x{status:04x} {name} {text!r}")
+        return 0
+
+    # -- source: crawler -------------------------------------------------------------
+
+    def feed_metadump(self, data):
+        """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
+        cdef Buf *m = &self._md
+        cdef const char *line
+        cdef const char *nl
+        cdef size_t n, end
+        cdef uint64_t offset  # a C integer: an undeclared one is a Python int made per line
+        if self._md_ended:
+            if len(data):
+                raise CrawlerError("data after END", self._md_offset)
+            return True
+        inbuf_take(m, data)
+        try:
+            while True:
+                line = m.data + m.head
+                n = m.len - m.head
+                nl = <const char *>memchr(line, CH_NL, n) if n else NULL
+                if nl == NULL:
+                    if n > C_MAX_LINE:
+                        raise CrawlerError("metadump line too long", self._md_offset)
+                    break
+                end = <size_t>(nl - line)
+                if end > C_MAX_LINE:
+                    raise CrawlerError("metadump line too long", self._md_offset)
+                offset = self._md_offset
+                self._md_offset += end + 1
+                m.head += end + 1
+                if end > 0 and line[end - 1] == CH_CR:
+                    end -= 1
+                if self._metadump_line(line, end, offset):
+                    self._md_ended = True
+                    if m.head < m.len:
+                        raise CrawlerError("data after END", self._md_offset)
+                    break
+        finally:
+            self._md_flush()  # the lines before a bad one count, as in the pure build
+        return self._md_ended
+
+    cdef int _md_flush(self) except -1:
+        """Hash the parsed key lines together and queue the fetches of the wanted ones."""
+        cdef const unsigned char *keys[LANES]
+        cdef size_t lens[LANES]
+        cdef uint32_t hashes[LANES]
+        cdef int i, n = self._mdn, short_keys = 0
+        cdef const char *key
+        cdef size_t dlen
+        cdef uint32_t h, vb
+        cdef Fetch *e
+        if n == 0:
+            return 0
+        self._mdn = 0
+        for i in range(LANES):
+            if i < n and self._mdlen[i] <= ASTAIRE_MD5_MAX_SHORT:
+                keys[i] = <const unsigned char *>self._mdkeys + i * C_MAX_KEY
+                lens[i] = self._mdlen[i]
+                short_keys += 1
+            else:
+                keys[i] = <const unsigned char *>self._mdkeys
+                lens[i] = 0
+        if short_keys >= MIN_LANES_FOR_X8:
+            astaire_md5_first32_x8(keys, lens, hashes)
+        for i in range(n):
+            if short_keys < MIN_LANES_FOR_X8 or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
+                hashes[i] = astaire_md5_first32(<const unsigned char *>self._mdkeys + i * C_MAX_KEY, self._mdlen[i])
+        for i in range(n):
+            key = self._mdkeys + i * C_MAX_KEY
+            dlen = self._mdlen[i]
+            if dlen >= C_OWN_LEN and memcmp(key, astaire_own_prefix, C_OWN_LEN) == 0:
+                self.skipped_own += 1
+                continue
+            h = hashes[i]
+            vb = h & self._mask
+            if not self._table[vb]:
+                self.skipped_unwanted += 1
+                continue
+            if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
+                self.duplicates += 1  # the one queued fetch will read the latest copy
+                continue
+            e = fq_push(&self._fq)
+            if e == NULL:
+                raise MemoryError()
+            e.exp = self._mdexp[i]
+            e.vb = vb
+            e.hash = h
+            e.klen = <uint16_t>dlen
+            e.answered = 0
+            memcpy(e.key, key, dlen)
+            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h) < 0:
+                raise MemoryError()
+        return 0
+
+    cdef bint _metadump_line(self, const char *line, size_t n, uint64_t offset) except -1:
+        cdef const char *sp
+        cdef const char *f
+        cdef const char *fend
+        cdef const char *lend = line + n
+        cdef const char *raw
+        cdef size_t rawlen, i, dlen
+        cdef char dec[C_MAX_LINE]
+        cdef bint found = False, neg, big
+        cdef uint64_t val
+        cdef int64_t exp = 0
+        cdef int hi, lo
+        if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
+            sp = <const char *>memchr(line, CH_SP, n)
+            raw = line + 4
+            rawlen = (sp if sp != NULL else lend) - raw
+            if sp != NULL:
+                f = sp + 1
+                while f <= lend:
+                    fend = <const char *>memchr(f, CH_SP, lend - f) if f < lend else NULL
+                    if fend == NULL:
+                        fend = lend
+                    if fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
+                        f += 4
+                        neg = f < fend and f[0] == CH_MINUS
+                        if neg:
+                            f += 1
+                        if f == fend:
+                            raise CrawlerError("bad exp in metadump line", offset)
+                        val = 0
+                        big = False
+                        while f < fend:
+                            if f[0] < CH_0 or f[0] > CH_9:
+                                raise CrawlerError("bad exp in metadump line", offset)
+                            if not big:
+                                val = val * 10 + <uint64_t>(f[0] - CH_0)
+                                if val > 0xFFFFFFFFu:  # u: a C constant (bare, Cython compares as Python ints)
+                                    big = True
+                            f += 1
+                        found = not big and (not neg or val <= 1)
+                        exp = -<int64_t>val if neg else <int64_t>val
+                        break
+                    f = fend + 1
+            if not found:
+                raise CrawlerError("metadump line without a valid exp", offset)
+            dlen = 0
+            i = 0
+            while i < rawlen:
+                if raw[i] == CH_PCT:
+                    if i + 2 >= rawlen:
+                        raise CrawlerError("bad %-escape in metadump key", offset)
+                    hi = _hexval(raw[i + 1])
+                    lo = _hexval(raw[i + 2])
+                    if hi < 0 or lo < 0:
+                        raise CrawlerError("bad %-escape in metadump key", offset)
+                    dec[dlen] = <char>(hi * 16 + lo)
+                    i += 3
+                else:
+                    dec[dlen] = raw[i]
+                    i += 1
+                dlen += 1
+            if dlen == 0 or dlen > C_MAX_KEY:
+                raise CrawlerError("bad key in metadump line", offset)
+            if exp < 0:
+                exp = 0
+            memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
+            self._mdlen[self._mdn] = <uint16_t>dlen
+            self._mdexp[self._mdn] = <uint32_t>exp
+            self._mdn += 1
+            if self._mdn == LANES:
+                self._md_flush()
+            return False
+        self._md_flush()  # in order: the keys before this line first
+        return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
+
+    def fetch_requests(self):
+        """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
+        ``window`` fetches and unsettled records are in flight together."""
+        cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
+        cdef int r
+        with nogil:
+            r = self._fetch_batches_out(room)
+        if r < 0:
+            raise MemoryError()
+        out = PyBytes_FromStringAndSize(self._fetch_out.data, self._fetch_out.len)
+        self._fetch_out.len = 0
+        return out
+
+    cdef int _fetch_batches_out(self, Py_ssize_t room) noexcept nogil:
+        cdef size_t n, j
+        cdef uint32_t noop
+        cdef Fetch *e
+        cdef Fetch *f
+        cdef uint8_t *p
+        while room > 0 and fq_count(&self._fq):
+            n = min(<size_t>room, <size_t>self._fence_every, fq_count(&self._fq))
+            for j in range(n):
+                if fq_count(&self._inflight) == 0:
+                    self._inflight_first = self._fetch_seq
+                f = fq_push(&self._inflight)
+                if f == NULL:
+                    return -1
+                e = fq_at(&self._fq, self._fq.first)
+                ks_remove(&self._fq_keys, &self._fq, self._fq.first, e.hash)
+                memcpy(f, e, sizeof(Fetch))
+                fq_pop(&self._fq)
+                if emit_key_only(&self._fetch_out, C_OP_GETKQ, f.key, f.klen, self._fetch_seq) < 0:
+                    return -1
+                self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
+            noop = C_FENCE_BIT | self._fetch_batch_seq
+            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & C_FENCE_MASK
+            if buf_reserve(&self._fetch_out, C_HEADER) < 0 or q_push(&self._fetch_batches, (<uint64_t>noop << 32) | n) < 0:
+                return -1
+            p = <uint8_t *>self._fetch_out.data + self._fetch_out.len
+            put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, noop, 0)
+            self._fetch_out.len += C_HEADER
+            self._fetch_in_flight += n
+            room -= n
+        return 0
+
+    def feed_fetch(self, data):
+        """Take a chunk of the source's answers to ``fetch_requests``."""
+        self._feed_answers(data, &self._fch, &self._fch_offset, True)
+
+    cdef int _on_fetch(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
+        cdef uint8_t opcode = p[1]
+        cdef uint16_t status = be16(p + 6)
+        cdef uint32_t opaque = be32(p + 12)
+        cdef uint32_t extlen = p[4]
+        cdef uint32_t keylen = be16(p + 2)
+        cdef uint64_t front
+        cdef uint32_t noop, idx
+        cdef size_t n, j
+        cdef Fetch *e
+        cdef const char *k
+        cdef size_t vstart
+        if p[0] != C_MAGIC_RES or self._fetch_batches.head == self._fetch_batches.len:
+            raise UnexpectedFrame(f"unexpected opcode 0x{opcode:02x} on the fetch connection", offset)
+        front = self._fetch_batches.data[self._fetch_batches.head]
+        noop = <uint32_t>(front >> 32)
+        n = <size_t>(front & 0xFFFFFFFFu)
+        if opcode == C_OP_NOOP and opaque == noop:
+            # Every fetch of the batch without an answer: the key went between listing and fetch.
+            self.vanished += n - self._front_answered
+            self._fetch_in_flight -= n - self._front_answered
+            for j in range(n):
+                fq_pop(&self._inflight)
+            self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
+            q_pop(&self._fetch_batches)
+            self._front_answered = 0
+            return 0
+        idx = (opaque - self._inflight_first) & C_FENCE_MASK
+        if ((opcode != C_OP_GETKQ and opcode != C_OP_GETK) or opaque & C_FENCE_BIT or idx >= n
+                or fq_at(&self._inflight, self._inflight.first + idx).answered):
+            raise UnexpectedFrame(
+                f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} on the fetch connection",
+                offset)
+        e = fq_at(&self._inflight, self._inflight.first + idx)
+        e.answered = 1
+        self._front_answered += 1
+        self._fetch_in_flight -= 1
+        if status == C_ST_SUCCESS:
+            if extlen != 4:
+                raise MalformedFrame(f"GETKQ response extras length {extlen}, expected 4", offset)
+            k = <const char *>p + C_HEADER + 4
+            if keylen != e.klen or memcmp(k, e.key, keylen) != 0:
+                raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
+            if self._accept(k, keylen, k + keylen, <uint32_t>(size - C_HEADER - 4 - keylen), be32(p + C_HEADER),
+                            e.exp, e.vb, size) < 0:
+                raise MemoryError()
+        elif status == C_ST_ENOENT:
+            self.vanished += 1
+        else:
+            vstart = C_HEADER + extlen + keylen
+            name = _STATUS_NAMES.get(status, "unknown status")
+            text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, <size_t>200)).decode(
+                "utf-8", "replace")
+            key = PyBytes_FromStringAndSize(e.key, e.klen)
+            self.failed += 1
+            self.last_error = f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} {text!r}"
+        return 0
+
+
+cdef inline int _hexval(unsigned char c) noexcept nogil:
+    if c >= CH_0 and c <= CH_9:
+        return c - CH_0
+    if c >= CH_a and c <= CH_f:
+        return c - CH_a + 10
+    if c >= CH_A and c <= CH_F:
+        return c - CH_A + 10
+    return -1
+
+
+def _other_metadump_line(line, offset):
+    """A metadump line that lists no key: END (True), OK (False) or an error."""
+    if line == b"END":
+        return True
+    if line == b"OK":
+        return False
+    if line == b"BUSY" or line.startswith(b"BUSY "):
+        raise CrawlerBusy(f"crawler busy: {line[:200].decode('utf-8', 'replace')}", offset)
+    if line == b"ERROR" or line.startswith((b"ERROR ", b"CLIENT_ERROR", b"SERVER_ERROR")):
+        raise CrawlerError(f"crawler error: {line[:200].decode('utf-8', 'replace')}", offset)
+    raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
+
+
+__all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Line-rate benchmark of a resync (docs/architecture.md, "Measuring"), on loopback with stock memcached.
+"""Line-rate benchmark of a resync (docs/architecture.md, "Measuring"), on loopback.
 
 In one run:
   * astaire   - N MemcachedStore-layout records loaded into a 2-node cluster, resized to 3;
@@ -11,10 +11,14 @@ In one run:
 Reports records/s (records the new node ends up holding, per second), entries/s (Astaire
 streams every vbucket from both old replicas, so it receives about twice as many), MB/s,
 the ratio to the ceiling (ceiling time / Astaire time for the same records), Astaire's CPU
-seconds per million entries and peak RSS, as JSON (--json-out) and as a table.
+seconds per million records placed (and the sources' and the target's, beside the
+ceiling target's CPU for the same records), and peak RSS, as JSON (--json-out) and a table.
 
     python bench/resync_bench.py                 # 1,000,000 x 100-byte values
     python bench/resync_bench.py --records 100000
+    python bench/resync_bench.py --source tap            # the Clearwater fork as every node
+    python bench/resync_bench.py --source tap-replay     # TAP dumps replayed at memory speed
+    python bench/resync_bench.py --throttle 5            # plus a run under astaire-throttle 5%
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from astaire import codec
 from astaire.cluster.settings import parse_server
 from astaire.demo.run import run_until_synced
+from astaire.demo import localcluster
 from astaire.demo.localcluster import LocalCluster, MemcachedServer
 from astaire.cluster.view import ClusterView, vbucket_for_key
 from astaire.demo import workload
@@ -76,60 +82,180 @@ class ProcessSampler(threading.Thread):
         return sum(self.cpu.values())
 
 
-def run_astaire(records, value_size, workers, source) -> dict:
+def _cpu(pids) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids``, summed."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def per_million(cpu: float, n: int) -> float:
+    return round(cpu / max(n, 1) * 1e6, 2)
+
+
+def fork_prefix() -> str:
+    """The Clearwater TAP fork, built (idempotently) by ../shared/tap-fork/build.sh."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for build in (os.environ.get("ASTAIRE_TAP_FORK_BUILD", ""),
+                  os.path.join(here, os.pardir, os.pardir, "shared", "tap-fork", "build.sh"),
+                  "/work/shared/tap-fork/build.sh"):
+        if build and os.path.exists(build):
+            out = subprocess.run(["bash", build], check=True, capture_output=True, text=True).stdout
+            return out.strip().splitlines()[-1]
+    raise SystemExit("--source tap needs the Clearwater fork: ../shared/tap-fork/build.sh not found")
+
+
+class Nodes:
+    """How memcached is started for this run: stock, or the Clearwater fork for every node."""
+
+    def __init__(self, source: str):
+        self.fork = source == "tap"
+        self.extra: tuple[str, ...] = ()
+        if self.fork:
+            prefix = fork_prefix()
+            localcluster.MEMCACHED = os.path.join(prefix, "bin", "memcached")
+            self.extra = ("-E", os.path.join(prefix, "lib", "memcached", "default_engine.so"))
+
+    def cluster(self, n: int, mem: int) -> LocalCluster:
+        return LocalCluster(n, memory_mb=mem, threads=2, extra_args=self.extra)
+
+    def server(self, mem: int, threads: int = 2) -> MemcachedServer:
+        return MemcachedServer(memory_mb=mem, threads=threads, extra_args=self.extra)
+
+
+class Replay:
+    """tap-replay: one bench/tap_replay.py process per old replica. With 2 nodes and 2 replicas
+    each old replica holds every record, so each serves a dump of all of them."""
+
+    def __init__(self, records, workdir: str, slots: int = 2):
+        self.procs = []
+        self.names = []
+        for i in range(slots):
+            held = records
+            dump = os.path.join(workdir, f"replay{i}.tap")
+            with open(dump, "wb") as f:
+                for n in range(0, len(held), 20000):
+                    f.write(b"".join(codec.encode_tap_mutation(r.key, r.value, r.flags, r.expiration, 1 + n + j)
+                                     for j, r in enumerate(held[n:n + 20000])))
+            portfile = os.path.join(workdir, f"replay{i}.port")
+            self.procs.append(subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                                             "tap_replay.py"), dump, portfile]))
+            while not os.path.exists(portfile):
+                time.sleep(0.02)
+            with open(portfile) as f:
+                self.names.append(f"127.0.0.1:{f.read().strip()}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def start_throttle(percent: float, workdir: str, pidfile: str) -> subprocess.Popen:
+    exe = os.path.join(os.path.dirname(sys.executable), "astaire-throttle")
+    return subprocess.Popen([exe, "--config", os.path.join(workdir, "config"), "--pidfile", pidfile,
+                             "--poll-interval", "0.1", "--cgroup-name", f"astaire-bench-{os.getpid()}",
+                             "--log-file", os.path.join(workdir, "throttle.log")])
+
+
+def run_astaire(records, value_size, workers, source, throttle: float | None = None) -> dict:
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
     settings = os.path.join(workdir, "cluster_settings")
+    with open(os.path.join(workdir, "config"), "w") as f:
+        f.write(f"astaire_cpu_limit_percentage={throttle if throttle is not None else 5}\n")
     mem = max(256, len(records) * (value_size + 150) * 2 // (1 << 20))
-    with LocalCluster(3, memory_mb=mem, threads=2) as cluster:
-        a, b, c = cluster.names
-        before, after = ClusterView([a, b]), ClusterView([a, b], [a, b, c])
+    nodes = Nodes(source)
+    replay = None
+    with nodes.cluster(1 if source == "tap-replay" else 3, mem) as cluster:
         t = time.monotonic()
-        workload.load(before, records)
+        if source == "tap-replay":
+            (c,) = cluster.names
+            replay = Replay(records, workdir)
+            a, b = replay.names
+            source_pids = [p.pid for p in replay.procs]
+        else:
+            a, b, c = cluster.names
+            workload.load(ClusterView([a, b]), records)
+            source_pids = [s.proc.pid for s in cluster.servers[:2]]
+        target_pid = cluster.servers[-1].proc.pid
         load_s = time.monotonic() - t
+        after = ClusterView([a, b], [a, b, c])
         with open(settings, "w") as f:
             f.write(f"servers={a},{b}\nnew_servers={a},{b},{c}\n")
         sampler = None
+        throttler = None
+        mark: dict = {}
 
         def start_sampling(pid: int) -> None:
-            nonlocal sampler
+            nonlocal sampler, throttler
+            mark["sources"], mark["target"] = _cpu(source_pids), _cpu([target_pid])
             sampler = ProcessSampler(pid)
             sampler.start()
+            if throttle is not None:
+                throttler = start_throttle(throttle, workdir, os.path.join(workdir, "astaire.pid"))
 
         cpu = 0.0
 
         def stop_sampling() -> None:
             nonlocal cpu
             cpu = sampler.stop()
+            mark["sources"] = _cpu(source_pids) - mark["sources"]
+            mark["target"] = _cpu([target_pid]) - mark["target"]
 
-        sync = run_until_synced(c, settings, workdir, source, workers, poll_interval=0.05,
-                                on_started=start_sampling, on_synced=stop_sampling)
+        try:
+            daemon_source = "tap" if source.startswith("tap") else source
+            sync = run_until_synced(c, settings, workdir, daemon_source, workers, poll_interval=0.05,
+                                    on_started=start_sampling, on_synced=stop_sampling)
+        finally:
+            if throttler is not None:
+                throttler.terminate()
+                throttler.wait()
+            if replay is not None:
+                replay.stop()
         if not sync.ok:
             raise SystemExit(f"wait-sync failed: {sync.error}")
         status, wall = sync.status, sync.seconds
         last = status["last_resync"]
         moved = [r for r in records if c in after.new[vbucket_for_key(r.key)]]
-        placement = workload.check_placement(moved, {c: {r.key for r in moved}}, [c], compare_expiry=False)
+        if nodes.fork:  # the fork has no crawler to list keys with: check the records it must hold
+            held = workload.fetch(c, [r.key for r in moved])
+            placement_ok = len(held) == len(moved) and all(held[r.key] == (r.value, r.flags) for r in moved)
+        else:
+            placement_ok = workload.check_placement(moved, {c: {r.key for r in moved}}, [c],
+                                                    compare_expiry=False).ok
     entries, data = int(last["entries"]), int(last["bytes"])
     secs = float(last.get("seconds") or wall)
-    return {"load_seconds": round(load_s, 2), "records_for_new_node": len(moved), "entries": entries,
+    placed = len(moved)
+    return {"load_seconds": round(load_s, 2), "records_for_new_node": placed, "entries": entries,
             "bytes": data, "seconds": round(secs, 3), "wall_seconds_to_sync": round(wall, 3),
             # The new node must end up holding len(moved) records; it streams each of its vbuckets
             # from both old replicas, so it receives about twice that many entries.
-            "records_per_second": round(len(moved) / secs),
+            "records_per_second": round(placed / secs),
             "entries_per_second": round(entries / secs), "mb_per_second": round(data / secs / 1e6, 2),
             "cpu_seconds": round(cpu, 2),
-            "cpu_seconds_per_million": round(cpu / max(entries, 1) * 1e6, 2),
+            "cpu_seconds_per_million": per_million(cpu, entries),  # per entry received (older field)
+            "cpu_seconds_per_million_placed": per_million(cpu, placed),
+            "sources_cpu_seconds": round(mark["sources"], 2),
+            "sources_cpu_seconds_per_million_placed": per_million(mark["sources"], placed),
+            "target_cpu_seconds": round(mark["target"], 2),
+            "target_cpu_seconds_per_million_placed": per_million(mark["target"], placed),
             "peak_rss_mb": round(sampler.peak_rss / (1 << 20), 1),
-            "result": last["result"], "placement_ok": placement.ok}, moved
+            "result": last["result"], "placement_ok": placement_ok}, moved
 
 
-def run_ceiling(moved, value_size) -> dict:
+def run_ceiling(moved, value_size, nodes: "Nodes") -> dict:
     """Pre-encoded ADDQ frames into a fresh memcached, one connection, NOOP at the end."""
     frames = codec.encode_batch((codec.OP_ADDQ, r.key, r.value, r.flags, r.expiration, 0, 0) for r in moved)
     mem = max(256, len(moved) * (value_size + 150) * 2 // (1 << 20))
-    with MemcachedServer(memory_mb=mem, threads=2) as server:
+    with nodes.server(mem) as server:
         host, port = parse_server(server.name)
         with socket.create_connection((host, port)) as s:
+            cpu0 = _cpu([server.proc.pid])
             t0 = time.monotonic()
             sender = threading.Thread(target=s.sendall, args=(frames + codec.encode_noop(7),))
             sender.start()
@@ -147,16 +273,19 @@ def run_ceiling(moved, value_size) -> dict:
                     else:
                         errors += 1
             secs = time.monotonic() - t0
+            target_cpu = _cpu([server.proc.pid]) - cpu0
             sender.join()
     return {"records": len(moved), "bytes": len(frames), "seconds": round(secs, 3),
             "records_per_second": round(len(moved) / secs), "mb_per_second": round(len(frames) / secs / 1e6, 2),
+            "target_cpu_seconds": round(target_cpu, 2),
+            "target_cpu_seconds_per_million": per_million(target_cpu, len(moved)),
             "errors": errors}
 
 
-def run_per_record(moved, sample, value_size) -> dict:
+def run_per_record(moved, sample, value_size, nodes: "Nodes") -> dict:
     """The original pattern: GET (wait for the answer), then ADD (wait), per record."""
     subset = moved[:sample]
-    with MemcachedServer(memory_mb=256) as server:
+    with nodes.server(256, threads=1) as server:
         host, port = parse_server(server.name)
         with socket.create_connection((host, port)) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -186,7 +315,15 @@ def main(argv=None) -> int:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--value-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=None, help="Astaire workers (default one per CPU)")
-    p.add_argument("--source", default="auto", choices=("auto", "crawler", "tap"))
+    p.add_argument("--source", default="auto", choices=("auto", "crawler", "tap", "tap-replay"),
+                   help="auto/crawler: stock memcached everywhere; tap: the Clearwater fork as every node "
+                        "(built with ../shared/tap-fork/build.sh); tap-replay: each old replica is a replay "
+                        "server sending a pre-encoded TAP dump at memory speed, the target stock memcached")
+    p.add_argument("--throttle", type=float, metavar="PCT",
+                   help="also run the resync under astaire-throttle at PCT%% (5 is the product's default) "
+                        "and report it beside the unthrottled run")
+    p.add_argument("--throttle-records", type=int,
+                   help="records for the throttled run (default: --records)")
     p.add_argument("--per-record-sample", type=int, default=50_000,
                    help="records timed for the per-record round-trip pattern (default %(default)s)")
     p.add_argument("--json-out", help="also write the JSON report to this file")
@@ -194,15 +331,27 @@ def main(argv=None) -> int:
 
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
     astaire, moved = run_astaire(records, args.value_size, args.workers, args.source)
-    ceiling = run_ceiling(moved, args.value_size)
-    per_record = run_per_record(moved, args.per_record_sample, args.value_size)
+    nodes = Nodes(args.source if args.source == "tap" else "stock")
+    ceiling = run_ceiling(moved, args.value_size, nodes)
+    per_record = run_per_record(moved, args.per_record_sample, args.value_size, nodes)
+    throttled = None
+    if args.throttle is not None:
+        n = args.throttle_records or args.records
+        throttled, _ = run_astaire(records[:n], args.value_size, args.workers, args.source, args.throttle)
+        throttled["percent"] = args.throttle
     report = {
         "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION,
+        "source": args.source,
         "cpus": os.cpu_count(), "astaire": astaire, "ceiling_addq": ceiling, "per_record_get_add": per_record,
         # Same records into the same kind of node: ratio of the times to get them there.
         "ratio_to_ceiling": round(ceiling["seconds"] / astaire["seconds"], 3),
         "speedup_over_per_record": round(astaire["records_per_second"] / per_record["records_per_second"], 1),
+        # The target's CPU per record placed against what the same records cost it as plain ADDQ.
+        "target_cpu_ratio_to_ceiling": round(astaire["target_cpu_seconds_per_million_placed"]
+                                             / max(ceiling["target_cpu_seconds_per_million"], 1e-9), 2),
     }
+    if throttled is not None:
+        report["throttled"] = throttled
     print(json.dumps(report, indent=2))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -216,9 +365,18 @@ def main(argv=None) -> int:
     print(f"(astaire streamed {astaire['entries']:,} entries, each vbucket from both old replicas: "
           f"{astaire['entries_per_second']:,} entries/s; MB/s counts the bytes it received)")
     print(f"\nratio to ceiling {report['ratio_to_ceiling']}, {report['speedup_over_per_record']}x the per-record "
-          f"pattern; Astaire CPU {astaire['cpu_seconds_per_million']} s per million entries, "
-          f"peak RSS {astaire['peak_rss_mb']} MB, placement {'ok' if astaire['placement_ok'] else 'WRONG'}")
-    return 0 if astaire["placement_ok"] and astaire["result"] == "ok" else 1
+          f"pattern; peak RSS {astaire['peak_rss_mb']} MB, placement {'ok' if astaire['placement_ok'] else 'WRONG'}")
+    print(f"CPU s per million records placed: Astaire {astaire['cpu_seconds_per_million_placed']}, sources "
+          f"{astaire['sources_cpu_seconds_per_million_placed']}, target {astaire['target_cpu_seconds_per_million_placed']}"
+          f" (ceiling's target {ceiling['target_cpu_seconds_per_million']}: x{report['target_cpu_ratio_to_ceiling']})")
+    ok = astaire["placement_ok"] and astaire["result"] == "ok"
+    if throttled is not None:
+        print(f"under astaire-throttle {args.throttle:g}%: {throttled['records_for_new_node']:,} records placed in "
+              f"{throttled['seconds']:.2f} s ({throttled['records_per_second']:,}/s), Astaire CPU "
+              f"{throttled['cpu_seconds_per_million_placed']} s per million placed, placement "
+              f"{'ok' if throttled['placement_ok'] else 'WRONG'}")
+        ok = ok and throttled["placement_ok"] and throttled["result"] == "ok"
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ against both.
 """
 from __future__ import annotations
 
+import base64
 import struct
+import time
 from collections import deque
 from hashlib import md5 as _md5
 
@@ -677,10 +679,9 @@ class Writer:
         self._md_ended = False
         self._fetch_queue = deque()        # (key, exp, vb) not sent yet
         self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
-        self._fetch_batches = deque()      # (noop opaque, {opaque: (key, exp, vb)})
+        self._fetch_batches = deque()      # {opaque: (key, vb)} per batch of meta gets, until its MN
         self._fetch_in_flight = 0
         self._fetch_seq = 0
-        self._fetch_batch_seq = 0
         self._fetch_out = bytearray()
         self._fch = _Answers()
 
@@ -1057,7 +1058,8 @@ class Writer:
         raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
 
     def fetch_requests(self) -> bytes:
-        """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
+        """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
+        remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
         ``window`` fetches and unsettled records are in flight together."""
         room = self.window - self._fetch_in_flight - self.backlog
         queue = self._fetch_queue
@@ -1071,12 +1073,10 @@ class Writer:
                 del queued[key]
                 opaque = self._fetch_seq
                 self._fetch_seq = (opaque + 1) & _FENCE_MASK
-                batch[opaque] = (key, exp, vb)
-                out += encode_request(OP_GETKQ, key, opaque=opaque)
-            noop = FENCE_BIT | self._fetch_batch_seq
-            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & _FENCE_MASK
-            out += encode_noop(noop)
-            self._fetch_batches.append((noop, batch))
+                batch[opaque] = (key, vb)
+                out += _meta_get(key, opaque)
+            out += b"mn\r\n"
+            self._fetch_batches.append(batch)
             self._fetch_in_flight += n
             room -= n
         data = bytes(out)
@@ -1085,38 +1085,119 @@ class Writer:
 
     def feed_fetch(self, data) -> None:
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        self._feed_answers(data, self._fch, self._on_fetch)
+        answers = self._fch
+        buf = answers.buf
+        if answers.head:
+            del buf[:answers.head]
+            answers.head = 0
+        buf += data
+        pos = 0
+        try:
+            while pos < len(buf):
+                nl = buf.find(b"\n", pos, pos + _MAX_META_LINE)
+                if nl < 0:
+                    if len(buf) - pos >= _MAX_META_LINE:
+                        raise MalformedFrame("meta answer line too long on the fetch connection", answers.offset)
+                    break
+                used = self._on_meta_answer(buf, pos, nl, answers.offset)
+                if not used:
+                    break
+                pos += used
+                answers.offset += used
+        finally:
+            answers.head = pos
 
-    def _on_fetch(self, f):
-        offset = f.offset
-        if f.magic != MAGIC_RESPONSE or not self._fetch_batches:
-            raise UnexpectedFrame(f"unexpected opcode 0x{f.opcode:02x} on the fetch connection", offset)
-        noop, batch = self._fetch_batches[0]
-        if f.opcode == OP_NOOP and f.opaque == noop:
+    def _on_meta_answer(self, buf, pos, nl, offset) -> int:
+        """One answer to a meta get: the bytes it took, or 0 when its value is not all here."""
+        line = bytes(buf[pos:nl - 1 if nl > pos and buf[nl - 1] == 13 else nl])
+        total = nl + 1 - pos
+        if not self._fetch_batches:
+            raise UnexpectedFrame(f"unexpected answer {line[:120]!r} on the fetch connection", offset)
+        batch = self._fetch_batches[0]
+        if line == b"MN":
             self._fetch_batches.popleft()
             self.vanished += len(batch)
             self._fetch_in_flight -= len(batch)
-            return
-        if f.opcode not in (OP_GETKQ, OP_GETK) or f.opaque not in batch:
-            raise UnexpectedFrame(
-                f"response opcode 0x{f.opcode:02x} with unexpected opaque 0x{f.opaque:08x} on the fetch connection",
-                offset)
-        key, exp, vb = batch.pop(f.opaque)
-        self._fetch_in_flight -= 1
-        status = f.status
-        if status == STATUS_SUCCESS:
-            if len(f.extras) != 4:
-                raise MalformedFrame(f"GETKQ response extras length {len(f.extras)}, expected 4", offset)
-            if f.key != key:
-                raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
-            self._accept(key, f.value, _U32.unpack(f.extras)[0], exp, vb, f.size)
-        elif status == STATUS_KEY_ENOENT:
-            self.vanished += 1
-        else:
-            name = _STATUS_NAMES.get(status, "unknown status")
-            self.failed += 1
-            self.last_error = (f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} "
-                               f"{bytes(f.value[:200]).decode('utf-8', 'replace')!r}")
+            return total
+        if line.startswith(b"VA "):
+            hit = _parse_va(line)
+            if hit is None:
+                raise MalformedFrame(f"bad meta get answer {line[:120]!r} on the fetch connection", offset)
+            vlen, flags, ttl, opaque = hit
+            need = total + vlen + 2
+            if len(buf) - pos < need:
+                if need > self.max_body + _MAX_META_LINE:
+                    raise FrameTooLarge(f"meta get value of {vlen} bytes exceeds the limit of {self.max_body}",
+                                        offset)
+                return 0
+            if buf[pos + need - 2:pos + need] != b"\r\n":
+                raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
+            if opaque not in batch:
+                raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
+                                      offset)
+            key, vb = batch.pop(opaque)
+            self._fetch_in_flight -= 1
+            self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _ttl_expiry(ttl), vb, need)
+            return need
+        if line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):
+            self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
+            self.last_error = f"meta get failed on the fetch connection: {line[:120]!r}"
+            return total
+        if line == b"ERROR":
+            raise UnexpectedFrame("the source refused a meta get (ERROR): no meta commands", offset)
+        raise UnexpectedFrame(f"unexpected answer {line[:120]!r} on the fetch connection", offset)
+
+
+_MAX_META_LINE = 2048
+_RELATIVE_EXPIRY_MAX = 2592000  # memcached: an expiry up to 30 days is relative
+
+
+def _ttl_expiry(ttl: int) -> int:
+    """The expiry to store for a remaining TTL read with the value (-1: none). Up to 30 days
+    it stays relative, as memcached reads such an expiry: the target's clock then counts
+    the same seconds the source's did (an absolute time would add both servers' clock lag).
+    0 (expiring this second) becomes 1, since a relative 0 means never."""
+    if ttl < 0:
+        return 0
+    if ttl == 0:
+        return 1
+    if ttl <= _RELATIVE_EXPIRY_MAX:
+        return ttl
+    return (int(time.time()) + ttl) & 0xFFFFFFFF
+
+
+def _meta_get(key: bytes, opaque: int) -> bytes:
+    """``mg <key> v f t q O<opaque>\r\n``; a key the text protocol cannot carry (a space,
+    a control byte) goes base64-encoded with the ``b`` flag."""
+    if any(c <= 32 or c == 127 for c in key):
+        return b"mg " + base64.b64encode(key) + b" b v f t q O%d\r\n" % opaque
+    return b"mg " + key + b" v f t q O%d\r\n" % opaque
+
+
+def _number(token: bytes, signed: bool = False):
+    digits = token[1:] if signed and token[:1] == b"-" else token
+    if not digits or not digits.isdigit() or len(digits) > 12:
+        return None
+    return int(token)
+
+
+def _parse_va(line: bytes):
+    """``VA <len> f<flags> t<ttl> O<opaque>`` (return flags in any order): (len, flags, ttl,
+    opaque), or None."""
+    tokens = line[3:].split(b" ")
+    vlen = _number(tokens[0])
+    got = {}
+    for tok in tokens[1:]:
+        if tok[:1] in (b"f", b"t", b"O"):
+            got[tok[:1]] = _number(tok[1:], signed=tok[:1] == b"t")
+            if got[tok[:1]] is None:
+                return None
+    if vlen is None or len(got) != 3:
+        return None
+    flags, ttl, opaque = got[b"f"], got[b"t"], got[b"O"]
+    if flags > 0xFFFFFFFF or ttl < -1 or opaque > 0xFFFFFFFF:
+        return None
+    return vlen, flags, ttl, opaque
 
 
 __all__ = [

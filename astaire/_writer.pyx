@@ -14,7 +14,27 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from astaire._tap cimport *
 
 from astaire._tap import DEFAULT_MAX_BODY, _wanted_table
-from astaire.protocol_errors import CrawlerBusy, CrawlerError, MalformedFrame, UnexpectedFrame
+from astaire.protocol_errors import CrawlerBusy, CrawlerError, FrameTooLarge, MalformedFrame, UnexpectedFrame
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    time_t time(time_t *t)
+
+cdef extern from *:
+    """
+    static const char astaire_b64[65] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    """
+    const char *B64 "astaire_b64"
+
+cdef enum:
+    CH_M = 77
+    CH_N = 78
+    CH_O = 79
+    CH_V = 86
+    CH_t = 116
+    CH_EQ = 61
+    C_MAX_META_LINE = 2048
+    RELATIVE_EXPIRY_MAX = 2592000  # memcached: an expiry up to 30 days is relative
 
 cdef uint32_t C_FENCE_BIT = 0x80000000u
 cdef uint32_t C_FENCE_MASK = 0x7FFFFFFFu
@@ -158,7 +178,10 @@ cdef inline Fetch *fq_at(FetchQ *q, uint64_t seq) noexcept nogil:
     return &q.data[q.head + <size_t>(seq - q.first)]
 
 
-# Both FIFOs make room the same way: compact first, double only when still full.
+# Both FIFOs make room the same way: compact when at least half the array is consumed,
+# else double. (Compacting whenever anything was consumed moved the whole live queue for
+# every few entries popped: a crawler's fetch queue near its window spent more time in
+# memmove than in anything else.)
 ctypedef fused Fifo:
     U64Q
     FetchQ
@@ -170,7 +193,7 @@ cdef inline int fifo_room(Fifo *q) noexcept nogil:
     cdef void *d
     if q.len < q.cap:
         return 0
-    if q.head:
+    if q.head and q.head * 2 >= q.len:
         memmove(q.data, q.data + q.head, (q.len - q.head) * sizeof(q.data[0]))
         q.len -= q.head
         q.head = 0
@@ -368,7 +391,6 @@ cdef class Writer:
     cdef size_t _front_answered
     cdef size_t _fetch_in_flight
     cdef uint32_t _fetch_seq
-    cdef uint32_t _fetch_batch_seq
     cdef Buf _fetch_out
     cdef Buf _fch
     cdef uint64_t _fch_offset
@@ -712,12 +734,11 @@ cdef class Writer:
 
     def feed_target(self, data):
         """Take a chunk of the local memcached's responses."""
-        self._feed_answers(data, &self._tgt, &self._tgt_offset, False)
+        self._feed_answers(data, &self._tgt, &self._tgt_offset)
 
-    cdef int _feed_answers(self, object data, Buf *t, uint64_t *offset, bint fetch) except -1:
-        """Append a chunk to a response buffer (the target's, or the source's answers to
-        fetches when ``fetch``) and hand each whole frame to its handler; a frame cut
-        short stays buffered for the next chunk."""
+    cdef int _feed_answers(self, object data, Buf *t, uint64_t *offset) except -1:
+        """Append a chunk to the target's response buffer and hand each whole frame to
+        ``_on_target``; a frame cut short stays buffered for the next chunk."""
         cdef const uint8_t *p
         cdef size_t size = 0
         cdef int r
@@ -729,10 +750,7 @@ cdef class Writer:
                 break
             if r < 0:
                 raise_frame_error(r, p, offset[0], self.max_body)
-            if fetch:
-                self._on_fetch(p, size, offset[0])
-            else:
-                self._on_target(p, size, offset[0])
+            self._on_target(p, size, offset[0])
             t.head += size
             offset[0] += size
         return 0
@@ -998,7 +1016,8 @@ cdef class Writer:
         return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
 
     def fetch_requests(self):
-        """Pending GETKQ fetches for listed keys, each batch closed by a NOOP. At most
+        """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
+        remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
         ``window`` fetches and unsettled records are in flight together."""
         cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
         cdef int r
@@ -1012,10 +1031,8 @@ cdef class Writer:
 
     cdef int _fetch_batches_out(self, Py_ssize_t room) noexcept nogil:
         cdef size_t n, j
-        cdef uint32_t noop
         cdef Fetch *e
         cdef Fetch *f
-        cdef uint8_t *p
         while room > 0 and fq_count(&self._fq):
             n = min(<size_t>room, <size_t>self._fence_every, fq_count(&self._fq))
             for j in range(n):
@@ -1026,83 +1043,241 @@ cdef class Writer:
                     return -1
                 e = fq_at(&self._fq, self._fq.first)
                 ks_remove(&self._fq_keys, &self._fq, self._fq.first, e.hash)
-                memcpy(f, e, sizeof(Fetch))
+                memcpy(f, e, <size_t>(<char *>e.key - <char *>e) + e.klen)  # the key's used bytes only
                 fq_pop(&self._fq)
-                if emit_key_only(&self._fetch_out, C_OP_GETKQ, f.key, f.klen, self._fetch_seq) < 0:
+                if emit_meta_get(&self._fetch_out, f.key, f.klen, self._fetch_seq) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
-            noop = C_FENCE_BIT | self._fetch_batch_seq
-            self._fetch_batch_seq = (self._fetch_batch_seq + 1) & C_FENCE_MASK
-            if buf_reserve(&self._fetch_out, C_HEADER) < 0 or q_push(&self._fetch_batches, (<uint64_t>noop << 32) | n) < 0:
+            if buf_reserve(&self._fetch_out, 4) < 0 or q_push(&self._fetch_batches, n) < 0:
                 return -1
-            p = <uint8_t *>self._fetch_out.data + self._fetch_out.len
-            put_header(p, C_MAGIC_REQ, C_OP_NOOP, 0, 0, 0, 0, noop, 0)
-            self._fetch_out.len += C_HEADER
+            memcpy(self._fetch_out.data + self._fetch_out.len, b"mn\r\n", 4)
+            self._fetch_out.len += 4
             self._fetch_in_flight += n
             room -= n
         return 0
 
     def feed_fetch(self, data):
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        self._feed_answers(data, &self._fch, &self._fch_offset, True)
+        inbuf_take(&self._fch, data)
+        self._meta_answers()
 
-    cdef int _on_fetch(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
-        cdef uint8_t opcode = p[1]
-        cdef uint16_t status = be16(p + 6)
-        cdef uint32_t opaque = be32(p + 12)
-        cdef uint32_t extlen = p[4]
-        cdef uint32_t keylen = be16(p + 2)
-        cdef uint64_t front
-        cdef uint32_t noop, idx
-        cdef size_t n, j
+    cdef int _meta_answers(self) except -1:
+        """Hand each whole answer in the fetch buffer to its fetch: ``VA`` (a hit: the
+        record, its flags and TTL from one read), ``MN`` (the batch ended: fetches without
+        an answer found no key), errors."""
+        cdef Buf *b = &self._fch
+        cdef const char *line
+        cdef const char *nl
+        cdef size_t avail, end, linelen, total, need, idx
+        cdef uint64_t offset
+        cdef MetaHit hit
         cdef Fetch *e
-        cdef const char *k
-        cdef size_t vstart
-        if p[0] != C_MAGIC_RES or self._fetch_batches.head == self._fetch_batches.len:
-            raise UnexpectedFrame(f"unexpected opcode 0x{opcode:02x} on the fetch connection", offset)
-        front = self._fetch_batches.data[self._fetch_batches.head]
-        noop = <uint32_t>(front >> 32)
-        n = <size_t>(front & 0xFFFFFFFFu)
-        if opcode == C_OP_NOOP and opaque == noop:
-            # Every fetch of the batch without an answer: the key went between listing and fetch.
-            self.vanished += n - self._front_answered
-            self._fetch_in_flight -= n - self._front_answered
-            for j in range(n):
-                fq_pop(&self._inflight)
-            self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
-            q_pop(&self._fetch_batches)
-            self._front_answered = 0
-            return 0
-        idx = (opaque - self._inflight_first) & C_FENCE_MASK
-        if ((opcode != C_OP_GETKQ and opcode != C_OP_GETK) or opaque & C_FENCE_BIT or idx >= n
-                or fq_at(&self._inflight, self._inflight.first + idx).answered):
-            raise UnexpectedFrame(
-                f"response opcode 0x{opcode:02x} with unexpected opaque 0x{opaque:08x} on the fetch connection",
-                offset)
-        e = fq_at(&self._inflight, self._inflight.first + idx)
-        e.answered = 1
-        self._front_answered += 1
-        self._fetch_in_flight -= 1
-        if status == C_ST_SUCCESS:
-            if extlen != 4:
-                raise MalformedFrame(f"GETKQ response extras length {extlen}, expected 4", offset)
-            k = <const char *>p + C_HEADER + 4
-            if keylen != e.klen or memcmp(k, e.key, keylen) != 0:
-                raise UnexpectedFrame("GETKQ response for another key on the fetch connection", offset)
-            if self._accept(k, keylen, k + keylen, <uint32_t>(size - C_HEADER - 4 - keylen), be32(p + C_HEADER),
-                            e.exp, e.vb, size) < 0:
-                raise MemoryError()
-        elif status == C_ST_ENOENT:
-            self.vanished += 1
-        else:
-            vstart = C_HEADER + extlen + keylen
-            name = _STATUS_NAMES.get(status, "unknown status")
-            text = PyBytes_FromStringAndSize(<const char *>p + vstart, min(size - vstart, <size_t>200)).decode(
-                "utf-8", "replace")
-            key = PyBytes_FromStringAndSize(e.key, e.klen)
-            self.failed += 1
-            self.last_error = f"GETKQ of key {_key_text(key)} failed: status 0x{status:04x} {name} {text!r}"
+        cdef int r
+        cdef time_t now = time(NULL)
+        while b.head < b.len:
+            line = b.data + b.head
+            avail = b.len - b.head
+            offset = self._fch_offset
+            nl = <const char *>memchr(line, CH_NL, min(avail, <size_t>C_MAX_META_LINE))
+            if nl == NULL:
+                if avail >= C_MAX_META_LINE:
+                    raise MalformedFrame("meta answer line too long on the fetch connection", offset)
+                return 0
+            end = <size_t>(nl - line)
+            linelen = end - 1 if end > 0 and line[end - 1] == CH_CR else end
+            total = end + 1
+            if self._fetch_batches.head == self._fetch_batches.len:
+                raise UnexpectedFrame(f"unexpected answer {_line_text(line, linelen)} on the fetch connection",
+                                      offset)
+            if linelen == 2 and line[0] == CH_M and line[1] == CH_N:
+                self._batch_ended()
+            elif linelen >= 3 and line[0] == CH_V and line[1] == CH_A and line[2] == CH_SP:
+                r = parse_va(line, linelen, &hit)
+                if r < 0:
+                    raise MalformedFrame(f"bad meta get answer {_line_text(line, linelen)} on the fetch connection",
+                                         offset)
+                need = total + hit.vlen + 2
+                if avail < need:
+                    if need > self.max_body + C_MAX_META_LINE:
+                        raise FrameTooLarge(f"meta get value of {hit.vlen} bytes exceeds the limit of "
+                                            f"{self.max_body}", offset)
+                    return 0
+                if line[need - 2] != CH_CR or line[need - 1] != CH_NL:
+                    raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
+                idx = (hit.opaque - self._inflight_first) & C_FENCE_MASK
+                if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
+                        or fq_at(&self._inflight, self._inflight.first + idx).answered):
+                    raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
+                                          "connection", offset)
+                e = fq_at(&self._inflight, self._inflight.first + idx)
+                e.answered = 1
+                self._front_answered += 1
+                self._fetch_in_flight -= 1
+                if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, ttl_expiry(hit.ttl, now),
+                                e.vb, need) < 0:
+                    raise MemoryError()
+                total = need
+            elif linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):
+                self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
+                self.last_error = f"meta get failed on the fetch connection: {_line_text(line, linelen)}"
+            elif linelen == 5 and memcmp(line, b"ERROR", 5) == 0:
+                raise UnexpectedFrame("the source refused a meta get (ERROR): no meta commands", offset)
+            else:
+                raise UnexpectedFrame(f"unexpected answer {_line_text(line, linelen)} on the fetch connection",
+                                      offset)
+            b.head += total
+            self._fch_offset += total
         return 0
+
+    cdef void _batch_ended(self) noexcept nogil:
+        cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
+        cdef size_t j
+        self.vanished += n - self._front_answered
+        self._fetch_in_flight -= n - self._front_answered
+        for j in range(n):
+            fq_pop(&self._inflight)
+        self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
+        q_pop(&self._fetch_batches)
+        self._front_answered = 0
+
+
+cdef object _line_text(const char *line, size_t n):
+    return repr(PyBytes_FromStringAndSize(line, min(n, <size_t>120)))
+
+
+cdef struct MetaHit:
+    size_t vlen
+    uint32_t flags
+    int64_t ttl
+    uint32_t opaque
+
+
+cdef inline uint32_t ttl_expiry(int64_t ttl, time_t now) noexcept nogil:
+    """The expiry to store for a remaining TTL read with the value (-1: none). Up to 30 days
+    it stays relative, as memcached reads such an expiry: the target's clock then counts
+    the same seconds the source's did (an absolute time would add both servers' clock lag).
+    0 (expiring this second) becomes 1, since a relative 0 means never."""
+    if ttl < 0:
+        return 0
+    if ttl == 0:
+        return 1
+    if ttl <= RELATIVE_EXPIRY_MAX:
+        return <uint32_t>ttl
+    return <uint32_t>(now + ttl)
+
+
+cdef int parse_num(const char *p, const char *end, bint signed, int64_t *out) noexcept nogil:
+    cdef bint neg = False
+    cdef uint64_t v = 0
+    if signed and p < end and p[0] == CH_MINUS:
+        neg = True
+        p += 1
+    if p == end:
+        return -1
+    while p < end:
+        if p[0] < CH_0 or p[0] > CH_9 or v > <uint64_t>0xFFFFFFFFFFu:
+            return -1
+        v = v * 10 + <uint64_t>(p[0] - CH_0)
+        p += 1
+    out[0] = -<int64_t>v if neg else <int64_t>v
+    return 0
+
+
+cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
+    """``VA <len> f<flags> t<ttl> O<opaque>`` (return flags in any order): 0, or -1."""
+    cdef const char *p = line + 3
+    cdef const char *end = line + n
+    cdef const char *tok_end
+    cdef int64_t v
+    cdef int seen = 0
+    tok_end = <const char *>memchr(p, CH_SP, end - p)
+    if tok_end == NULL:
+        tok_end = end
+    if parse_num(p, tok_end, False, &v) < 0:
+        return -1
+    hit.vlen = <size_t>v
+    p = tok_end
+    while p < end:
+        p += 1  # the space
+        tok_end = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
+        if tok_end == NULL:
+            tok_end = end
+        if tok_end > p:
+            if p[0] == CH_f:
+                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
+                    return -1
+                hit.flags = <uint32_t>v
+                seen |= 1
+            elif p[0] == CH_t:
+                if parse_num(p + 1, tok_end, True, &v) < 0 or v < -1:
+                    return -1
+                hit.ttl = v
+                seen |= 2
+            elif p[0] == CH_O:
+                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
+                    return -1
+                hit.opaque = <uint32_t>v
+                seen |= 4
+        p = tok_end
+    return 0 if seen == 7 else -1
+
+
+cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque) noexcept nogil:
+    """``mg <key> v f t q O<opaque>\r\n``; a key the text protocol cannot carry (a space,
+    a control byte) goes base64-encoded with the ``b`` flag."""
+    cdef size_t i, j
+    cdef bint b64 = False
+    cdef char *p
+    cdef char digits[12]
+    cdef int nd = 0
+    cdef uint32_t v
+    cdef uint8_t c
+    for i in range(klen):
+        c = <uint8_t>key[i]
+        if c <= 32 or c == 127:
+            b64 = True
+            break
+    if buf_reserve(out, 3 + (klen + 2) // 3 * 4 + 32) < 0:
+        return -1
+    p = out.data + out.len
+    memcpy(p, b"mg ", 3)
+    p += 3
+    if b64:
+        i = 0
+        while i < klen:
+            v = <uint32_t>(<uint8_t>key[i]) << 16
+            if i + 1 < klen:
+                v |= <uint32_t>(<uint8_t>key[i + 1]) << 8
+            if i + 2 < klen:
+                v |= <uint8_t>key[i + 2]
+            p[0] = B64[(v >> 18) & 63]
+            p[1] = B64[(v >> 12) & 63]
+            p[2] = B64[(v >> 6) & 63] if i + 1 < klen else CH_EQ
+            p[3] = B64[v & 63] if i + 2 < klen else CH_EQ
+            p += 4
+            i += 3
+        memcpy(p, b" b", 2)
+        p += 2
+    else:
+        memcpy(p, key, klen)
+        p += klen
+    memcpy(p, b" v f t q O", 10)
+    p += 10
+    v = opaque
+    while True:
+        digits[nd] = <char>(CH_0 + v % 10)
+        nd += 1
+        v //= 10
+        if v == 0:
+            break
+    for j in range(nd):
+        p[j] = digits[nd - 1 - j]
+    p += nd
+    p[0] = CH_CR
+    p[1] = CH_NL
+    p += 2
+    out.len = <size_t>(p - out.data)
+    return 0
 
 
 cdef inline int _hexval(unsigned char c) noexcept nogil:

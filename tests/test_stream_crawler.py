@@ -354,7 +354,7 @@ def test_source_that_is_not_memcached_fails_readably(pair):
         t.start()
         result = run_stream(StreamJob(name, [1], target.name, source_kind="crawler", connect_timeout=2))
         t.join(5)
-    assert not result.ok and name in result.error and "binary protocol" in result.error, result.error
+    assert not result.ok and name in result.error and "unusable answer to version" in result.error, result.error
 
 
 def test_two_hundred_thousand_records_keep_rss_flat(cluster_factory):

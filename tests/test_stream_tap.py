@@ -223,8 +223,9 @@ def test_auto_against_a_tapless_server_fails_cleanly(memcached):
         auto = run_stream(job(server, memcached, WANTED, connect_timeout=2))
         tap = run_stream(job(server, memcached, WANTED, source_kind="tap"))
         assert len(server.connects) == 2
-    # auto found no TAP and tried the crawler, which the fake lacks (it never answers "stats")
-    assert not auto.ok and server.name in auto.error and "stats" in auto.error and auto.kind is None
+    # auto found no TAP and tried the crawler, which the fake lacks (it never answers the
+    # text protocol's "version")
+    assert not auto.ok and server.name in auto.error and "version" in auto.error and auto.kind is None
     assert not tap.ok and "no TAP" in tap.error
     assert source.cached_kind(server.name) is None  # a failure forgets what was learnt
 

@@ -3,6 +3,7 @@ the target), against hand-made responses and against real memcached processes. E
 test runs against both codec builds."""
 from __future__ import annotations
 
+import base64
 import select
 import socket
 import struct
@@ -42,6 +43,38 @@ def frames_of(data):
 
 def ops(data):
     return [(f.opcode, f.opaque) for f in frames_of(data)]
+
+
+MN = ("mn",)
+
+
+def meta_gets(req):
+    """The crawler's fetch requests as [(key, opaque) per ``mg ... v f t q O<n>``, MN per ``mn``]."""
+    out = []
+    assert req.endswith(b"\r\n") or not req
+    for line in req.split(b"\r\n")[:-1]:
+        parts = line.split(b" ")
+        if parts == [b"mn"]:
+            out.append(MN)
+            continue
+        assert parts[0] == b"mg" and {b"v", b"f", b"t", b"q"} <= set(parts[2:]), line
+        key = base64.b64decode(parts[1]) if b"b" in parts[2:] else parts[1]
+        out.append((key, int(next(p for p in parts[2:] if p.startswith(b"O"))[1:])))
+    return out
+
+
+def meta_answer(req, hit=lambda i, key: None):
+    """A source's answers to ``req``: ``hit(i, key)`` gives (value, flags, ttl) or None (a miss)."""
+    answer = bytearray()
+    for i, g in enumerate(meta_gets(req)):
+        if g == MN:
+            answer += b"MN\r\n"
+            continue
+        found = hit(i, g[0])
+        if found is not None:
+            value, flags, ttl = found
+            answer += b"VA %d f%d t%d O%d\r\n%s\r\n" % (len(value), flags, ttl, g[1], value)
+    return bytes(answer)
 
 
 def key_in_vbucket(vb, prefix=b"t\\\\k", vbuckets=128):
@@ -282,11 +315,10 @@ def test_metadump_lines_queue_fetches_for_wanted_keys(tap):
     assert done and w.feed_metadump(b"") is True
     assert (w.skipped_unwanted, w.skipped_own, w.duplicates, w.fetch_backlog) == (1, 1, 1, 1)
     req = w.fetch_requests()
-    assert ops(req) == [(0x0D, 0), (0x0A, FENCE)]
-    assert frames_of(req)[0].key == k1
+    assert meta_gets(req) == [(k1, 0), MN]
+    assert b" b " in req  # the key holds a space: it travels base64-encoded
     assert not w.done
-    w.feed_fetch(response(0x0D, 0, k1, b"VALUE", struct.pack(">I", 4242), opaque=0, cas=9)
-                 + response(0x0A, opaque=FENCE))
+    w.feed_fetch(b"VA 5 f4242 t-1 O0\r\nVALUE\r\nMN\r\n")
     assert w.fetch_backlog == 0 and w.entries == 1 and w.vanished == 0
     out = w.target_requests()
     (add, fence) = frames_of(out)
@@ -295,22 +327,66 @@ def test_metadump_lines_queue_fetches_for_wanted_keys(tap):
     assert w.added == 1 and w.done
 
 
-def test_fetch_without_an_answer_before_its_noop_vanished(tap):
+def test_fetch_without_an_answer_before_its_mn_vanished_and_the_expiry_comes_from_the_same_read(tap):
     w = tap.Writer(ALL, window=16)
     w.feed_metadump(b"key=a exp=5 la=1\nkey=b exp=6 la=1\nkey=c exp=-1 la=1\nEND\r\n")
     req = w.fetch_requests()
-    assert [f.key for f in frames_of(req)] == [b"a", b"b", b"c", b""]
-    w.feed_fetch(response(0x0D, 0, b"b", b"B", struct.pack(">I", 7), opaque=1) + response(0x0A, opaque=FENCE))
+    assert meta_gets(req) == [(b"a", 0), (b"b", 1), (b"c", 2), MN]
+    w.feed_fetch(b"VA 1 t100 O1 f7\r\nB\r\nMN\r\n")
     assert (w.entries, w.vanished, w.fetch_backlog) == (1, 2, 0)
     (add, _) = frames_of(w.target_requests())
-    assert add.extras == struct.pack(">II", 7, 6)  # the expiry from the listing travels with the record
+    # The remaining TTL read with the value (relative, as memcached reads up to 30 days),
+    # never the listing's exp=6.
+    assert struct.unpack(">II", add.extras) == (7, 100)
+
+
+@pytest.mark.parametrize("ttl,expected", [(-1, 0), (0, 1), (1, 1), (2592000, 2592000), (2592001, None)])
+def test_remaining_ttl_becomes_the_expiry_to_store(tap, ttl, expected):
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(b"key=a exp=0\nEND\r\n")
+    w.fetch_requests()
+    before = int(time.time())
+    w.feed_fetch(b"VA 1 f7 t%d O0\r\nB\r\nMN\r\n" % ttl)
+    after = int(time.time())
+    (add, _) = frames_of(w.target_requests())
+    exp = struct.unpack(">II", add.extras)[1]
+    if expected is None:  # beyond 30 days memcached reads absolute times
+        assert before + ttl <= exp <= after + ttl
+    else:
+        assert exp == expected
+
+
+def test_meta_get_answers_cut_anywhere_and_refusals(tap):
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(b"key=a exp=0\nkey=b exp=0\nEND\r\n")
+    req = w.fetch_requests()
+    answer = b"VA 3 f1 t-1 O0\r\nA\r\n\r\nVA 0 f2 t-1 O1\r\n\r\nMN\r\n"
+    for i in range(len(answer)):
+        w.feed_fetch(answer[i:i + 1])
+    assert (w.entries, w.tombstones, w.vanished, w.fetch_backlog) == (2, 1, 0, 0)
+    out = frames_of(w.target_requests())
+    assert [(f.key, f.value) for f in out if f.opcode == 0x12] == [(b"a", b"A\r\n"), (b"b", b"")]
+    assert len(meta_gets(req)) == 3
+    for bad, exc in ((b"ERROR\r\n", UnexpectedFrame), (b"VA 1 f1 O0\r\nx\r\n", MalformedFrame),
+                     (b"VA 1 f1 t-1 O0\r\nxy\r\n", MalformedFrame), (b"VA 1 f1 t-1 O5\r\nx\r\n", UnexpectedFrame),
+                     (b"HD\r\n", UnexpectedFrame)):
+        w = tap.Writer(ALL, window=16)
+        w.feed_metadump(b"key=a exp=0\nEND\r\n")
+        w.fetch_requests()
+        with pytest.raises(exc):
+            w.feed_fetch(bad)
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(b"key=a exp=0\nEND\r\n")
+    w.fetch_requests()
+    w.feed_fetch(b"CLIENT_ERROR bad key\r\nMN\r\n")
+    assert w.failed == 1 and "CLIENT_ERROR bad key" in w.last_error and w.fetch_backlog == 0
 
 
 def test_fetches_in_flight_are_bounded_by_the_window(tap):
     w = tap.Writer(ALL, window=8)
     w.feed_metadump(b"".join(b"key=k%d exp=0\n" % i for i in range(30)))
     req = w.fetch_requests()
-    assert sum(1 for f in frames_of(req) if f.opcode == 0x0D) == 8
+    assert sum(1 for g in meta_gets(req) if g != MN) == 8
     assert w.fetch_requests() == b"" and w.fetch_backlog == 30
 
 
@@ -700,13 +776,12 @@ def test_duplicate_listings_are_counted_in_bounded_memory_like_the_reference(tap
             w.feed_metadump(b"".join(lines[i:i + 250]))
             req = w.fetch_requests()
             fetched.append(req)
-            answer = b"".join(response(0x0A, opaque=f.opaque) for f in frames_of(req) if f.opcode == 0x0A)
-            w.feed_fetch(answer)  # every key vanished: nothing for the target
+            w.feed_fetch(meta_answer(req))  # every key vanished: nothing for the target
         w.feed_metadump(b"END\r\n")
         while w.fetch_backlog:
             req = w.fetch_requests()
             fetched.append(req)
-            w.feed_fetch(b"".join(response(0x0A, opaque=f.opaque) for f in frames_of(req) if f.opcode == 0x0A))
+            w.feed_fetch(meta_answer(req))
         return fetched, w.stats()
 
     fetched, stats = run(tap)

@@ -15,8 +15,8 @@ connection, desynchronised, is closed. A fork that was only slow to start receiv
 stray bytes that never form a frame. The probe never sends anything else, so a TAP stream
 is never disturbed.
 
-Crawler: a binary connection (VERSION checked, later used by the Writer for pipelined
-GETKQ) and a text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
+Crawler: a text connection (version checked, later used by the Writer for pipelined meta
+gets, ``mg <key> v f t q``: value, flags and remaining TTL from one read) and a text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
 walk; ``all`` only where ``hash`` is refused, see METADUMP_HASH). A crawl already running
 (the ``lru_crawler_running`` stat, or a ``BUSY`` answer) is waited for with back-off a
 bounded number of times.
@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 
 from astaire import codec
-from astaire.protocol_errors import ProtocolError
 from astaire.client import connect, reason
 
 log = logging.getLogger("astaire.stream")
@@ -81,7 +80,7 @@ class TapSource:
 class CrawlerSource:
     server: str
     dump_sock: socket.socket   # text: lru_crawler metadump hash
-    fetch_sock: socket.socket  # binary: the Writer's GETKQ + NOOP
+    fetch_sock: socket.socket  # text: the Writer's meta gets (mg ... q) + mn
     initial: bytes = b""       # metadump bytes already read while checking for BUSY
     version: str = ""
     kind: str = field(default=CRAWLER, init=False)
@@ -210,7 +209,7 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
             socks.append(dump)
         except (OSError, ValueError) as e:
             raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
-        version = _binary_version(server, fetch, connect_timeout)
+        version = _text_version(server, fetch, connect_timeout)
         parsed = _version_tuple(version)
         if parsed is not None and parsed < MIN_CRAWLER_VERSION:
             log.warning("source %s runs memcached %s, older than %s: trying its LRU crawler anyway",
@@ -226,25 +225,27 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
             s.close()
 
 
-def _binary_version(server: str, sock: socket.socket, timeout: float) -> str:
+def _text_version(server: str, sock: socket.socket, timeout: float) -> str:
+    """The server's version over the text protocol: the fetch connection speaks meta
+    commands (``mg``), and memcached fixes a connection's protocol at its first byte."""
     sock.settimeout(timeout)
-    sock.sendall(codec.encode_version())
-    parser = codec.FrameParser(1 << 16)
+    sock.sendall(b"version\r\n")
+    buf = b""
     try:
-        while True:
+        while b"\n" not in buf:
             data = sock.recv(4096)
             if not data:
-                raise SourceError(f"source {server} closed the connection instead of answering VERSION")
-            parser.feed(data)
-            for frame in parser:
-                if frame.magic != MAGIC_RESPONSE or frame.opcode != codec.OP_VERSION or frame.status != 0:
-                    raise SourceError(f"source {server} gave an unusable answer to VERSION "
-                                      f"(opcode 0x{frame.opcode:02x}, status 0x{frame.status:04x})")
-                return bytes(frame.value).decode("ascii", "replace")
+                raise SourceError(f"source {server} closed the connection instead of answering version")
+            buf += data
+            if len(buf) > 4096:
+                break
     except socket.timeout as e:
-        raise SourceError(f"source {server} did not answer VERSION within {timeout:g} s") from e
-    except ProtocolError as e:
-        raise SourceError(f"source {server} does not speak the binary protocol: {e}") from e
+        raise SourceError(f"source {server} did not answer version within {timeout:g} s") from e
+    line = buf.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line.startswith(b"VERSION ") or len(buf) > len(line) + 2:
+        raise SourceError(f"source {server} gave an unusable answer to version: "
+                          f"{line[:80].decode('ascii', 'replace')!r}")
+    return line[8:].decode("ascii", "replace")
 
 
 def _version_tuple(version: str) -> tuple[int, ...] | None:

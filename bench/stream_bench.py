@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""One process, no daemon: ``run_stream`` from each old replica into a fresh target, with
+the CPU (user and system) of this process, the sources and the target. For iterating on
+the stream loop and the codec; ``resync_bench.py`` is the end-to-end measure.
+
+    python bench/stream_bench.py --records 300000 [--source crawler|tap-replay] [--value-size 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from astaire.cluster.view import ClusterView, vbucket_for_key  # noqa: E402
+from astaire.demo import workload  # noqa: E402
+from astaire.demo.localcluster import LocalCluster  # noqa: E402
+from astaire.resync.stream import StreamJob, run_stream  # noqa: E402
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    t = psutil.Process(pid).cpu_times()
+    return t.user, t.system
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=300_000)
+    p.add_argument("--value-size", type=int, default=100)
+    p.add_argument("--source", default="crawler", choices=("crawler", "tap-replay"))
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--perf", metavar="FILE", help="perf record this process during the streams into FILE")
+    args = p.parse_args(argv)
+    records = list(workload.make_records(args.records, args.value_size, table="bench"))
+    mem = max(256, len(records) * (args.value_size + 150) * 2 // (1 << 20))
+    with LocalCluster(3, memory_mb=mem, threads=2) as cluster:
+        a, b, c = cluster.names
+        after = ClusterView([a, b], [a, b, c])
+        wanted = sorted(vb for vb in range(128) if c in after.new[vb])
+        replay = None
+        if args.source == "tap-replay":
+            from bench.resync_bench import Replay  # noqa: E402
+            import tempfile
+            replay = Replay(records, tempfile.mkdtemp(prefix="astaire-stream-bench-"))
+            sources = replay.names
+            source_pids = [pr.pid for pr in replay.procs]
+        else:
+            workload.load(ClusterView([a, b]), records)
+            sources = [a, b]
+            source_pids = [s.proc.pid for s in cluster.servers[:2]]
+        target_pid = cluster.servers[2].proc.pid
+        placed = sum(1 for r in records if vbucket_for_key(r.key) in set(wanted))
+        before = {"self": os.times(), "sources": [_cpu(x) for x in source_pids], "target": _cpu(target_pid)}
+        perf = None
+        if args.perf:
+            import subprocess
+            perf = subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(os.getpid()), "-o", args.perf],
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        results = []
+        for src in sources:
+            job = StreamJob(src, wanted, c, source_kind="tap" if replay else "crawler")
+            if args.window:
+                job.window = args.window
+            results.append(run_stream(job))
+        secs = time.monotonic() - t0
+        if perf is not None:
+            import signal
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+        after_t = {"self": os.times(), "sources": [_cpu(x) for x in source_pids], "target": _cpu(target_pid)}
+        if replay:
+            replay.stop()
+    me = (after_t["self"].user - before["self"].user, after_t["self"].system - before["self"].system)
+    src = [sum(x[i] - y[i] for x, y in zip(after_t["sources"], before["sources"])) for i in (0, 1)]
+    tgt = [after_t["target"][i] - before["target"][i] for i in (0, 1)]
+    per = lambda u_s: round(sum(u_s) / placed * 1e6, 2)  # noqa: E731
+    report = {
+        "placed": placed, "seconds": round(secs, 2), "ok": all(r.ok for r in results),
+        "errors": [r.error for r in results if not r.ok],
+        "entries": sum(r.stats["entries"] for r in results),
+        "stats": [{k: v for k, v in r.stats.items() if isinstance(v, int) and v} for r in results],
+        "astaire_user_sys": [round(x, 2) for x in me], "astaire_per_M_placed": per(me),
+        "sources_user_sys": [round(x, 2) for x in src], "sources_per_M_placed": per(src),
+        "target_user_sys": [round(x, 2) for x in tgt], "target_per_M_placed": per(tgt),
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

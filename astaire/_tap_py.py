@@ -684,6 +684,7 @@ class Writer:
         self._fetch_seq = 0
         self._fetch_out = bytearray()
         self._fch = _Answers()
+        self._backlog_bytes = 0
 
     # -- state -----------------------------------------------------------------------
 
@@ -691,6 +692,12 @@ class Writer:
     def backlog(self) -> int:
         """Records accepted but not yet settled."""
         return len(self._queue) + self._in_use
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Key and value bytes of the records accepted but not yet settled (what the backlog
+        holds in memory: a stream bounds it as well as the record count)."""
+        return self._backlog_bytes
 
     @property
     def fetch_backlog(self) -> int:
@@ -738,6 +745,7 @@ class Writer:
         if not value:
             self.tombstones += 1
         rec = _Record(key, value, flags, exp)
+        self._backlog_bytes += len(key) + len(value)
         if self._free and not self._queue:
             self._start(rec)  # straight into a slot: same order as queueing then pumping
         else:
@@ -841,6 +849,8 @@ class Writer:
             self._probe_present = self._probe_total = 0
 
     def _settle(self, slot, outcome):
+        rec = self._slots[slot]
+        self._backlog_bytes -= len(rec.key) + len(rec.value)
         self._slots[slot] = None
         self._free.append(slot)
         self._in_use -= 1

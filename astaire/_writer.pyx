@@ -339,6 +339,7 @@ cdef class Writer:
     cdef uint32_t _probe_total      # auto: first requests answered, this batch
     # Counters.
     cdef readonly uint64_t entries
+    cdef uint64_t _backlog_bytes
     cdef uint64_t _nbytes
     cdef readonly uint64_t added
     cdef readonly uint64_t replaced
@@ -475,6 +476,12 @@ cdef class Writer:
         return self._q_count + self._in_use
 
     @property
+    def backlog_bytes(self):
+        """Key and value bytes of the records accepted but not yet settled (what the backlog
+        holds in memory: a stream bounds it as well as the record count)."""
+        return self._backlog_bytes
+
+    @property
     def fetch_backlog(self):
         """Crawler fetches listed but not yet answered."""
         return fq_count(&self._fq) + self._fetch_in_flight
@@ -579,6 +586,7 @@ cdef class Writer:
         cdef QRec h
         self.entries += 1
         self._nbytes += size
+        self._backlog_bytes += <uint64_t>klen + vlen
         self._vb_entries[vb] += 1
         self._vb_bytes[vb] += size
         if vlen == 0:
@@ -629,6 +637,7 @@ cdef class Writer:
     cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
         cdef Slot *s = &self._slots[slot]
         s.state = ST_FREE
+        self._backlog_bytes -= <uint64_t>s.klen + s.vlen
         if s.cap > SLOT_KEEP:
             free(s.data)
             s.data = NULL

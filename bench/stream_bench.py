@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         perf = None
         if args.perf:
             import subprocess
-            perf = subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(os.getpid()), "-o", args.perf],
+            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"), "-p", str(os.getpid()), "-o", args.perf],
                                     stderr=subprocess.DEVNULL)
             time.sleep(0.5)
         t0 = time.monotonic()

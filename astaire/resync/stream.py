@@ -4,11 +4,13 @@
 ``astaire.resync.source``), and moves bytes between non-blocking sockets and the codec's
 ``Writer``, which does all per-record work. Python here only does I/O in large chunks:
 
-- reads of up to 256 KiB go straight into the Writer;
-- whatever the Writer wants sent is queued per connection and sent as the socket allows;
-- the source is not read while the Writer holds ``window`` unsettled records or the
-  target's send queue is over ``MAX_PENDING_OUT`` bytes, so memory stays flat however
-  long the stream is;
+- reads of up to 1 MiB land in a buffer allocated once per connection (``recv_into``)
+  and go straight into the Writer, which copies what it keeps;
+- whatever the Writer wants sent is sent at once, and only what the socket did not take
+  is queued per connection;
+- the source is not read while the Writer holds ``window`` unsettled records or
+  ``window_bytes`` bytes of them, or the target's send queue is over ``MAX_PENDING_OUT``
+  bytes, so memory stays flat however long the stream is and whatever the value sizes;
 - except the crawler's metadump text, which is always read at once and spooled (memory,
   then a temporary file) while the fetches are behind: a stalled ``metadump hash`` holds
   an item lock in memcached, and GETs of keys under that lock (ours included) then hang;
@@ -38,8 +40,8 @@ from astaire.client import connect, reason
 
 log = logging.getLogger("astaire.stream")
 
-CHUNK = 256 * 1024
-MAX_PENDING_OUT = 16 * 1024 * 1024
+CHUNK = 1024 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, no bytes object per read
+MAX_PENDING_OUT = 4 * 1024 * 1024
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
 
 
@@ -53,6 +55,7 @@ class StreamJob:
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0  # no progress from a peer for this long: fail the stream
     window: int = 4096
+    window_bytes: int = 4 * 1024 * 1024  # key + value bytes the Writer may hold unsettled
     crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
@@ -125,6 +128,24 @@ class _Peer:
         self.out = bytearray()
         self.mask = 0
         self.closed = False
+        self._inbuf: bytearray | None = None
+        self._inview: memoryview | None = None
+
+    def queue(self, data) -> int:
+        """Send ``data`` now as far as the socket takes it, queue the rest behind anything
+        already queued; returns the bytes sent."""
+        if not data:
+            return 0
+        if self.out:
+            self.out += data
+            return self.send_pending()
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            self.out += memoryview(data)[n:]
+        return n
 
     def send_pending(self) -> int:
         sent = 0
@@ -137,17 +158,25 @@ class _Peer:
             sent += n
         return sent
 
-    def recv(self) -> bytes | None:
-        """Data, b"" at EOF, None if nothing is ready."""
+    def recv(self) -> memoryview | None:
+        """Data (a view of this peer's read buffer, valid until the next recv), an empty
+        view at EOF, None if nothing is ready."""
+        if self._inbuf is None:
+            self._inbuf = bytearray(CHUNK)
+            self._inview = memoryview(self._inbuf)
         try:
-            return self.sock.recv(CHUNK)
+            n = self.sock.recv_into(self._inbuf)
         except (BlockingIOError, InterruptedError):
             return None
+        return self._inview[:n]
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.sock.close()
+        if self._inview is not None:
+            self._inview.release()
+            self._inview = self._inbuf = None
 
 
 def run_stream(job: StreamJob, progress: Callable[[dict], None] | None = None, progress_interval: float = 0.25,
@@ -168,7 +197,7 @@ class _Stream:
         self.peers: list[_Peer] = []
         self.target: _Peer | None = None
         self.src: _Peer | None = None      # TAP stream, or the metadump text connection
-        self.fetch: _Peer | None = None    # crawler: binary GETKQ connection
+        self.fetch: _Peer | None = None    # crawler: meta-get (text) connection
         self.source_ended = False
         self.spool = _Spool()      # crawler: metadump text read but not yet given to the Writer
         self.dump_eof = False      # crawler: the metadump connection closed
@@ -283,7 +312,8 @@ class _Stream:
             if self.source_ended and w.done and not self.target.out:
                 return
             self._watch(self.target, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.target.out else 0))
-            room = w.backlog < job.window and len(self.target.out) < MAX_PENDING_OUT
+            room = (w.backlog < job.window and w.backlog_bytes < job.window_bytes
+                    and len(self.target.out) < MAX_PENDING_OUT)
             if self.fetch is None:
                 self._watch(self.src, selectors.EVENT_READ if room and not self.source_ended else 0)
             else:
@@ -311,12 +341,16 @@ class _Stream:
         w = self.writer
         if self.fetch is not None:
             self._feed_spool()
-            self.fetch.out += w.fetch_requests()
-            if self.fetch.out:
-                self._send(self.fetch)
-        self.target.out += w.target_requests()
-        if self.target.out:
-            self._send(self.target)
+            if w.backlog_bytes < self.job.window_bytes:  # fetched values become backlog
+                self._queue(self.fetch, w.fetch_requests())
+        self._queue(self.target, w.target_requests())
+
+    def _queue(self, peer: _Peer, data: bytes) -> None:
+        try:
+            if peer.queue(data):
+                self.last_progress = time.monotonic()
+        except OSError as e:
+            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}") from e
 
     def _watch(self, peer: _Peer, mask: int) -> None:
         if mask == peer.mask or peer.closed:

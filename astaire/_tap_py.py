@@ -824,8 +824,14 @@ class Writer:
             self._emit_fence()
 
     def _pump(self):
+        """Start queued records in free slots, a batch at a time: while fewer than a batch
+        of slots is free (and the queue holds more), wait for more answers rather than
+        send dribs (each a wake-up of the target and a syscall on both sides)."""
         queue = self._queue
         free = self._free
+        if len(free) < self._fence_every and len(free) < len(queue):
+            self._close_batch()
+            return
         while queue and free:
             self._start(queue.popleft())
         self._close_batch()

@@ -607,8 +607,13 @@ cdef class Writer:
         return 0
 
     cdef int _pump(self) noexcept nogil:
+        """Start queued records in free slots, a batch at a time: while fewer than a batch
+        of slots is free (and the queue holds more), wait for more answers rather than
+        send dribs (each a wake-up of the target and a syscall on both sides)."""
         cdef QRec h
         cdef const char *p
+        if self._n_free < self._fence_every and self._n_free < self._q_count:
+            return self._close_batch()
         while self._q_count and self._n_free:
             p = self._queue.data + self._queue.head
             memcpy(&h, p, sizeof(QRec))

@@ -53,6 +53,7 @@ class ProcessSampler(threading.Thread):
         self.root = psutil.Process(pid)
         self.peak_rss = 0
         self.cpu: dict[int, float] = {}
+        self.sys: dict[int, float] = {}
         self.stop_event = threading.Event()
 
     def sample(self):
@@ -67,6 +68,7 @@ class ProcessSampler(threading.Thread):
                     rss += p.memory_info().rss
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
+                    self.sys[p.pid] = t.system
             except psutil.Error:
                 pass
         self.peak_rss = max(self.peak_rss, rss)
@@ -245,6 +247,8 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
             "target_cpu_seconds": round(mark["target"], 2),
             "target_cpu_seconds_per_million_placed": per_million(mark["target"], placed),
             "peak_rss_mb": round(sampler.peak_rss / (1 << 20), 1),
+            # [user + system, system] CPU seconds of each Astaire process (the supervisor first)
+            "cpu_by_process": [[round(sampler.cpu[p], 2), round(sampler.sys[p], 2)] for p in sampler.cpu],
             "result": last["result"], "placement_ok": placement_ok}, moved
 
 

@@ -1083,6 +1083,8 @@ class Writer:
         out = self._fetch_out
         while room > 0 and queue:
             n = min(room, self._fence_every, len(queue))
+            if n < self._fence_every and n < len(queue):
+                break  # a batch at a time, as for the target: wait for room for a whole one
             batch = {}
             for _ in range(n):
                 key, exp, vb = queue.popleft()

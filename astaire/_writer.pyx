@@ -1049,6 +1049,8 @@ cdef class Writer:
         cdef Fetch *f
         while room > 0 and fq_count(&self._fq):
             n = min(<size_t>room, <size_t>self._fence_every, fq_count(&self._fq))
+            if n < <size_t>self._fence_every and n < fq_count(&self._fq):
+                break  # a batch at a time, as for the target: wait for room for a whole one
             for j in range(n):
                 if fq_count(&self._inflight) == 0:
                     self._inflight_first = self._fetch_seq

@@ -679,7 +679,7 @@ class Writer:
         self._md_ended = False
         self._fetch_queue = deque()        # (key, exp, vb) not sent yet
         self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
-        self._fetch_batches = deque()      # {opaque: (key, vb)} per batch of meta gets, until its MN
+        self._fetch_batches = deque()      # {opaque: (key, listed exp, vb)} per batch of meta gets, until its MN
         self._fetch_in_flight = 0
         self._fetch_seq = 0
         self._fetch_out = bytearray()
@@ -1091,7 +1091,7 @@ class Writer:
                 del queued[key]
                 opaque = self._fetch_seq
                 self._fetch_seq = (opaque + 1) & _FENCE_MASK
-                batch[opaque] = (key, vb)
+                batch[opaque] = (key, exp, vb)
                 out += _meta_get(key, opaque)
             out += b"mn\r\n"
             self._fetch_batches.append(batch)
@@ -1153,9 +1153,9 @@ class Writer:
             if opaque not in batch:
                 raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
                                       offset)
-            key, vb = batch.pop(opaque)
+            key, listed, vb = batch.pop(opaque)
             self._fetch_in_flight -= 1
-            self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _ttl_expiry(ttl), vb, need)
+            self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _read_expiry(listed, ttl), vb, need)
             return need
         if line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):
             self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
@@ -1168,6 +1168,19 @@ class Writer:
 
 _MAX_META_LINE = 2048
 _RELATIVE_EXPIRY_MAX = 2592000  # memcached: an expiry up to 30 days is relative
+
+
+_EXPIRY_SLACK = 2
+
+
+def _read_expiry(listed: int, ttl: int) -> int:
+    """The expiry to store for a record whose remaining TTL (-1: none) came with its value.
+    The listing's absolute expiry is exact, but the record may have changed since it was
+    listed: it is kept only when the read agrees with it within memcached's one-second
+    clock (2 s: both ends may lag); otherwise the read decides (_ttl_expiry)."""
+    if ttl >= 0 and listed and abs(listed - (int(time.time()) + ttl)) <= _EXPIRY_SLACK:
+        return listed
+    return _ttl_expiry(ttl)
 
 
 def _ttl_expiry(ttl: int) -> int:

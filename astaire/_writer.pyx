@@ -35,6 +35,7 @@ cdef enum:
     CH_EQ = 61
     C_MAX_META_LINE = 2048
     RELATIVE_EXPIRY_MAX = 2592000  # memcached: an expiry up to 30 days is relative
+    EXPIRY_SLACK = 2
 
 cdef uint32_t C_FENCE_BIT = 0x80000000u
 cdef uint32_t C_FENCE_MASK = 0x7FFFFFFFu
@@ -1129,7 +1130,7 @@ cdef class Writer:
                 e.answered = 1
                 self._front_answered += 1
                 self._fetch_in_flight -= 1
-                if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, ttl_expiry(hit.ttl, now),
+                if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, read_expiry(e.exp, hit.ttl, now),
                                 e.vb, need) < 0:
                     raise MemoryError()
                 total = need
@@ -1166,6 +1167,19 @@ cdef struct MetaHit:
     uint32_t flags
     int64_t ttl
     uint32_t opaque
+
+
+cdef inline uint32_t read_expiry(uint32_t listed, int64_t ttl, time_t now) noexcept nogil:
+    """The expiry to store for a record whose remaining TTL (-1: none) came with its value.
+    The listing's absolute expiry is exact, but the record may have changed since it was
+    listed: it is kept only when the read agrees with it within memcached's one-second
+    clock (2 s: both ends may lag); otherwise the read decides (ttl_expiry)."""
+    cdef int64_t d
+    if ttl >= 0 and listed != 0:
+        d = <int64_t>listed - (<int64_t>now + ttl)
+        if -EXPIRY_SLACK <= d <= EXPIRY_SLACK:
+            return listed
+    return ttl_expiry(ttl, now)
 
 
 cdef inline uint32_t ttl_expiry(int64_t ttl, time_t now) noexcept nogil:

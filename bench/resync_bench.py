@@ -23,6 +23,7 @@ ceiling target's CPU for the same records), and peak RSS, as JSON (--json-out) a
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import socket
@@ -165,6 +166,16 @@ def start_throttle(percent: float, workdir: str, pidfile: str) -> subprocess.Pop
                              "--log-file", os.path.join(workdir, "throttle.log")])
 
 
+def remove_throttle_group() -> None:
+    """The throttle lifts its limit on exit but leaves its (now empty) cgroup: remove it."""
+    for group in glob.glob(f"/sys/fs/cgroup/*/astaire-bench-{os.getpid()}") + glob.glob(
+            f"/sys/fs/cgroup/astaire-bench-{os.getpid()}"):
+        try:
+            os.rmdir(group)
+        except OSError:
+            pass
+
+
 def run_astaire(records, value_size, workers, source, throttle: float | None = None) -> dict:
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
     settings = os.path.join(workdir, "cluster_settings")
@@ -217,6 +228,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
             if throttler is not None:
                 throttler.terminate()
                 throttler.wait()
+                remove_throttle_group()
             if replay is not None:
                 replay.stop()
         if not sync.ok:

@@ -340,6 +340,18 @@ def test_fetch_without_an_answer_before_its_mn_vanished_and_the_expiry_comes_fro
     assert struct.unpack(">II", add.extras) == (7, 100)
 
 
+def test_the_listed_expiry_is_kept_only_when_the_read_agrees_with_it(tap):
+    now = int(time.time())
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(b"key=same exp=%d\nkey=changed exp=%d\nkey=gone exp=%d\nEND\r\n" % (now + 5000, now + 5000, now + 50))
+    w.fetch_requests()
+    # "same": the read's TTL agrees within the clocks' second (exact absolute expiry kept);
+    # "changed": rewritten since the listing with another TTL; "gone": now without expiry.
+    w.feed_fetch(b"VA 1 f1 t4999 O0\r\nA\r\nVA 1 f2 t700 O1\r\nB\r\nVA 1 f3 t-1 O2\r\nC\r\nMN\r\n")
+    exps = {f.key: struct.unpack(">II", f.extras)[1] for f in frames_of(w.target_requests()) if f.opcode == 0x12}
+    assert exps == {b"same": now + 5000, b"changed": 700, b"gone": 0}
+
+
 @pytest.mark.parametrize("ttl,expected", [(-1, 0), (0, 1), (1, 1), (2592000, 2592000), (2592001, None)])
 def test_remaining_ttl_becomes_the_expiry_to_store(tap, ttl, expected):
     w = tap.Writer(ALL, window=16)

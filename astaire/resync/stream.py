@@ -42,6 +42,8 @@ log = logging.getLogger("astaire.stream")
 
 CHUNK = 1024 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, no bytes object per read
 MAX_PENDING_OUT = 4 * 1024 * 1024
+TRICKLE_BYTES = 8192    # a target read smaller than this ...
+TRICKLE_WAIT = 0.0005   # ... is followed by this pause, so answers arrive in larger reads
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
 
 
@@ -207,6 +209,7 @@ class _Stream:
         self.reported: dict = {}
         self.next_report = 0.0
         self.progress_failed: str | None = None
+        self.trickle = False       # the last target read was small: pause before the next select
         self.target_failed = False
         self.records_seen = 0                    # frames or listings taken from the source so far
         self.last_record = time.monotonic()      # when that number last grew (the stall deadline)
@@ -320,6 +323,11 @@ class _Stream:
                 self._watch(self.src, selectors.EVENT_READ if not (self.source_ended or self.dump_eof) else 0)
                 self._watch(self.fetch, (selectors.EVENT_READ if room else 0)
                             | (selectors.EVENT_WRITE if self.fetch.out else 0))
+            if self.trickle:
+                # The last answers came a few at a time (the Clearwater fork writes each
+                # response on its own): let them gather rather than wake per handful.
+                self.trickle = False
+                time.sleep(TRICKLE_WAIT)
             now = time.monotonic()
             timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
             for key, mask in self.sel.select(max(timeout, 0.001)):
@@ -384,6 +392,7 @@ class _Stream:
             return
         self.last_progress = time.monotonic()
         if peer is self.target:
+            self.trickle = 0 < len(data) < TRICKLE_BYTES
             if not data:
                 raise _Failure(f"target {self.job.target} closed the connection{self._so_far()}", target=True)
             try:

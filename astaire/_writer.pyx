@@ -227,8 +227,16 @@ cdef inline void fq_pop(FetchQ *q) noexcept nogil:
         q.len = 0
 
 
+# A slot holds the entry's hash beside its sequence number, so that probing and the
+# shifting on removal compare hashes without touching the queue entries (a cache miss
+# each: they are 260-byte records).
+cdef struct KSlot:
+    uint64_t seq1       # sequence number + 1 of a queued Fetch; 0 = empty
+    uint32_t hash
+
+
 cdef struct KeySet:
-    uint64_t *slots     # sequence number + 1 of a queued Fetch; 0 = empty
+    KSlot *slots
     size_t mask
     size_t count
     int bits
@@ -245,19 +253,21 @@ cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t kle
     if ks.slots == NULL:
         return False
     i = ks_home(ks, h)
-    while ks.slots[i]:
-        e = fq_at(q, ks.slots[i] - 1)
-        if e.hash == h and e.klen == klen and memcmp(e.key, key, klen) == 0:
-            return True
+    while ks.slots[i].seq1:
+        if ks.slots[i].hash == h:
+            e = fq_at(q, ks.slots[i].seq1 - 1)
+            if e.klen == klen and memcmp(e.key, key, klen) == 0:
+                return True
         i = (i + 1) & ks.mask
     return False
 
 
 cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
     cdef size_t i = ks_home(ks, h)
-    while ks.slots[i]:
+    while ks.slots[i].seq1:
         i = (i + 1) & ks.mask
-    ks.slots[i] = seq + 1
+    ks.slots[i].seq1 = seq + 1
+    ks.slots[i].hash = h
     ks.count += 1
 
 
@@ -265,14 +275,14 @@ cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
     """Add the queued Fetch ``seq`` (already pushed). Grows by rebuilding from the queue."""
     cdef int bits
     cdef uint64_t s
-    cdef uint64_t *slots
+    cdef KSlot *slots
     if ks.slots != NULL and (ks.count + 1) * 2 <= ks.mask + 1:
         ks_put(ks, seq, h)
         return 0
     bits = ks.bits + 1 if ks.slots != NULL else 6
     while (<size_t>1 << bits) < (fq_count(q) + 1) * 2:
         bits += 1
-    slots = <uint64_t *>calloc(<size_t>1 << bits, sizeof(uint64_t))
+    slots = <KSlot *>calloc(<size_t>1 << bits, sizeof(KSlot))
     if slots == NULL:
         return -1
     free(ks.slots)
@@ -285,27 +295,27 @@ cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
     return 0
 
 
-cdef void ks_remove(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
-    """Remove ``seq`` (still in the queue), shifting later probes back (no tombstones)."""
+cdef void ks_remove(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
+    """Remove ``seq``, shifting later probes back (no tombstones)."""
     cdef size_t i, j, k
     if ks.slots == NULL:
         return
     i = ks_home(ks, h)
-    while ks.slots[i] != seq + 1:
-        if ks.slots[i] == 0:
+    while ks.slots[i].seq1 != seq + 1:
+        if ks.slots[i].seq1 == 0:
             return
         i = (i + 1) & ks.mask
     j = i
     while True:
         j = (j + 1) & ks.mask
-        if ks.slots[j] == 0:
+        if ks.slots[j].seq1 == 0:
             break
-        k = ks_home(ks, fq_at(q, ks.slots[j] - 1).hash)
+        k = ks_home(ks, ks.slots[j].hash)
         if (i < k <= j) if i <= j else (i < k or k <= j):
             continue  # its home lies after the hole: it stays
         ks.slots[i] = ks.slots[j]
         i = j
-    ks.slots[i] = 0
+    ks.slots[i].seq1 = 0
     ks.count -= 1
 
 
@@ -1059,7 +1069,7 @@ cdef class Writer:
                 if f == NULL:
                     return -1
                 e = fq_at(&self._fq, self._fq.first)
-                ks_remove(&self._fq_keys, &self._fq, self._fq.first, e.hash)
+                ks_remove(&self._fq_keys, self._fq.first, e.hash)
                 memcpy(f, e, <size_t>(<char *>e.key - <char *>e) + e.klen)  # the key's used bytes only
                 fq_pop(&self._fq)
                 if emit_meta_get(&self._fetch_out, f.key, f.klen, self._fetch_seq) < 0:

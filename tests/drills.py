@@ -449,11 +449,12 @@ class Clients:
 
 class DutyCycle:
     """Pauses processes with SIGSTOP for ``stopped`` s out of every ``stopped + running`` s, so a
-    real memcached serves a resync slowly enough to hit it at a chosen point. ``hold()`` freezes
+    resync (its workers, or a real memcached) runs slowly enough to hit it at a chosen point;
+    ``pids`` is a list or a callable giving the current pids. ``hold()`` freezes
     them until ``release()``; ``stop()`` always leaves them running."""
 
     def __init__(self, pids, stopped: float = 0.02, running: float = 0.004):
-        self.pids = list(pids)
+        self.pids = pids if callable(pids) else (lambda fixed=list(pids): fixed)  # a callable: looked up each cycle
         self.stopped, self.running = stopped, running
         self.event = threading.Event()
         self.held = threading.Event()
@@ -461,7 +462,12 @@ class DutyCycle:
         self.thread = threading.Thread(target=self._run, daemon=True, name="drill-duty-cycle")
 
     def _signal(self, sig) -> None:
-        for pid in self.pids:
+        try:
+            pids = self.pids()
+        except Exception:  # noqa: BLE001 (a process tree changing under us)
+            pids = []
+        self.seen = getattr(self, "seen", set()) | set(pids)
+        for pid in (pids if sig == signal.SIGSTOP else self.seen):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -495,6 +501,56 @@ class DutyCycle:
         self.thread.join(5)
         self.held.clear()
         self._signal(signal.SIGCONT)
+
+
+class Freezer:
+    """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
+    let a resync advance in bursts of a few milliseconds and stop it at a chosen point."""
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.seen: set[int] = set()
+        self.frozen = False
+
+    def _signal(self, sig) -> None:
+        try:
+            pids = list(self.pids())
+        except Exception:  # noqa: BLE001
+            pids = []
+        self.seen |= set(pids)
+        for pid in (pids if sig == signal.SIGSTOP else self.seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def hold(self) -> None:
+        self.frozen = True
+        self._signal(signal.SIGSTOP)
+
+    def release(self) -> None:
+        self.frozen = False
+        self._signal(signal.SIGCONT)
+
+    def burst(self, seconds: float) -> None:
+        self.release()
+        time.sleep(seconds)
+        self.hold()
+
+    def stop(self) -> None:
+        self.release()
+
+
+@pytest.fixture
+def freezers():
+    made: list[Freezer] = []
+
+    def make(pids) -> Freezer:
+        f = Freezer(pids)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.stop()
 
 
 @pytest.fixture
@@ -576,13 +632,13 @@ def drill(request):
 
     class Drill:
         started = time.monotonic()
-        rows: list = []
+        extra: dict = {}
 
         def check(self, model: Model, view: ClusterView, nodes=None, label: str = "") -> Check:
             c = verify(model, view, nodes)
             name = request.node.name + (f" [{label}]" if label else "")
             drills_report.record(name, c, time.monotonic() - self.started, writes=model.writes,
-                                 tombstones=c.tombstones)
+                                 tombstones=c.tombstones, **self.extra)
             return c
 
     yield Drill()

@@ -16,11 +16,13 @@ def record(name: str, check, seconds: float, **extra) -> None:
 
 
 def markdown() -> str:
-    lines = ["| drill | records checked | missing | stale | wrong | tombstones | time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| drill | records checked | missing | stale | wrong | tombstones | time (s) | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    base = {"drill", "nodes", "checked", "missing", "stale", "wrong", "seconds", "tombstones", "writes"}
     for r in ROWS:
         lines.append(f"| {r['drill']} | {r['checked']} | {r['missing']} | {r['stale']} | {r['wrong']} | "
-                     f"{r.get('tombstones', 0)} | {r['seconds']} |")
+                     f"{r.get('tombstones', 0)} | {r['seconds']} | "
+                     + ", ".join(f"{k} {v}" for k, v in r.items() if k not in base) + " |")
     return "\n".join(lines)
 
 

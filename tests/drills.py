@@ -642,3 +642,176 @@ def drill(request):
             return c
 
     yield Drill()
+
+
+def settle(d, local_name, problems: list, full: bool | None = None) -> dict | None:
+    """Wait for ``d`` with ``astaire wait-sync --pidfile P`` alone, then read ``status``; what
+    contradicts the contract goes to ``problems`` (checked after the data, so the drill table
+    always gets its row). Falls back to the harness's own wait when wait-sync fails."""
+    r = wait_sync(d, timeout=120)
+    if r.returncode != 0:
+        problems.append(f"{d.local}: wait-sync exited {r.returncode}: {r.stderr.strip()[-300:]}")
+        d.wait_sync(timeout=120, resyncs=1)
+    try:
+        st = status(d)
+    except Exception as e:  # noqa: BLE001 (reported, not raised: the data check comes first)
+        problems.append(f"{d.local}: status --json --pidfile failed: {e!r}")
+        return None
+    last = st.get("last_resync", {})
+    if last.get("result") != "ok" or last.get("failed_vbuckets"):
+        problems.append(f"{d.local}: last resync {last}")
+    for field, want in (("waiting_for_local", False), ("local_in_cluster", True)):
+        if st.get(field) is not want:
+            problems.append(f"{d.local}: status {field} = {st.get(field)!r}, expected {want}")
+    if full is not None and last.get("full") is not full:
+        problems.append(f"{d.local}: last resync full={last.get('full')}, expected {full}")
+    if not tag_present(local_name):
+        problems.append(f"{d.local}: no resync tag after the resync")
+    return st
+
+
+def sources_blamed(d, *names) -> list[str]:
+    """Log lines that drop one of ``names`` as a source."""
+    return [line for line in d.log().splitlines()
+            if "dropped as a source" in line or "treating" in line and "as failed" in line
+            if any(n in line for n in names)]
+
+
+# -- landing a fault mid-stream ---------------------------------------------------------------------
+
+def start_frozen(d, freezers, workers: int = 2) -> Freezer:
+    """Start daemon ``d`` and freeze its workers as soon as they exist (before they stream much)."""
+    from tests.daemon_helpers import wait_for
+
+    d.start(wait=False)
+    f = freezers(lambda: [w.pid for w in d.children()])
+
+    def born():
+        assert d.proc.poll() is None, f"the daemon exited {d.proc.returncode}: {d.output()[-2000:]}"
+        return len(d.children()) >= workers
+    wait_for(born, 15, interval=0.001, what="the daemon's workers")
+    f.hold()
+    return f
+
+
+def streaming_from(snapshot: dict, port: int) -> int:
+    """Entries the running stream from the source on ``port`` has brought in (-1: none runs)."""
+    for c in snapshot.get("connections", []):
+        if c["port"] == port:
+            return sum(b["entries"] for b in c["buckets"])
+    return -1
+
+
+def reach_stream(d, frozen: Freezer, port: int, want: int, share: float = 0.0, limit: float = 90) -> float:
+    """Like ``reach``, but until the stream from the source on ``port`` is running and has
+    brought in some records: a fault then lands in the middle of that very stream."""
+    t0 = time.monotonic()
+    while True:
+        s = d.snapshot()
+        assert s["resyncs_completed"] == 0, f"the resync ended first: make the drill slower ({s['last_resync']})"
+        if s["state"] == "resyncing" and streaming_from(s, port) > 0 and s["entries_resynchronized"] >= share * want:
+            return s["entries_resynchronized"] / want
+        assert time.monotonic() - t0 < limit, f"no stream from port {port} under way after {limit} s: {s}"
+        frozen.burst(0.0003)
+        time.sleep(0.12)
+
+
+def reach(d, frozen: Freezer, share: float, want: int, burst: float = 0.0005, limit: float = 90) -> float:
+    """Let ``d``'s frozen workers run in bursts of well under a millisecond of CPU until its
+    resync has brought in ``share`` of ``want`` entries; they are frozen again (mid-stream) when
+    this returns the share reached. (A worker reports progress at most every 0.25 s of its own
+    clock, so after a freeze each burst ends with a report.)"""
+    t0 = time.monotonic()
+    while True:
+        try:
+            s = d.snapshot()
+        except Exception:  # noqa: BLE001 (statistics not published yet)
+            s = None
+        if s is not None:
+            assert s["resyncs_completed"] == 0, \
+                f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
+            if s["state"] == "resyncing" and s["entries_resynchronized"] >= share * want:
+                return s["entries_resynchronized"] / want
+        assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
+        close = s is not None and s["entries_resynchronized"] >= (share - 0.2) * want
+        frozen.burst(burst / 3 if close else burst)
+        time.sleep(0.12)
+
+
+# -- network namespaces ----------------------------------------------------------------------------
+
+@dataclass
+class Netns:
+    name: str
+    host_if: str
+    ns_if: str
+    host_ip: str
+    ns_ip: str
+    cut_with: str = ""
+
+    def ip(self, *args: str, inside: bool = False) -> subprocess.CompletedProcess:
+        cmd = ["ip", "netns", "exec", self.name, *args] if inside else list(args)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+
+    def cut(self) -> str:
+        """Partition: every packet between the namespace and the host is dropped silently
+        (``tc netem loss 100%`` where the kernel has netem, else the namespace's link down)."""
+        r = self.ip("tc", "qdisc", "add", "dev", self.host_if, "root", "netem", "loss", "100%")
+        if r.returncode == 0:
+            self.ip("tc", "qdisc", "add", "dev", self.ns_if, "root", "netem", "loss", "100%", inside=True)
+            self.cut_with = "tc netem loss 100%"
+        else:
+            r = self.ip("ip", "link", "set", self.ns_if, "down", inside=True)
+            assert r.returncode == 0, r.stderr
+            self.cut_with = "link down"
+        return self.cut_with
+
+    def heal(self) -> None:
+        if self.cut_with.startswith("tc"):
+            self.ip("tc", "qdisc", "del", "dev", self.host_if, "root")
+            self.ip("tc", "qdisc", "del", "dev", self.ns_if, "root", inside=True)
+        elif self.cut_with:
+            self.ip("ip", "link", "set", self.ns_if, "up", inside=True)
+        self.cut_with = ""
+
+
+@pytest.fixture
+def netns():
+    """``make()`` -> a Netns joined to the host by a veth pair on a private /30; every namespace
+    and link is removed afterwards. Skips when namespaces cannot be made (not root, no ip)."""
+    made: list[Netns] = []
+    rng = random.Random()
+
+    def run(*cmd):
+        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=20)
+
+    def make() -> Netns:
+        if shutil.which("ip") is None:
+            pytest.skip("the ip command (iproute2) is not installed")
+        tag = f"{os.getpid() % 100000}{len(made)}"
+        ns = Netns(f"astd{tag}", f"vah{tag}"[:15], f"van{tag}"[:15], "", "")
+        third = rng.randrange(0, 256)
+        fourth = 4 * rng.randrange(0, 64)
+        ns.host_ip, ns.ns_ip = f"10.254.{third}.{fourth + 1}", f"10.254.{third}.{fourth + 2}"
+        r = run("ip", "netns", "add", ns.name)
+        if r.returncode != 0:
+            pytest.skip(f"cannot create a network namespace (ip netns add: {r.stderr.strip()})")
+        made.append(ns)
+        for cmd in (["ip", "link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if],
+                    ["ip", "link", "set", ns.ns_if, "netns", ns.name],
+                    ["ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if],
+                    ["ip", "link", "set", ns.host_if, "up"],
+                    ["ip", "netns", "exec", ns.name, "ip", "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if],
+                    ["ip", "netns", "exec", ns.name, "ip", "link", "set", ns.ns_if, "up"],
+                    ["ip", "netns", "exec", ns.name, "ip", "link", "set", "lo", "up"]):
+            r = run(*cmd)
+            if r.returncode != 0:
+                pytest.skip(f"cannot set up the namespace's veth pair ({' '.join(cmd)}: {r.stderr.strip()})")
+        return ns
+
+    yield make
+    for ns in made:
+        with contextlib.suppress(Exception):
+            ns.heal()
+        run("ip", "link", "del", ns.host_if)
+        run("ip", "netns", "del", ns.name)

@@ -15,7 +15,8 @@ import pytest
 
 from astaire.cluster.view import ClusterView
 from tests.daemon_helpers import wait_for
-from tests.drills import Model, events, load, set_tag, status, tag_present, wait_sync, wanted_entries
+from tests.drills import (Model, events, load, reach, set_tag, settle, sources_blamed, status, wait_sync,
+                          wanted_entries)
 
 RECORDS = {"stock": 20000, "fork": 20000}
 
@@ -39,57 +40,6 @@ def progress(d) -> int:
         return d.snapshot()["entries_resynchronized"]
     except Exception:
         return 0
-
-
-def settle(d, local_name, problems: list, full: bool | None = None) -> dict | None:
-    """Wait for ``d`` with ``astaire wait-sync --pidfile P`` alone, then read ``status``; what
-    contradicts the contract goes to ``problems`` (checked after the data, so the drill table
-    always gets its row). Falls back to the harness's own wait when wait-sync fails."""
-    r = wait_sync(d, timeout=120)
-    if r.returncode != 0:
-        problems.append(f"{d.local}: wait-sync exited {r.returncode}: {r.stderr.strip()[-300:]}")
-        d.wait_sync(timeout=120, resyncs=1)
-    try:
-        st = status(d)
-    except Exception as e:  # noqa: BLE001 (reported, not raised: the data check comes first)
-        problems.append(f"{d.local}: status --json --pidfile failed: {e!r}")
-        return None
-    last = st.get("last_resync", {})
-    if last.get("result") != "ok" or last.get("failed_vbuckets"):
-        problems.append(f"{d.local}: last resync {last}")
-    for field, want in (("waiting_for_local", False), ("local_in_cluster", True)):
-        if st.get(field) is not want:
-            problems.append(f"{d.local}: status {field} = {st.get(field)!r}, expected {want}")
-    if full is not None and last.get("full") is not full:
-        problems.append(f"{d.local}: last resync full={last.get('full')}, expected {full}")
-    if not tag_present(local_name):
-        problems.append(f"{d.local}: no resync tag after the resync")
-    return st
-
-
-def reach(d, frozen, share: float, want: int, burst: float = 0.0005) -> float:
-    """Let ``d``'s frozen workers run in bursts of a few milliseconds until its resync has brought
-    in ``share`` of ``want`` entries; they are frozen again (mid-stream) when this returns the
-    share reached. (A worker reports progress at most every 0.25 s of its own clock, so after a
-    long freeze each burst ends with a report.)"""
-    t0 = time.monotonic()
-    while True:
-        s = d.snapshot()
-        assert s["resyncs_completed"] == 0, \
-            f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
-        if s["state"] == "resyncing" and s["entries_resynchronized"] >= share * want:
-            return s["entries_resynchronized"] / want
-        assert time.monotonic() - t0 < 90, f"no {share:.0%} of the resync after 90 s: {s}"
-        close = s["entries_resynchronized"] >= (share - 0.2) * want
-        frozen.burst(burst / 3 if close else burst)
-        time.sleep(0.12)
-
-
-def sources_blamed(d, *names) -> list[str]:
-    """Log lines that drop one of ``names`` as a source."""
-    return [line for line in d.log().splitlines()
-            if "dropped as a source" in line or "treating" in line and "as failed" in line
-            if any(n in line for n in names)]
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])

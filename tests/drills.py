@@ -505,35 +505,43 @@ class DutyCycle:
 
 class Freezer:
     """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
-    let a resync advance in bursts of a few milliseconds and stop it at a chosen point."""
+    let a resync advance in bursts of a few milliseconds and stop it at a chosen point. The pid
+    list is looked up (slow: psutil scans /proc) only while everything is frozen, so a burst
+    lasts what it says."""
 
     def __init__(self, pids):
         self.pids = pids
+        self.current: list[int] = []
         self.seen: set[int] = set()
         self.frozen = False
 
-    def _signal(self, sig) -> None:
+    def refresh(self) -> list[int]:
         try:
-            pids = list(self.pids())
-        except Exception:  # noqa: BLE001
-            pids = []
-        self.seen |= set(pids)
-        for pid in (pids if sig == signal.SIGSTOP else self.seen):
+            self.current = list(self.pids())
+        except Exception:  # noqa: BLE001 (a process tree changing under us)
+            pass
+        self.seen |= set(self.current)
+        return self.current
+
+    def _kill(self, pids, sig) -> None:
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     def hold(self) -> None:
         self.frozen = True
-        self._signal(signal.SIGSTOP)
+        self._kill(self.refresh(), signal.SIGSTOP)
 
     def release(self) -> None:
         self.frozen = False
-        self._signal(signal.SIGCONT)
+        self._kill(self.seen, signal.SIGCONT)
 
     def burst(self, seconds: float) -> None:
-        self.release()
+        pids = self.refresh()
+        self._kill(self.seen, signal.SIGCONT)
         time.sleep(seconds)
-        self.hold()
+        self._kill(pids, signal.SIGSTOP)
+        self._kill(set(self.refresh()) - set(pids), signal.SIGSTOP)  # a worker born meanwhile
 
     def stop(self) -> None:
         self.release()

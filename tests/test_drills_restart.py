@@ -15,7 +15,7 @@ import pytest
 
 from astaire.cluster.view import ClusterView
 from tests.daemon_helpers import wait_for
-from tests.drills import (Model, events, load, reach, set_tag, settle, sources_blamed, status, wait_sync,
+from tests.drills import (Model, events, load, reach, set_tag, settle, sources_blamed, status, tag_present, wait_sync,
                           wanted_entries)
 
 RECORDS = {"stock": 20000, "fork": 20000}
@@ -77,7 +77,7 @@ def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, dr
             wait_for(lambda: da.snapshot()["resyncs_completed"] >= 2 or da.snapshot()["state"] == "resyncing",
                      20, what="the restart noticed by the tag check")
         else:
-            reached = reach(da, workers, 0.3 if when == "at-30%" else 0.85, want)
+            reached = reach(da, workers, 0.3 if when == "at-30%" else 0.75, want)
             a.down()
             a.up()
             time.sleep(0.3)

@@ -445,63 +445,7 @@ class Clients:
             t.join(10)
 
 
-# -- slowing sources down deterministically ---------------------------------------------------------
-
-class DutyCycle:
-    """Pauses processes with SIGSTOP for ``stopped`` s out of every ``stopped + running`` s, so a
-    resync (its workers, or a real memcached) runs slowly enough to hit it at a chosen point;
-    ``pids`` is a list or a callable giving the current pids. ``hold()`` freezes
-    them until ``release()``; ``stop()`` always leaves them running."""
-
-    def __init__(self, pids, stopped: float = 0.02, running: float = 0.004):
-        self.pids = pids if callable(pids) else (lambda fixed=list(pids): fixed)  # a callable: looked up each cycle
-        self.stopped, self.running = stopped, running
-        self.event = threading.Event()
-        self.held = threading.Event()
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="drill-duty-cycle")
-
-    def _signal(self, sig) -> None:
-        try:
-            pids = self.pids()
-        except Exception:  # noqa: BLE001 (a process tree changing under us)
-            pids = []
-        self.seen = getattr(self, "seen", set()) | set(pids)
-        for pid in (pids if sig == signal.SIGSTOP else self.seen):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    def _run(self) -> None:
-        while not self.event.is_set():
-            with self.lock:
-                if not self.held.is_set():
-                    self._signal(signal.SIGSTOP)
-            time.sleep(self.stopped)
-            with self.lock:
-                if not self.held.is_set():
-                    self._signal(signal.SIGCONT)
-            time.sleep(self.running)
-
-    def start(self) -> "DutyCycle":
-        self.thread.start()
-        return self
-
-    def hold(self) -> None:
-        with self.lock:
-            self.held.set()
-            self._signal(signal.SIGSTOP)
-
-    def release(self) -> None:
-        with self.lock:
-            self.held.clear()
-            self._signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.event.set()
-        self.thread.join(5)
-        self.held.clear()
-        self._signal(signal.SIGCONT)
-
+# -- freezing a resync's workers ---------------------------------------------------------
 
 class Freezer:
     """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
@@ -561,20 +505,6 @@ def freezers():
         f.stop()
 
 
-@pytest.fixture
-def duty_cycles():
-    made: list[DutyCycle] = []
-
-    def make(pids, **kw) -> DutyCycle:
-        d = DutyCycle(pids, **kw).start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
-
-
 # -- daemons: status, wait-sync, logs ---------------------------------------------------------------
 
 def status(d) -> dict:
@@ -602,12 +532,6 @@ def events(d, number: int) -> int:
     return d.log().count(f"event {number}")
 
 
-def gainers(view: ClusterView, candidates) -> list[str]:
-    from astaire.cluster.worklist import Worklist
-
-    return [n for n in candidates if Worklist(view, n).sources]
-
-
 def wanted_entries(model: Model, view: ClusterView, local: str) -> int:
     """Records the local node's view resync brings in: keys of the vbuckets it pulls, times sources."""
     from astaire.cluster.worklist import Worklist
@@ -625,10 +549,6 @@ def worker_streaming_from(d, port: int):
         except psutil.NoSuchProcess:
             pass
     return None
-
-
-def free_ports(n: int) -> list[int]:
-    return [free_port() for _ in range(n)]
 
 
 # -- the drill table ------------------------------------------------------------------------------
@@ -668,9 +588,9 @@ def settle(d, local_name, problems: list, full: bool | None = None) -> dict | No
     last = st.get("last_resync", {})
     if last.get("result") != "ok" or last.get("failed_vbuckets"):
         problems.append(f"{d.local}: last resync {last}")
-    for field, want in (("waiting_for_local", False), ("local_in_cluster", True)):
-        if st.get(field) is not want:
-            problems.append(f"{d.local}: status {field} = {st.get(field)!r}, expected {want}")
+    for name, want in (("waiting_for_local", False), ("local_in_cluster", True)):
+        if st.get(name) is not want:
+            problems.append(f"{d.local}: status {name} = {st.get(name)!r}, expected {want}")
     if full is not None and last.get("full") is not full:
         problems.append(f"{d.local}: last resync full={last.get('full')}, expected {full}")
     if not tag_present(local_name):

@@ -83,6 +83,7 @@ def test_bad_cluster_settings_at_start_exit_3_with_a_clear_message(what, nodes, 
     assert not d.pidfile.exists()
 
 
+@pytest.mark.slow
 def test_bad_cluster_settings_on_reload_keep_the_old_view_and_the_daemon(nodes, daemons, drill):
     a, b, n, before, after, model, d = scale_up(nodes, daemons)
     problems: list[str] = []
@@ -197,8 +198,8 @@ class LongLineCrawler:
                     if buf[0] == 0x80:  # binary
                         if len(buf) < 24:
                             break
-                        opcode, keylen, extlen, bodylen, opaque = buf[1], *struct.unpack(">H", buf[2:4]), buf[4], \
-                            *struct.unpack(">I", buf[8:12]), struct.unpack(">I", buf[12:16])[0]
+                        opcode = buf[1]
+                        bodylen, opaque = struct.unpack(">II", buf[8:16])
                         if len(buf) < 24 + bodylen:
                             break
                         buf = buf[24 + bodylen:]

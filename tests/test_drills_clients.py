@@ -25,7 +25,8 @@ CASES = {  # name: (nodes before, nodes after, records)
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c in ("2->3", "3->2") else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_clients_write_during_a_resize(case, kind, nodes, daemons, drill):
     nb, na, count = CASES[case]
     servers = nodes(max(nb, na), kind)

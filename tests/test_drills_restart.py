@@ -35,13 +35,6 @@ def scale_down(kind, nodes, daemons, count, start=True, **daemon_kw):
     return a, b, c, before, after, model, da, db
 
 
-def progress(d) -> int:
-    try:
-        return d.snapshot()["entries_resynchronized"]
-    except Exception:
-        return 0
-
-
 @pytest.mark.parametrize("kind", ["stock", "fork"])
 @pytest.mark.parametrize("when", ["before", "at-30%", "just-before-end", "after-end"])
 def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, drill):
@@ -94,6 +87,7 @@ def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, dr
     assert not problems, problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["stock", "fork"])
 def test_local_memcached_down_5s_during_a_stream(kind, nodes, daemons, freezers, drill):
     """Drill 2: a is killed mid-stream and comes back (empty) 5 s later; no record is lost,

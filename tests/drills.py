@@ -271,17 +271,22 @@ class Model:
     def __init__(self):
         self.lock = threading.Lock()
         self.attempted: dict[bytes, dict[int, bytes]] = {}
+        self.expiry: dict[tuple[bytes, int], int] = {}  # (key, flags) -> absolute expiry of that write
         self.acked: dict[bytes, tuple[int, bytes]] = {}
         self.writes = 0
         self.tombstones = 0
 
-    def attempt(self, key: bytes, flags: int, value: bytes) -> None:
+    def attempt(self, key: bytes, flags: int, value: bytes, exp: int | None = None) -> None:
         with self.lock:
             self.attempted.setdefault(key, {})[flags] = value
+            if exp is not None:
+                self.expiry[key, flags] = exp
 
-    def ack(self, key: bytes, flags: int, value: bytes) -> None:
+    def ack(self, key: bytes, flags: int, value: bytes, exp: int | None = None) -> None:
         with self.lock:
             self.attempted.setdefault(key, {})[flags] = value
+            if exp is not None:
+                self.expiry[key, flags] = exp
             cur = self.acked.get(key)
             if cur is None or newer(flags, cur[0]):
                 self.acked[key] = (flags, value)
@@ -308,7 +313,7 @@ def load(model: Model, view: ClusterView, count: int, table: str = "drill", valu
         flags = (now_ms - n) & 0xFFFFFFFF
         for name in view.write[vbucket_for_key(key, view.vbuckets)]:
             per_node.setdefault(name, []).append((key, value, flags, exp))
-        model.ack(key, flags, value)
+        model.ack(key, flags, value, exp)
         keys.append(key)
     for name, items in per_node.items():
         with Mc(name) as c:
@@ -324,6 +329,7 @@ class Check:
     stale: list = field(default_factory=list)     # (node, key, found flags, acked flags)
     wrong: list = field(default_factory=list)     # (node, key, why)
     tombstones: int = 0
+    expiries: int = 0                             # expiries compared (stock nodes: lru_crawler metadump)
 
     @property
     def ok(self) -> bool:
@@ -335,9 +341,12 @@ class Check:
                 f"{(self.missing[:3], self.stale[:3], self.wrong[:3])}")
 
 
-def verify(model: Model, view: ClusterView, nodes=None) -> Check:
+def verify(model: Model, view: ClusterView, nodes=None, ttl_nodes=()) -> Check:
     """Every key of ``model`` on every owner of its vbucket in ``view``'s new ring (current ring
-    when stable): present, not older than the newest acknowledged write, a write that was made."""
+    when stable): present, not older than the newest acknowledged write, a write that was made;
+    on ``ttl_nodes`` (stock memcached: it lists expiries) with that write's expiry (+-2 s)."""
+    from astaire.demo.workload import metadump
+
     owners_of = (lambda vb: view.owners(vb))
     by_node: dict[str, list[bytes]] = {}
     for key in model.keys():
@@ -348,6 +357,7 @@ def verify(model: Model, view: ClusterView, nodes=None) -> Check:
     for name, keys in sorted(by_node.items()):
         with Mc(name, timeout=30) as c:
             held = c.get_many(keys)
+        listed = metadump(name) if name in ttl_nodes else {}
         for key in keys:
             out.checked += 1
             acked_flags, acked_value = model.acked[key]
@@ -360,8 +370,14 @@ def verify(model: Model, view: ClusterView, nodes=None) -> Check:
                 out.stale.append((name, key, flags, acked_flags))
             elif model.attempted[key].get(flags) != value:
                 out.wrong.append((name, key, f"flags {flags} with a value nobody wrote"))
-            elif value == b"":
-                out.tombstones += 1
+            else:
+                out.tombstones += value == b""
+                want_exp = model.expiry.get((key, flags))
+                if name in ttl_nodes and want_exp is not None and key in listed:
+                    out.expiries += 1
+                    if abs(listed[key] - want_exp) > 2:
+                        out.wrong.append((name, key, f"expiry {listed[key]}, the write with flags {flags} "
+                                                     f"set {want_exp}"))
     return out
 
 
@@ -416,10 +432,11 @@ class Clients:
                     flags = (last + 1) & 0xFFFFFFFF
                 self.last_flags[key] = flags
                 value = b"" if rng.random() < self.tombstone_share else b"client-%d-" % flags + rng.randbytes(20)
-                self.model.attempt(key, flags, value)
+                exp = int(time.time()) + rng.randrange(1000, 5000)  # the TTL changes with every write
+                self.model.attempt(key, flags, value, exp)
                 try:
-                    if self._write_one(conns, key, value, flags, int(time.time()) + 3600):
-                        self.model.ack(key, flags, value)
+                    if self._write_one(conns, key, value, flags, exp):
+                        self.model.ack(key, flags, value, exp)
                 except OSError as e:  # a replica down: not acknowledged, never retried
                     self.errors.append(str(e))
                     for c in conns.values():
@@ -562,11 +579,12 @@ def drill(request):
         started = time.monotonic()
         extra: dict = {}
 
-        def check(self, model: Model, view: ClusterView, nodes=None, label: str = "") -> Check:
-            c = verify(model, view, nodes)
+        def check(self, model: Model, view: ClusterView, nodes=None, label: str = "", ttl_nodes=()) -> Check:
+            c = verify(model, view, nodes, ttl_nodes)
             name = request.node.name + (f" [{label}]" if label else "")
+            extra = dict(self.extra, **({"expiries_checked": c.expiries} if ttl_nodes else {}))
             drills_report.record(name, c, time.monotonic() - self.started, writes=model.writes,
-                                 tombstones=c.tombstones, **self.extra)
+                                 tombstones=c.tombstones, **extra)
             return c
 
     yield Drill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -105,5 +106,8 @@ def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill)
         result = drill.check(model, after)
         assert result.ok, result.summary()
         assert not problems, problems
+        if kind == "fork":
+            time.sleep(1.0)
+            assert a.alive(), "the fork crashed after its partitioned stream was abandoned"
     finally:
         a.kill()

@@ -5,7 +5,7 @@ from tests.codec_impls import tap  # noqa: F401 (a fixture: the codec and Writer
 from tests.daemon_helpers import daemons, servers, tap_resize, taps  # noqa: F401 (fixtures for the end-to-end tests)
 from tests.snmp_helpers import snmp_agents, trapd  # noqa: F401 (fixtures for the SNMP tests)
 from tests.throttle_helpers import group_name  # noqa: F401 (a fixture for the throttle tests)
-from tests.drills import drill, freezers, netns, nodes  # noqa: F401 (fixtures for the fault drills)
+from tests.drills import drill, freezers, netns, nodes, tap_fork  # noqa: F401 (fixtures for the fault drills)
 
 
 @pytest.fixture

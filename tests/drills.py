@@ -165,6 +165,13 @@ def tap_fork_prefix() -> str:
     return _fork_prefix
 
 
+@pytest.fixture(scope="session")
+def tap_fork() -> str:
+    """The Clearwater TAP fork's install prefix (built by ../shared/tap-fork/build.sh if needed;
+    skipped, saying why, only when that script is absent)."""
+    return tap_fork_prefix()
+
+
 class Node(MemcachedServer):
     """A memcached of ``kind`` "stock" or "fork", on a free loopback port (or an address in a
     network namespace: ``netns``). ``restart()`` keeps the port and comes back empty."""

@@ -131,7 +131,7 @@ def test_sigterm_mid_tap_stream_drains_it_to_the_servers_close(nodes, daemons, t
     assert not problems, problems
 
 
-def test_sigterm_mid_stream_from_the_real_fork_leaves_it_serving(nodes, daemons, freezers, drill):
+def test_sigterm_mid_stream_from_the_real_fork_leaves_it_serving(tap_fork, nodes, daemons, freezers, drill):
     a, b, n, before, after, model, d = scale_up("fork", nodes, daemons, value_size=1500, source="tap")
     workers = start_frozen(d, freezers)
     drill.extra["term_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"

@@ -5,6 +5,7 @@ from tests.codec_impls import tap  # noqa: F401 (a fixture: the codec and Writer
 from tests.daemon_helpers import daemons, servers, tap_resize, taps  # noqa: F401 (fixtures for the end-to-end tests)
 from tests.snmp_helpers import snmp_agents, trapd  # noqa: F401 (fixtures for the SNMP tests)
 from tests.throttle_helpers import group_name  # noqa: F401 (a fixture for the throttle tests)
+from tests.drills import drill, freezers, netns, nodes, tap_fork  # noqa: F401 (fixtures for the fault drills)
 
 
 @pytest.fixture
@@ -27,3 +28,9 @@ def cluster_factory():
     yield make
     for c in started:
         c.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests import drills_report
+
+    drills_report.summary(terminalreporter, str(config.rootpath))

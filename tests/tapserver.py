@@ -21,6 +21,13 @@ Fault injection (constructor keywords, or attributes set before the client conne
   status 0x0081, empty body) and keep the connection open.
 - ``delay_per_frame=s``: sleep this long before each frame (a slow stream).
 
+Early closes (the fork's defect: a client that closes a TAP stream before the server does can
+crash it) are recorded, never caused: ``client_closed_early`` counts dumps whose client closed
+(FIN or RST) before the server's close, or reset the connection after it with bytes still
+unread (a client that reads to the end closes with a clean FIN); ``early_closes`` says how
+many mutations had been sent each time. The server's close is a FIN after the last frame, as
+before; the connection is then kept until the client closes too (or ``close_wait`` s).
+
 Binary NOOP and VERSION are answered; any other request gets UNKNOWN_COMMAND.
 
 Run it standalone (``python tests/tapserver.py --generate 1000000``) to serve generated
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import select
 import socket
 import struct
 import threading
@@ -135,7 +143,10 @@ class TapServer:
         self._lock = threading.Lock()
         self.connects: list[TapConnect] = []
         self.streams_completed = 0  # dumps sent in full and closed by the server
-        self.client_closed_early = 0  # clients that closed before the server did
+        self.client_closed_early = 0  # clients that closed before the server did (or left bytes unread)
+        self.early_closes: list[tuple[int, str]] = []  # (mutations sent, how) per early close
+        self.client_bytes_during_dump = 0  # bytes a client sent after TAP_CONNECT (read, dropped)
+        self.close_wait = 60.0  # seconds to wait for the client's own close after the server's
         self.errors: list[str] = []
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -286,6 +297,46 @@ class TapServer:
             yield "mutation", mutation_frame(*item)
             sent += 1
 
+    def _client_gone(self, conn: socket.socket, wait: float = 0.0) -> str | None:
+        """How the client closed ("fin", "reset"), or None while it is still there. Bytes it
+        sent meanwhile are read and dropped (counted in ``client_bytes_during_dump``)."""
+        try:
+            readable, _, _ = select.select([conn], [], [], wait)
+        except (OSError, ValueError):
+            return "reset"
+        if not readable:
+            return None
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            return "reset"
+        if not data:
+            return "fin"
+        self.client_bytes_during_dump += len(data)
+        return None
+
+    def _early(self, mutations: int, how: str) -> bool:
+        with self._lock:
+            self.client_closed_early += 1
+            self.early_closes.append((mutations, how))
+        return True
+
+    def _await_client_close(self, conn: socket.socket, mutations: int) -> None:
+        """After the server's close (FIN): a client that read everything closes cleanly; one
+        that closes with bytes unread makes its kernel send a reset."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + self.close_wait
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            how = self._client_gone(conn, 0.1)
+            if how == "reset":
+                self._early(mutations, "reset after the server's close, bytes unread")
+                return
+            if how == "fin":
+                return
+
     def _dump(self, conn: socket.socket) -> bool:
         """Send one dump; returns False when the connection was already closed here (reset)."""
         conn.settimeout(None)
@@ -319,20 +370,31 @@ class TapServer:
                     mutations += 1
                 if self.delay_per_frame:
                     flush()
-                    if self._stopping.wait(self.delay_per_frame):
+                    until = time.monotonic() + self.delay_per_frame
+                    while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
+                        how = self._client_gone(conn, min(left, 0.1))
+                        if how:
+                            return self._early(mutations, f"{how} mid-dump")
+                    if self._stopping.is_set():
                         return True
                     conn.sendall(frame)
                 else:
                     batch += frame
                     if len(batch) >= self.batch_bytes or faults:
                         flush()
+                        how = self._client_gone(conn)
+                        if how:
+                            return self._early(mutations, f"{how} mid-dump")
             flush()
+            how = self._client_gone(conn)
+            if how:
+                return self._early(mutations, f"{how} before the server's close")
             # The dump ends with the server's close; "nothing sent before the close".
             self.streams_completed += 1
+            self._await_client_close(conn, mutations)
             return True
         except (BrokenPipeError, ConnectionResetError):
-            self.client_closed_early += 1
-            return True
+            return self._early(mutations, "reset mid-dump")
 
 
 def _generated(count: int, value_size: int) -> Callable[[], Iterator[Item]]:

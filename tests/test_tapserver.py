@@ -198,3 +198,53 @@ def test_stop_is_clean_with_connections_open(n):
     server.stop()
     for s in socks:
         s.close()
+
+
+# -- early closes: recorded, so a test can assert that none happened -------------------------------
+
+def _connected(server: TapServer) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    s.sendall(tap_connect())
+    return s
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002])
+def test_a_client_that_reads_to_the_servers_close_is_not_an_early_close(delay):
+    with TapServer(delay_per_frame=delay) as server:
+        for i in range(300):
+            server.put(b"t\\\\k%d" % i, b"v" * 50)
+        with _connected(server) as s:
+            data, how = read_to_close(s)
+        assert how == "eof"
+        time.sleep(0.3)
+        assert server.streams_completed == 1
+        assert server.client_closed_early == 0 and server.early_closes == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002])
+def test_a_client_that_closes_mid_dump_is_recorded(delay):
+    with TapServer(delay_per_frame=delay, batch_bytes=4096) as server:
+        for i in range(3000):
+            server.put(b"t\\\\k%d" % i, b"v" * 200)
+        s = _connected(server)
+        s.recv(100)
+        s.close()  # bytes unread: the kernel resets the connection
+        deadline = time.monotonic() + 5
+        while server.client_closed_early == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.client_closed_early == 1, server.early_closes
+        assert server.streams_completed == 0
+
+
+def test_a_client_that_closes_after_the_servers_close_without_reading_everything_is_recorded():
+    with TapServer() as server:
+        for i in range(50):
+            server.put(b"t\\\\k%d" % i, b"v" * 50)
+        s = _connected(server)
+        time.sleep(0.3)  # the whole dump (and the server's FIN) is in s's receive buffer, unread
+        s.close()
+        deadline = time.monotonic() + 5
+        while server.client_closed_early == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.streams_completed == 1
+        assert server.client_closed_early == 1 and "unread" in server.early_closes[0][1]

@@ -739,7 +739,7 @@ __all__ = [
     "OP_TAP_VBUCKET_SET", "OP_TAP_CHECKPOINT_START", "OP_TAP_CHECKPOINT_END",
     "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
     "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
-    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
+    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX", "MAX_METADUMP_LINE",
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
     "Frame", "TapMutation", "FrameParser",

@@ -1240,7 +1240,7 @@ __all__ = [
     "STATUS_SUCCESS", "STATUS_KEY_ENOENT", "STATUS_KEY_EEXISTS", "STATUS_E2BIG", "STATUS_EINVAL",
     "STATUS_NOT_STORED", "STATUS_NOT_MY_VBUCKET", "STATUS_UNKNOWN_COMMAND", "STATUS_ENOMEM",
     "MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES",
-    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX",
+    "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX", "MAX_METADUMP_LINE",
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
     "Frame", "TapMutation", "FrameParser", "Writer",

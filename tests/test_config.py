@@ -35,7 +35,7 @@ def test_line_without_equals_is_a_key_with_empty_value():
 
 
 def test_malformed_entry_is_an_error():
-    with pytest.raises(ConfigError, match=r"f:1: servers entry 'a' is not HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"f:1: servers: 'a' is not HOST:PORT"):
         parse_cluster_settings("servers=a\n", "f")
 
 

@@ -167,7 +167,7 @@ def test_garbage_node_config_without_a_local_name_is_a_clear_error(tmp_path):
 
 class LongLineCrawler:
     """A fake stock memcached whose ``lru_crawler metadump`` sends a key line longer than the
-    limit: binary VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the line."""
+    limit: binary and text VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the line."""
 
     def __init__(self, line_bytes: int = 1 << 20):
         self.line_bytes = line_bytes
@@ -224,7 +224,9 @@ class LongLineCrawler:
                     if b"\n" not in buf:
                         break
                     line, buf = buf.split(b"\n", 1)
-                    if line.startswith(b"stats"):
+                    if line.startswith(b"version"):
+                        conn.sendall(b"VERSION 1.6.18\r\n")
+                    elif line.startswith(b"stats"):
                         conn.sendall(b"STAT pid 1\r\nSTAT lru_crawler_running 0\r\nEND\r\n")
                     elif line.startswith(b"lru_crawler metadump"):
                         self.metadumps += 1

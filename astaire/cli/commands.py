@@ -175,7 +175,10 @@ def cmd_run(args) -> int:
     try:
         parse_server(local)
     except ValueError as e:
-        return _usage_error(f"invalid local node name: {e}")
+        if args.local_name:
+            return _usage_error(f"invalid --local-name: {e}")
+        return _usage_error(f"invalid local_ip in {args.config}: {e}; "
+                            f"correct it or give --local-name HOST:PORT")
     level = args.log_level
     if level is None:
         try:
@@ -319,7 +322,7 @@ def cmd_wait_sync(args) -> int:
         digest = settings_digest(settings_file)
         now = time.monotonic()
         if snap is not None:
-            if _synced(snap, digest):
+            if _synced(snap, digest) or not snap.get("local_in_cluster", True):
                 say(_progress_line(snap, 30 if tty else 0) if snap["buckets_resynchronized"] else "in sync")
                 finish_line()
                 return _sync_verdict(args, snap, settings_file)

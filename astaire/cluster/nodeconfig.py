@@ -13,10 +13,13 @@ import logging
 import re
 import shlex
 
+from astaire.cluster.settings import quote
+
 log = logging.getLogger("astaire.config")
 
 DEFAULT_NODE_CONFIG = "/etc/clearwater/config"
 DEFAULT_MEMCACHED_PORT = 11211
+MAX_WARNINGS = 5  # ignored lines named one by one; the rest are counted
 _ASSIGNMENT = re.compile(r"^(?:(?:export|readonly|declare|local)\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -28,21 +31,29 @@ def parse_node_config(text: str, source: str = "<config>") -> dict[str, str]:
     ``log_level=2 some_command --flag=3`` only ``log_level`` is a setting (the rest is a
     command and its arguments). A command substitution (``$(...)`` or backticks) is kept as
     literal text, never run. Lines that are not assignments, or that shlex cannot split,
-    are skipped with a warning naming the line.
+    are skipped with a warning naming the line (the first few; then one count).
     """
     result: dict[str, str] = {}
+    ignored = 0
+
+    def skip(lineno: int, why: str, line: str) -> None:
+        nonlocal ignored
+        ignored += 1
+        if ignored <= MAX_WARNINGS:
+            log.warning("%s:%d: ignored, %s: %s", source, lineno, why, quote(line))
+
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         m = _ASSIGNMENT.match(line)
         if not m:
-            log.warning("%s:%d: ignored, not a name=value assignment: %r", source, lineno, line)
+            skip(lineno, "not a name=value assignment", line)
             continue
         try:
             tokens = shlex.split(m.group(2), comments=True, posix=True)
         except ValueError as exc:
-            log.warning("%s:%d: ignored, cannot parse the value (%s): %r", source, lineno, exc, line)
+            skip(lineno, f"cannot parse the value ({exc})", line)
             continue
         if m.group(2).lstrip().startswith(("$(", "`")):
             result[m.group(1)] = " ".join(tokens)
@@ -53,6 +64,8 @@ def parse_node_config(text: str, source: str = "<config>") -> dict[str, str]:
             if not eq or not _NAME.match(name):
                 break  # a command, not an assignment: its arguments are not settings
             result[name] = value
+    if ignored > MAX_WARNINGS:
+        log.warning("%s: %d more lines ignored (not name=value assignments)", source, ignored - MAX_WARNINGS)
     return result
 
 

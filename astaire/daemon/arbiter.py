@@ -82,6 +82,7 @@ class WorkerHandle:
     ready: bool = False
     stream: Stream | None = None
     last_heard: float = 0.0   # the arbiter's awake clock when it last heard from the worker
+    spoke: bool = False       # it has reported on its current stream (the source is open)
     killed: bool = False
 
 
@@ -109,6 +110,7 @@ class Supervisor:
         self.selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self.monitor: LocalMonitor | None = None
+        self.judge_after = 0.0            # no worker is judged silent before this awake time
         self.awake = 0.0                  # seconds the arbiter itself was running (see tick)
         self._last_tick = time.monotonic()
 
@@ -240,8 +242,11 @@ class Supervisor:
         AWAKE_STEP_MAX means the arbiter was stopped (astaire-throttle's SIGSTOP fallback
         pauses the whole tree), and that pause must not count against the workers."""
         now = time.monotonic()
-        self.awake += min(max(0.0, now - self._last_tick), AWAKE_STEP_MAX)
+        step = max(0.0, now - self._last_tick)
+        self.awake += min(step, AWAKE_STEP_MAX)
         self._last_tick = now
+        if step > AWAKE_STEP_MAX:  # the whole tree was paused: let the workers speak before judging them
+            self.judge_after = self.awake + 2 * worker.HEARTBEAT + AWAKE_STEP_MAX
 
     def heartbeat(self) -> None:
         now = time.monotonic()
@@ -298,6 +303,7 @@ class Supervisor:
         if s is None or msg.get("id") != s.id:
             log.warning("worker %d sent %s for stream %s it is not running", w.pid, kind, msg.get("id"))
             return
+        w.spoke = True
         if kind == "hb":
             return
         if kind == "progress":
@@ -357,16 +363,22 @@ class Supervisor:
                 w.sock.setblocking(False)
         w.stream = s
         w.last_heard = self.awake
+        w.spoke = False
         return True
 
     def murder_workers(self) -> None:
         """Kill a streaming worker silent for longer than worker_timeout (awake time): hung,
         or stopped. Its stream is redone (for TAP, that is an early close: logged)."""
         o = self.options
-        # Opening a source blocks for up to a few connect timeouts without a heartbeat.
-        bound = max(o.worker_timeout, 3 * o.connect_timeout + 5)
+        # Until it first reports, the worker may be opening the source: blocking calls of up
+        # to a few connect timeouts with no heartbeat.
+        opening = max(o.worker_timeout, 3 * o.connect_timeout + 5)
+        if self.awake < self.judge_after:
+            return
         for w in self.workers.values():
-            if w.stream is None or w.killed or self.awake - w.last_heard <= bound:
+            if w.stream is None or w.killed:
+                continue
+            if self.awake - w.last_heard <= (o.worker_timeout if w.spoke else opening):
                 continue
             log.error("worker %d has been silent for %.0f s streaming from %s (hung or stopped); killing it: "
                       "its stream is redone, and a TAP stream it held is closed early",

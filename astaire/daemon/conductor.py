@@ -60,6 +60,18 @@ class Conductor:
         self.next_local_retry = 0.0
         self.target_failures = 0
         self.dispatch_not_before = 0.0
+        self.check_membership()
+
+    def check_membership(self) -> None:
+        """Say at once (not after the local memcached answers) when the local node is in
+        neither server list: a typo in local_ip must not look like a finished resync."""
+        in_cluster = self.local in self.view.servers or self.local in self.view.new_servers
+        self.stats.local_in_cluster = in_cluster
+        self.stats.publish()
+        if not in_cluster:
+            log.warning("the local node %s is in neither server list (%s): nothing to pull; check local_ip "
+                        "or --local-name", self.local, self._describe_view(self.view))
+            logs.LOCAL_NOT_IN_CLUSTER.log(self.local)
 
     def next_wake(self, now: float) -> float:
         """Seconds until this needs the loop again (a check due, a backoff over)."""
@@ -83,6 +95,7 @@ class Conductor:
         log.log(logs.STATUS, "SIGHUP: cluster view changed from %s to %s",
                 self._describe_view(self.view), self._describe_view(view))
         self.view, self.view_digest = view, digest
+        self.check_membership()
         self.request_resync(full=False, why="the cluster view changed")
 
     def worker_lost(self, pid: int, s: Stream, how: str) -> None:
@@ -246,12 +259,6 @@ class Conductor:
         self.requested = None
         wl = Worklist(self.view, self.local, full=full)
         st = self.stats
-        in_cluster = self.local in self.view.servers or self.local in self.view.new_servers
-        st.local_in_cluster = in_cluster
-        if not in_cluster:
-            log.warning("the local node %s is in neither server list (%s): nothing to pull; check local_ip "
-                        "or --local-name", self.local, self._describe_view(self.view))
-            logs.LOCAL_NOT_IN_CLUSTER.log(self.local)
         st.target_cas_disabled = self.cas_enabled is False
         if self.cas_enabled is False:
             log.error("resync refused: the local memcached %s runs without CAS (-C), so records could not be "

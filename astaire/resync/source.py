@@ -277,7 +277,10 @@ def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, id
                 sock.sendall(command)
                 buf = b""
                 while b"\n" not in buf:
-                    more = sock.recv(256 * 1024)
+                    if len(buf) > codec.MAX_METADUMP_LINE:
+                        raise SourceError(f"source {server} sent a metadump line too long ({len(buf)} bytes "
+                                          f"without a line end; the limit is {codec.MAX_METADUMP_LINE})")
+                    more = sock.recv(codec.MAX_METADUMP_LINE + 1 - len(buf))
                     if not more:
                         raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
                     buf += more

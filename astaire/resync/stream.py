@@ -358,7 +358,8 @@ class _Stream:
             if peer.queue(data):
                 self.last_progress = time.monotonic()
         except OSError as e:
-            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}") from e
+            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}",
+                           target=peer is self.target) from e
 
     def _watch(self, peer: _Peer, mask: int) -> None:
         if mask == peer.mask or peer.closed:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 
@@ -196,13 +195,13 @@ def test_a_worker_killed_mid_resync_is_replaced_and_its_stream_redone_without_do
 
 # -- start, stop, refuse ------------------------------------------------------------------
 
-def test_sigterm_in_the_middle_of_a_resync_exits_0_within_5_seconds(tap_resize):
-    d = tap_resize("term", 2000, tap={"delay_per_frame": 0.002}, source="tap").d
+def test_sigterm_in_the_middle_of_a_resync_drains_then_exits_0_leaving_nothing_behind(tap_resize):
+    r = tap_resize("term", 2000, tap={"delay_per_frame": 0.002}, source="tap")
+    d = r.d
     wait_for(lambda: d.snapshot()["entries_resynchronized"] > 0, 20, what="a stream under way")
     kids = d.children()
-    t0 = time.monotonic()
-    assert d.stop(timeout=5) == 0
-    assert time.monotonic() - t0 < 5
+    assert d.stop(timeout=60) == 0  # the TAP stream is read to the server's close first (--stop-timeout)
+    assert r.tap.client_closed_early == 0
     for k in kids:
         assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
     assert not d.pidfile.exists() and not d.stats_file.exists()
@@ -274,7 +273,7 @@ def test_daemon_option_detaches_and_writes_the_daemons_pid(servers, daemons):
     assert os.getsid(pid) == pid or os.getsid(pid) != os.getsid(0)  # its own session
     wait_for(lambda: d._stats_pid() == pid, 10, what="the detached daemon's statistics")
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 5,
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
              what="the detached daemon to exit")
     assert not d.pidfile.exists()
 

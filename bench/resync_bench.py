@@ -102,15 +102,11 @@ def per_million(cpu: float, n: int) -> float:
 
 
 def fork_prefix() -> str:
-    """The Clearwater TAP fork, built (idempotently) by ../shared/tap-fork/build.sh."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for build in (os.environ.get("ASTAIRE_TAP_FORK_BUILD", ""),
-                  os.path.join(here, os.pardir, os.pardir, "shared", "tap-fork", "build.sh"),
-                  "/work/shared/tap-fork/build.sh"):
-        if build and os.path.exists(build):
-            out = subprocess.run(["bash", build], check=True, capture_output=True, text=True).stdout
-            return out.strip().splitlines()[-1]
-    raise SystemExit("--source tap needs the Clearwater fork: ../shared/tap-fork/build.sh not found")
+    """The Clearwater TAP fork, built (idempotently) from ../shared/tap-fork."""
+    try:
+        return localcluster.tap_fork_prefix()
+    except RuntimeError as e:  # TapForkMissing included
+        raise SystemExit(f"--source tap needs the Clearwater fork: {e}") from None
 
 
 class Nodes:

@@ -34,10 +34,10 @@ import psutil
 import pytest
 
 from astaire.cluster.view import ClusterView, vbucket_for_key
-from astaire.demo.localcluster import MemcachedServer, free_port, wait_connectable
+from astaire.demo import localcluster
+from astaire.demo.localcluster import MemcachedServer, TapForkMissing, free_port, wait_connectable
 
 REPO = Path(__file__).resolve().parent.parent
-TAP_FORK_BUILD = REPO.parent / "shared" / "tap-fork" / "build.sh"
 TAG_KEY = b"astaire\\\\tag"
 
 # -- a tiny independent binary client -------------------------------------------------------------
@@ -149,20 +149,14 @@ def set_tag(name: str) -> None:
 
 # -- memcached processes: stock and the Clearwater fork ---------------------------------------------
 
-_fork_prefix: str | None = None
-
-
 def tap_fork_prefix() -> str:
     """The fork's install prefix, built by ``../shared/tap-fork/build.sh`` (idempotent)."""
-    global _fork_prefix
-    if _fork_prefix is None:
-        if not TAP_FORK_BUILD.exists():
-            pytest.skip(f"the Clearwater TAP fork's build script {TAP_FORK_BUILD} is absent")
-        r = subprocess.run(["bash", str(TAP_FORK_BUILD)], capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            pytest.fail(f"building the TAP fork failed: {r.stderr[-2000:]}")
-        _fork_prefix = r.stdout.strip().splitlines()[-1]
-    return _fork_prefix
+    try:
+        return localcluster.tap_fork_prefix()
+    except TapForkMissing as e:
+        pytest.skip(str(e))
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")

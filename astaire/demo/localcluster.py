@@ -5,13 +5,45 @@ Every process started here is stopped by ``stop()`` / the context manager.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 MEMCACHED = os.environ.get("ASTAIRE_MEMCACHED", "memcached")
+
+# The Clearwater TAP fork is built from ../shared/tap-fork beside a checkout (or the script
+# this variable names); its build script prints the install prefix last.
+TAP_FORK_BUILD_ENV = "ASTAIRE_TAP_FORK_BUILD"
+
+
+class TapForkMissing(RuntimeError):
+    """No build script for the Clearwater TAP fork is available."""
+
+
+def tap_fork_build_script() -> Path:
+    """The fork's build script: $ASTAIRE_TAP_FORK_BUILD, else ``../shared/tap-fork/build.sh``
+    beside this checkout; TapForkMissing if neither exists."""
+    given = os.environ.get(TAP_FORK_BUILD_ENV)
+    script = Path(given) if given else Path(__file__).resolve().parents[3] / "shared" / "tap-fork" / "build.sh"
+    if not script.exists():
+        raise TapForkMissing(f"the Clearwater TAP fork's build script {script} is absent "
+                             f"(set {TAP_FORK_BUILD_ENV})")
+    return script
+
+
+@functools.cache
+def tap_fork_prefix() -> str:
+    """The fork's install prefix, built (idempotently) by its build script on first use.
+    TapForkMissing without a script; RuntimeError, with the build's output, if it fails."""
+    script = tap_fork_build_script()
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"building the TAP fork with {script} failed: {r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

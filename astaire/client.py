@@ -18,6 +18,7 @@ from astaire.cluster.settings import parse_server
 from astaire.protocol_errors import ProtocolError
 
 MAX_ANSWER = 1 << 20  # bytes: a single answer larger than this is not a memcached answer
+OP_STAT = 0x10  # binary STAT: the only statistics request the Clearwater fork survives
 
 
 class ClientError(OSError):
@@ -132,9 +133,6 @@ class BinaryClient:
             if not frame.key:
                 return result
             result[bytes(frame.key).decode("ascii", "replace")] = bytes(frame.value).decode("ascii", "replace")
-
-
-OP_STAT = 0x10
 
 
 def text(value) -> str:

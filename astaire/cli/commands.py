@@ -224,19 +224,16 @@ def _signal_daemon(args, sig: int, what: str) -> int:
 
 # -- reading the daemon's state ------------------------------------------------------------------
 
-def _read(args) -> tuple[int | None, dict | None]:
-    """(daemon pid or None, its statistics or None); ``args.stats_problem`` says why there
-    are none (a damaged file, say)."""
-    args.stats_problem = None
+def _read(args) -> tuple[int | None, dict | None, str | None]:
+    """(daemon pid or None, its statistics or None, why there are none: a damaged file, say)."""
     pid = daemon_pid(args.pidfile)
     if pid is None:
-        return None, None
+        return None, None, None
     try:
         snap = StatsReader(args.stats_file or stats_path_for(args.pidfile)).snapshot()
     except StatsUnavailable as e:
-        args.stats_problem = str(e)
-        return pid, None
-    return pid, snap if snap["pid"] == pid else None
+        return pid, None, str(e)
+    return pid, (snap if snap["pid"] == pid else None), None
 
 
 def _settings_file(args, snap: dict | None) -> str:
@@ -273,7 +270,7 @@ def _progress_line(snap: dict, width: int = 30) -> str:
 
 
 def cmd_wait_sync(args) -> int:
-    _, first = _read(args)
+    _, first, _ = _read(args)
     settings_file = _settings_file(args, first)
     if not settings_digest(settings_file):
         print(f"astaire wait-sync: cannot read the cluster settings file {settings_file}", file=sys.stderr)
@@ -304,7 +301,7 @@ def cmd_wait_sync(args) -> int:
             out.flush()
 
     while True:
-        pid, snap = _read(args)
+        pid, snap, problem = _read(args)
         if pid is None:
             finish_line()
             if first_pid is None:
@@ -342,7 +339,7 @@ def cmd_wait_sync(args) -> int:
         if now - last_progress > args.timeout_without_progress:
             finish_line()
             if snap is None:
-                why = f"astaire publishes no usable statistics ({args.stats_problem or 'none yet'})"
+                why = f"astaire publishes no usable statistics ({problem or 'none yet'})"
             elif snap.get("waiting_for_local"):
                 why = f"the local memcached {snap['local_name']} does not answer"
             elif snap["state"] == "idle" and snap["settings_digest"] != digest:
@@ -393,12 +390,12 @@ def status_dict(pid: int | None, snap: dict | None, digest: str | None) -> dict:
 
 
 def cmd_status(args) -> int:
-    pid, snap = _read(args)
+    pid, snap, problem = _read(args)
     args.cluster_settings_file = _settings_file(args, snap)
     digest = settings_digest(args.cluster_settings_file) or None
     status = status_dict(pid, snap, digest)
-    if args.stats_problem:
-        status["statistics_problem"] = args.stats_problem
+    if problem:
+        status["statistics_problem"] = problem
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0 if pid else EXIT_STATUS_NOT_RUNNING
@@ -406,8 +403,8 @@ def cmd_status(args) -> int:
         print("astaire is not running")
         return EXIT_STATUS_NOT_RUNNING
     if snap is None:
-        if args.stats_problem:
-            print(f"astaire (pid {pid}) is running, but its statistics cannot be read: {args.stats_problem}")
+        if problem:
+            print(f"astaire (pid {pid}) is running, but its statistics cannot be read: {problem}")
         else:
             print(f"astaire (pid {pid}) is starting: no statistics yet")
         return 0

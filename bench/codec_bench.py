@@ -117,17 +117,15 @@ def metadump_text(n: int) -> bytes:
 
 
 def fetch_answers(req: bytes) -> bytes:
-    """The source's answers to GETKQ/NOOP requests: every key found, flags 0x5f000001."""
-    parser = _tap_py.FrameParser()
-    parser.feed(req)
+    """The source's answers to the Writer's meta gets (``mg <key> v f t q O<n>``, batches
+    closed by ``mn``): every key found, flags 0x5f000001, no expiry."""
     out = []
-    for f in parser:
-        if f.opcode == 0x0D:
-            body = 4 + len(f.key) + len(VALUE)
-            out.append(b"\x81\x0d" + len(f.key).to_bytes(2, "big") + b"\x04\x00\x00\x00" + body.to_bytes(4, "big")
-                       + f.opaque.to_bytes(4, "big") + bytes(8) + b"\x5f\x00\x00\x01" + f.key + VALUE)
-        else:
-            out.append(bytes([0x81, 0x0A]) + bytes(10) + f.opaque.to_bytes(4, "big") + bytes(8))
+    for line in req.split(b"\r\n"):
+        if line.startswith(b"mg "):
+            opaque = line.rsplit(b" ", 1)[1]
+            out.append(b"VA %d f1593835521 t-1 %s\r\n%s\r\n" % (len(VALUE), opaque, VALUE))
+        elif line == b"mn":
+            out.append(b"MN\r\n")
     return b"".join(out)
 
 

@@ -4,7 +4,7 @@
 ``astaire.resync.source``), and moves bytes between non-blocking sockets and the codec's
 ``Writer``, which does all per-record work. Python here only does I/O in large chunks:
 
-- reads of up to 1 MiB land in a buffer allocated once per connection (``recv_into``)
+- reads of up to 512 KiB land in a buffer allocated once per connection (``recv_into``)
   and go straight into the Writer, which copies what it keeps;
 - whatever the Writer wants sent is sent at once, and only what the socket did not take
   is queued per connection;
@@ -40,11 +40,11 @@ from astaire.client import connect, reason
 
 log = logging.getLogger("astaire.stream")
 
-CHUNK = 1024 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, no bytes object per read
-MAX_PENDING_OUT = 4 * 1024 * 1024
+CHUNK = 512 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, no bytes object per read
+MAX_PENDING_OUT = 1024 * 1024
 TRICKLE_BYTES = 8192    # a target read smaller than this ...
 TRICKLE_WAIT = 0.0005   # ... is followed by this pause, so answers arrive in larger reads
-SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
+SPOOL_IN_MEMORY = 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StreamJob:
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0  # no progress from a peer for this long: fail the stream
     window: int = 4096
-    window_bytes: int = 4 * 1024 * 1024  # key + value bytes the Writer may hold unsettled
+    window_bytes: int = 2 * 1024 * 1024  # key + value bytes the Writer may hold unsettled
     crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it

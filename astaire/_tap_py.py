@@ -553,14 +553,44 @@ MODE_AUTO = "auto"
 WRITER_MODES = (MODE_ADDQ, MODE_READ, MODE_AUTO)
 
 
-class _Record:
-    __slots__ = ("key", "value", "flags", "exp", "state", "rounds", "fence")
+_M64 = (1 << 64) - 1
 
-    def __init__(self, key, value, flags, exp):
+
+def key_hash64(key) -> int:
+    """The settled table's 64-bit hash of a key (astaire.resync.settled): 64-bit words of
+    the key, little-endian, the last one zero-padded, each mixed in by multiply and shift."""
+    key = bytes(key)
+    h = 0x9E3779B97F4A7C15 ^ len(key)
+    for i in range(0, len(key), 8):
+        h = ((h ^ int.from_bytes(key[i:i + 8], "little")) * 0xFF51AFD7ED558CCD) & _M64
+        h ^= h >> 32
+    h ^= h >> 29
+    h = (h * 0xC4CEB9FE1A85EC53) & _M64
+    return h ^ (h >> 32)
+
+
+def _settled_entries(settled, generation) -> int:
+    """Entries of a settled table (two 64-bit words each); checks the table and generation."""
+    if not 1 <= generation <= 255:
+        raise ValueError(f"generation must be between 1 and 255, not {generation!r}")
+    with memoryview(settled) as m:
+        n = m.nbytes // 16
+        if m.readonly:
+            raise ValueError("the settled table must be writable")
+        if n < 1 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
+            raise ValueError("the settled table must be a contiguous buffer of a power of two of 16-byte entries")
+    return n
+
+
+class _Record:
+    __slots__ = ("key", "value", "flags", "exp", "state", "rounds", "fence", "hash")
+
+    def __init__(self, key, value, flags, exp, hash=0):
         self.key = key
         self.value = value
         self.flags = flags
         self.exp = exp
+        self.hash = hash
         self.state = _ST_FREE
         self.rounds = 0
         self.fence = 0
@@ -615,9 +645,16 @@ class Writer:
     requests favoured (read first once more than half of them found a copy)."""
 
     def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
-                 mode=MODE_ADDQ):
+                 mode=MODE_ADDQ, settled=None, generation=0):
         if mode not in WRITER_MODES:
             raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
+        # The settled table (astaire.resync.settled), shared with the other streams of a resync.
+        self._settled = None
+        if settled is not None:
+            entries = _settled_entries(settled, generation)
+            self._settled = memoryview(settled).cast("B").cast("Q")
+            self._settled_mask = entries - 1
+            self._settled_gen = generation << 32
         self._table = _wanted_table(wanted, vbuckets)
         self._mask = len(self._table) - 1
         self.vbuckets = len(self._table)
@@ -651,6 +688,7 @@ class Writer:
         self.vanished = 0
         self.duplicates = 0
         self.read_first = 0       # records whose first request was a read
+        self.deduplicated = 0     # records settled as kept from the settled table (also in kept)
         self.last_error = ""
         self._vb_entries = [0] * self.vbuckets
         self._vb_bytes = [0] * self.vbuckets
@@ -717,7 +755,8 @@ class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "last_error": self.last_error, "backlog": self.backlog,
+            "read_first": self.read_first, "deduplicated": self.deduplicated,
+            "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
 
@@ -744,7 +783,14 @@ class Writer:
         self._vb_bytes[vb] += size
         if not value:
             self.tombstones += 1
-        rec = _Record(key, value, flags, exp)
+        h = 0
+        if self._settled is not None:
+            h = key_hash64(key)
+            if self._known(h, flags):
+                self.deduplicated += 1
+                self.kept += 1
+                return
+        rec = _Record(key, value, flags, exp, h)
         self._backlog_bytes += len(key) + len(value)
         if self._free and not self._queue:
             self._start(rec)  # straight into a slot: same order as queueing then pumping
@@ -854,6 +900,27 @@ class Writer:
             self._read_first = self._probe_present * 2 > self._probe_total
             self._probe_present = self._probe_total = 0
 
+    # -- the settled table (astaire.resync.settled) ------------------------------------
+
+    def _known(self, h, flags) -> bool:
+        """The target was seen holding this key, in this resync, with flags not older than
+        ``flags``: another copy changes nothing (see astaire.resync.settled)."""
+        i = 2 * (h & self._settled_mask)
+        word = self._settled[i + 1]
+        if (self._settled[i] != h or (word >> 40) != (h & 0xFFFFFF)
+                or (word & 0xFF00000000) != self._settled_gen):
+            return False
+        return not ((word & 0xFFFFFFFF) - flags) & 0x80000000
+
+    def _note(self, rec, held) -> None:
+        """The target holds the record's key with flags ``held`` (it just added, replaced
+        or kept it)."""
+        if self._settled is None:
+            return
+        i = 2 * (rec.hash & self._settled_mask)
+        self._settled[i] = rec.hash
+        self._settled[i + 1] = ((rec.hash & 0xFFFFFF) << 40) | self._settled_gen | held
+
     def _settle(self, slot, outcome):
         rec = self._slots[slot]
         self._backlog_bytes -= len(rec.key) + len(rec.value)
@@ -933,6 +1000,7 @@ class Writer:
                 rec = slots[slot]
                 if rec is not None and rec.state == _ST_ADDQ and rec.fence == fseq:
                     self._probed(False)
+                    self._note(rec, rec.flags)
                     self._settle(slot, 0)
             return
         rec = self._slots[opaque] if opaque < self.window else None
@@ -955,6 +1023,7 @@ class Writer:
                     rec.state = _ST_SET
                     self._out += _store(OP_SET, rec.key, rec.value, rec.flags, rec.exp, slot, f.cas)
                 else:
+                    self._note(rec, local)
                     self._settle(slot, 2)
                 return
             if status == STATUS_KEY_ENOENT:
@@ -966,6 +1035,7 @@ class Writer:
                 return
         elif state == _ST_ADDQ or state == _ST_ADD:
             if status == STATUS_SUCCESS:
+                self._note(rec, rec.flags)
                 self._settle(slot, 0)
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
@@ -977,6 +1047,7 @@ class Writer:
                 return
         else:  # _ST_SET
             if status == STATUS_SUCCESS:
+                self._note(rec, rec.flags)
                 self._settle(slot, 1)
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
@@ -1243,7 +1314,7 @@ __all__ = [
     "TAP_FLAG_DUMP", "TAP_FLAG_LIST_VBUCKETS", "HEADER_SIZE", "DEFAULT_MAX_BODY", "OWN_PREFIX", "MAX_METADUMP_LINE",
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
-    "Frame", "TapMutation", "FrameParser", "Writer",
+    "Frame", "TapMutation", "FrameParser", "Writer", "key_hash64",
     "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
     "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
     "encode_add", "encode_addq", "encode_set",

@@ -10,6 +10,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memmove, memchr
 from libc.stdlib cimport malloc, calloc, realloc, free
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
 
 from astaire._tap cimport *
 
@@ -25,6 +26,36 @@ cdef extern from *:
     static const char astaire_b64[65] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     """
     const char *B64 "astaire_b64"
+
+cdef extern from *:
+    """
+    /* The settled table's key hash (astaire.resync.settled): 64-bit words of the key,
+       little-endian, the last one zero-padded, each mixed in by multiply and shift. */
+    static inline uint64_t astaire_key_hash64(const char *p, size_t n) {
+        uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+        while (n) {
+            uint64_t w = 0;
+            size_t k = n < 8 ? n : 8;
+            memcpy(&w, p, k);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+            w = __builtin_bswap64(w);  /* the bytes read as little-endian, as on x86 */
+    #endif
+            h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+            h ^= h >> 32;
+            p += k;
+            n -= k;
+        }
+        h ^= h >> 29;
+        h *= 0xC4CEB9FE1A85EC53ULL;
+        h ^= h >> 32;
+        return h;
+    }
+    static inline uint64_t astaire_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void astaire_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    uint64_t c_key_hash64 "astaire_key_hash64"(const char *p, size_t n) nogil
+    uint64_t load64 "astaire_load64"(const uint64_t *p) nogil
+    void store64 "astaire_store64"(uint64_t *p, uint64_t v) nogil
 
 cdef enum:
     CH_M = 77
@@ -131,9 +162,11 @@ cdef struct Slot:
     uint32_t rounds
     uint32_t fence
     uint8_t state
+    uint64_t hash     # key_hash64 of the key, when the Writer has a settled table
 
 # A queued record in the Writer's queue buffer: this header, then key, then value.
 cdef struct QRec:
+    uint64_t hash
     uint32_t flags
     uint32_t exp
     uint32_t klen
@@ -142,6 +175,32 @@ cdef struct QRec:
 # Slot buffers above this size are given back when their record settles.
 cdef enum:
     SLOT_KEEP = 65536
+
+
+def _settled_entries(settled, generation):
+    """Entries of a settled table (two 64-bit words each); checks the table and generation."""
+    cdef Py_ssize_t n = 0
+    if not 1 <= generation <= 255:
+        raise ValueError(f"generation must be between 1 and 255, not {generation!r}")
+    with memoryview(settled) as m:
+        if m.readonly:
+            raise ValueError("the settled table must be writable")
+        n = m.nbytes // 16
+        if n < 1 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
+            raise ValueError("the settled table must be a contiguous buffer of a power of two of 16-byte entries")
+    return n
+
+
+def key_hash64(key):
+    """The settled table's 64-bit hash of a key (astaire.resync.settled)."""
+    cdef CBuf b
+    cdef uint64_t h
+    cbuf_get(key, &b)
+    try:
+        h = c_key_hash64(b.p, <size_t>b.n)
+    finally:
+        cbuf_release(&b)
+    return h
 
 
 def _key_text(key):
@@ -364,6 +423,13 @@ cdef class Writer:
     cdef readonly uint64_t vanished
     cdef readonly uint64_t duplicates
     cdef readonly uint64_t read_first   # records whose first request was a read
+    cdef readonly uint64_t deduplicated  # records settled as kept from the settled table (also in kept)
+    # The settled table (astaire.resync.settled), shared with the other streams of a resync.
+    cdef uint64_t *_settled
+    cdef uint64_t _settled_mask       # entries - 1 (two words each)
+    cdef uint64_t _settled_gen        # generation << 32
+    cdef Py_buffer _settled_view
+    cdef bint _has_settled_view
     cdef readonly str last_error
     cdef uint64_t *_vb_entries
     cdef uint64_t *_vb_bytes
@@ -408,10 +474,20 @@ cdef class Writer:
     cdef uint64_t _fch_offset
 
     def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
-                 mode=MODE_ADDQ):
+                 mode=MODE_ADDQ, settled=None, generation=0):
         cdef uint32_t i
+        cdef Py_ssize_t entries
         if mode not in WRITER_MODES:
             raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
+        if settled is not None:
+            entries = _settled_entries(settled, generation)
+            if self._has_settled_view:
+                raise RuntimeError("Writer.__init__ called twice")
+            PyObject_GetBuffer(settled, &self._settled_view, PyBUF_WRITABLE)
+            self._has_settled_view = True
+            self._settled = <uint64_t *>self._settled_view.buf
+            self._settled_mask = <uint64_t>entries - 1
+            self._settled_gen = <uint64_t>generation << 32
         table = _wanted_table(wanted, vbuckets)
         window = int(window)
         if window < 1 or window > 0x7FFFFFFF:
@@ -453,6 +529,9 @@ cdef class Writer:
 
     def __dealloc__(self):
         cdef uint32_t i
+        if self._has_settled_view:
+            PyBuffer_Release(&self._settled_view)
+            self._has_settled_view = False
         if self._slots != NULL:
             for i in range(self.window):
                 free(self._slots[i].data)
@@ -510,7 +589,8 @@ cdef class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "last_error": self.last_error, "backlog": self.backlog,
+            "read_first": self.read_first, "deduplicated": self.deduplicated,
+            "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
 
@@ -550,7 +630,7 @@ cdef class Writer:
         return 0
 
     cdef int _start(self, const char *key, uint32_t klen, const char *val, uint32_t vlen,
-                    uint32_t flags, uint32_t exp) noexcept nogil:
+                    uint32_t flags, uint32_t exp, uint64_t hash) noexcept nogil:
         """Give a record a free slot (its opaque) and send its first request: a read (GETK)
         in read-first mode, else a quiet ADD (fenced every batch)."""
         cdef uint32_t slot
@@ -575,6 +655,7 @@ cdef class Writer:
         s.vlen = vlen
         s.flags = flags
         s.exp = exp
+        s.hash = hash
         s.rounds = 0
         self._in_use += 1
         if self._read_first:
@@ -595,17 +676,25 @@ cdef class Writer:
     cdef int _accept(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
                      uint32_t exp, uint32_t vb, uint64_t size) noexcept nogil:
         cdef QRec h
+        cdef uint64_t hash = 0
         self.entries += 1
         self._nbytes += size
-        self._backlog_bytes += <uint64_t>klen + vlen
         self._vb_entries[vb] += 1
         self._vb_bytes[vb] += size
         if vlen == 0:
             self.tombstones += 1
+        if self._settled != NULL:
+            hash = c_key_hash64(key, klen)
+            if self._known(hash, flags):
+                self.deduplicated += 1
+                self.kept += 1
+                return 0
+        self._backlog_bytes += <uint64_t>klen + vlen
         if self._n_free and self._q_count == 0:
-            return self._start(key, klen, val, vlen, flags, exp)  # same order as queueing then pumping
+            return self._start(key, klen, val, vlen, flags, exp, hash)  # same order as queueing then pumping
         if buf_reserve(&self._queue, sizeof(QRec) + klen + vlen) < 0:
             return -1
+        h.hash = hash
         h.flags = flags
         h.exp = exp
         h.klen = klen
@@ -628,7 +717,7 @@ cdef class Writer:
         while self._q_count and self._n_free:
             p = self._queue.data + self._queue.head
             memcpy(&h, p, sizeof(QRec))
-            if self._start(p + sizeof(QRec), h.klen, p + sizeof(QRec) + h.klen, h.vlen, h.flags, h.exp) < 0:
+            if self._start(p + sizeof(QRec), h.klen, p + sizeof(QRec) + h.klen, h.vlen, h.flags, h.exp, h.hash) < 0:
                 return -1
             self._queue.head += sizeof(QRec) + h.klen + h.vlen
             self._q_count -= 1
@@ -649,6 +738,27 @@ cdef class Writer:
             self._read_first = self._probe_present * 2 > self._probe_total
             self._probe_present = 0
             self._probe_total = 0
+
+    # -- the settled table (astaire.resync.settled) ------------------------------------
+
+    cdef inline bint _known(self, uint64_t hash, uint32_t flags) noexcept nogil:
+        """The target was seen holding this key, in this resync, with flags not older than
+        ``flags``: another copy changes nothing (see astaire.resync.settled)."""
+        cdef uint64_t *e = self._settled + 2 * (hash & self._settled_mask)
+        cdef uint64_t word = load64(e + 1)
+        if load64(e) != hash or (word >> 40) != (hash & 0xFFFFFFu) or (word & 0xFF00000000u) != self._settled_gen:
+            return False
+        return not ((<uint32_t>word - flags) & 0x80000000u)
+
+    cdef inline void _note(self, Slot *s, uint32_t held) noexcept nogil:
+        """The target holds the slot's key with flags ``held`` (it just added, replaced or
+        kept it)."""
+        cdef uint64_t *e
+        if self._settled == NULL:
+            return
+        e = self._settled + 2 * (s.hash & self._settled_mask)
+        store64(e, s.hash)
+        store64(e + 1, ((s.hash & 0xFFFFFFu) << 40) | self._settled_gen | held)
 
     cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
         cdef Slot *s = &self._slots[slot]
@@ -805,6 +915,7 @@ cdef class Writer:
                 s = &self._slots[slot]
                 if s.state == ST_ADDQ and s.fence == seq:
                     self._probed(False)
+                    self._note(s, s.flags)
                     self._settle(slot, OUT_ADDED)
             return 0
         if opaque >= self.window or self._slots[opaque].state == ST_FREE:
@@ -836,6 +947,7 @@ cdef class Writer:
                                   slot, be64(p + 16)) < 0:
                         raise MemoryError()
                 else:
+                    self._note(s, local)
                     self._settle(slot, OUT_KEPT)
                 return 0
             if status == C_ST_ENOENT:
@@ -847,6 +959,7 @@ cdef class Writer:
                 return self._retry(slot, ST_ADD)
         elif state == ST_ADDQ or state == ST_ADD:
             if status == C_ST_SUCCESS:
+                self._note(s, s.flags)
                 self._settle(slot, OUT_ADDED)
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
@@ -858,6 +971,7 @@ cdef class Writer:
                 return self._retry(slot, ST_GETK)
         else:  # ST_SET
             if status == C_ST_SUCCESS:
+                self._note(s, s.flags)
                 self._settle(slot, OUT_REPLACED)
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
@@ -1343,4 +1457,4 @@ def _other_metadump_line(line, offset):
     raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
 
 
-__all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer"]
+__all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer", "key_hash64"]

@@ -56,6 +56,7 @@ class ProcessSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.peak_rss = 0
+        self.peak_by_process: dict[int, int] = {}
         self.cpu: dict[int, float] = {}
         self.sys: dict[int, float] = {}
         self.stop_event = threading.Event()
@@ -69,7 +70,9 @@ class ProcessSampler(threading.Thread):
         for p in procs:
             try:
                 with p.oneshot():
-                    rss += p.memory_info().rss
+                    one = p.memory_info().rss
+                    rss += one
+                    self.peak_by_process[p.pid] = max(self.peak_by_process.get(p.pid, 0), one)
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
                     self.sys[p.pid] = t.system
@@ -192,7 +195,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
     settings = os.path.join(workdir, "cluster_settings")
     with open(os.path.join(workdir, "config"), "w") as f:
-        f.write(f"astaire_cpu_limit_percentage={throttle if throttle is not None else 5}\n")
+        f.write(f"astaire_cpu_limit_percentage={throttle if throttle is not None else 5}\nlog_level={os.environ.get('ASTAIRE_BENCH_LOG_LEVEL', 2)}\n")
     mem = max(256, len(records) * (value_size + 150) * 2 // (1 << 20))
     nodes = Nodes(source)
     replay = None
@@ -310,6 +313,9 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
             "target_cpu_seconds": round(mark["target"], 2),
             "target_cpu_seconds_per_million_placed": per_million(mark["target"], placed),
             "peak_rss_mb": round(sampler.peak_rss / (1 << 20), 1),
+            # each process's own peak (they need not peak together), the supervisor first
+            "peak_rss_mb_by_process": [round(sampler.peak_by_process[p] / (1 << 20), 1)
+                                       for p in sampler.peak_by_process],
             # [user + system, system] CPU seconds of each Astaire process (the supervisor first)
             "cpu_by_process": [[round(sampler.cpu[p], 2), round(sampler.sys[p], 2)] for p in sampler.cpu],
             "result": last["result"], "placement_ok": placement_ok}

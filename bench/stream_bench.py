@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from astaire.cluster.view import ClusterView, vbucket_for_key  # noqa: E402
 from astaire.demo import workload  # noqa: E402
-from astaire.demo.localcluster import LocalCluster  # noqa: E402
+from astaire.resync import settled  # noqa: E402
 from astaire.resync.stream import StreamJob, run_stream  # noqa: E402
 
 
@@ -34,16 +34,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=300_000)
     p.add_argument("--value-size", type=int, default=100)
-    p.add_argument("--source", default="crawler", choices=("crawler", "tap-replay"))
+    p.add_argument("--source", default="crawler", choices=("crawler", "tap", "tap-replay"),
+                   help="crawler: stock memcached; tap: the Clearwater fork as every node; tap-replay: "
+                        "pre-encoded TAP dumps replayed at memory speed into a stock target")
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--perf", metavar="FILE", help="perf record this process during the streams into FILE")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the streams this many times (the target flushed between runs) and report each run "
                         "and the median of the CPU figures")
+    p.add_argument("--settled", choices=("on", "off", "both"), default="on",
+                   help="give the streams a settled table (astaire.resync.settled), as the daemon does; 'both' "
+                        "alternates runs with and without it (--repeat each) to compare them")
+    p.add_argument("--log", action="store_true", help="log each stream's summary (astaire.stream, INFO) to stderr")
     args = p.parse_args(argv)
+    if args.log:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
     mem = max(256, len(records) * (args.value_size + 150) * 2 // (1 << 20))
-    with LocalCluster(3, memory_mb=mem, threads=2) as cluster:
+    from bench.resync_bench import Nodes, flush  # noqa: E402
+    nodes = Nodes(args.source)
+    with nodes.cluster(3, mem) as cluster:
         a, b, c = cluster.names
         after = ClusterView([a, b], [a, b, c])
         wanted = sorted(vb for vb in range(128) if c in after.new[vb])
@@ -60,33 +71,33 @@ def main(argv=None) -> int:
             source_pids = [s.proc.pid for s in cluster.servers[:2]]
         target_pid = cluster.servers[2].proc.pid
         placed = sum(1 for r in records if vbucket_for_key(r.key) in set(wanted))
-        runs = []
-        for i in range(max(1, args.repeat)):
-            if i:
-                _flush(c)
-            runs.append(_one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed))
+        table = settled.create()
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.settled]
+        runs: dict[bool, list] = {m: [] for m in modes}
+        first = True
+        for _ in range(max(1, args.repeat)):
+            for m in modes:
+                if not first:
+                    flush(c)
+                first = False
+                gen = table.next_generation() if m else 0
+                runs[m].append(_one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, gen))
         if replay:
             replay.stop()
-    report = runs[-1] if len(runs) == 1 else {
-        "runs": runs, **{k: statistics.median(r[k] for r in runs)
-                         for k in ("seconds", "astaire_per_M_placed", "sources_per_M_placed", "target_per_M_placed")},
-        "ok": all(r["ok"] for r in runs), "max_rss_mb": runs[-1]["max_rss_mb"]}
+
+    def summary(rs):
+        return rs[-1] if len(rs) == 1 else {
+            "runs": rs, **{k: statistics.median(r[k] for r in rs)
+                           for k in ("seconds", "astaire_per_M_placed", "sources_per_M_placed", "target_per_M_placed")},
+            "ok": all(r["ok"] for r in rs), "max_rss_mb": rs[-1]["max_rss_mb"]}
+    report = (summary(runs[modes[0]]) if len(modes) == 1
+              else {"settled_on": summary(runs[True]), "settled_off": summary(runs[False]),
+                    "ok": all(r["ok"] for rs in runs.values() for r in rs)})
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
 
-def _flush(name: str) -> None:
-    from pymemcache.client.base import Client
-    host, port = name.rsplit(":", 1)
-    client = Client((host, int(port)), connect_timeout=5, timeout=30)
-    try:
-        client.flush_all(noreply=False)
-    finally:
-        client.close()
-    time.sleep(1.1)  # flush_all marks items older than this second: records written in it would look flushed
-
-
-def _one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed) -> dict:
+def _one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, generation) -> dict:
     before = {"self": os.times(), "sources": [_cpu(x) for x in source_pids], "target": _cpu(target_pid)}
     perf = None
     if args.perf:
@@ -97,7 +108,8 @@ def _one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed) 
     t0 = time.monotonic()
     results = []
     for src in sources:
-        job = StreamJob(src, wanted, c, source_kind="tap" if replay else "crawler")
+        job = StreamJob(src, wanted, c, source_kind="crawler" if args.source == "crawler" else "tap",
+                        settled_generation=generation)
         if args.window:
             job.window = args.window
         results.append(run_stream(job))

@@ -51,6 +51,7 @@ class Resync:
         self.entries = 0
         self.bytes = 0
         self.streams = 0  # streams queued (one per source server)
+        self.settled_generation = 0   # this resync's generation in the settled table (astaire.resync.settled)
         self._ids = ids if ids is not None else itertools.count(1)
 
     @property

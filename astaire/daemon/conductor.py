@@ -31,6 +31,7 @@ from astaire.cluster.worklist import Worklist
 from astaire.daemon import logs
 from astaire.daemon.bookkeeping import Resync, Stream, ranges
 from astaire.daemon.local import LocalMonitor
+from astaire.resync import settled
 
 log = logging.getLogger("astaire.supervisor")
 
@@ -60,6 +61,7 @@ class Conductor:
         self.next_local_retry = 0.0
         self.target_failures = 0
         self.dispatch_not_before = 0.0
+        self.settled = settled.create()   # before any worker is forked: they inherit it
         self.check_membership()
 
     def check_membership(self) -> None:
@@ -271,6 +273,7 @@ class Conductor:
             st.publish()
             return None
         r = self.resync = Resync(wl, full, ids=self.stream_ids)
+        r.settled_generation = self.settled.next_generation()
         r.watch_tag = self.tag_seen is True
         r.identity = self.local_identity
         self.target_failures = 0
@@ -300,7 +303,8 @@ class Conductor:
                 return
             job = {"source": s.server, "vbuckets": s.vbuckets, "target": self.local, "source_kind": o.source,
                    "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
-                   "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout}
+                   "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout,
+                   "settled_generation": r.settled_generation}
             if not hand_out(w, s, job):
                 r.running.pop(s.id, None)
                 s.worker = None

@@ -26,6 +26,7 @@ a readable reason, and logs it on ``astaire.stream``.
 from __future__ import annotations
 
 import logging
+import mmap
 import selectors
 import socket
 import tempfile
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from astaire import codec
-from astaire.resync import source
+from astaire.resync import settled, source
 from astaire.protocol_errors import ProtocolError
 from astaire.client import connect, reason
 
@@ -57,10 +58,11 @@ class StreamJob:
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0  # no progress from a peer for this long: fail the stream
     window: int = 4096
-    window_bytes: int = 2 * 1024 * 1024  # key + value bytes the Writer may hold unsettled
+    window_bytes: int = 1024 * 1024  # key + value bytes the Writer may hold unsettled
     crawler_busy_retries: int = 10  # BUSY answers to metadump retried with back-off (0.1 s doubling to 2 s)
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
+    settled_generation: int = 0   # the resync's generation in the daemon's settled table (0: none)
 
 
 @dataclass
@@ -130,8 +132,10 @@ class _Peer:
         self.out = bytearray()
         self.mask = 0
         self.closed = False
-        self._inbuf: bytearray | None = None
+        self._inbuf: mmap.mmap | None = None
         self._inview: memoryview | None = None
+        self.reads = 0          # recv calls that returned data, and their bytes (the log's
+        self.bytes_read = 0     # "reads" figures: many small reads mean many wake-ups)
 
     def queue(self, data) -> int:
         """Send ``data`` now as far as the socket takes it, queue the rest behind anything
@@ -164,12 +168,16 @@ class _Peer:
         """Data (a view of this peer's read buffer, valid until the next recv), an empty
         view at EOF, None if nothing is ready."""
         if self._inbuf is None:
-            self._inbuf = bytearray(CHUNK)
+            # Anonymous memory, not a bytearray: its pages become resident only as reads
+            # reach them (a bytearray is zeroed, all of it, at once).
+            self._inbuf = mmap.mmap(-1, CHUNK)
             self._inview = memoryview(self._inbuf)
         try:
             n = self.sock.recv_into(self._inbuf)
         except (BlockingIOError, InterruptedError):
             return None
+        self.reads += 1
+        self.bytes_read += n
         return self._inview[:n]
 
     def close(self) -> None:
@@ -178,6 +186,10 @@ class _Peer:
             self.sock.close()
         if self._inview is not None:
             self._inview.release()
+            try:
+                self._inbuf.close()
+            except BufferError:  # a view of the last read is still held: freed with it
+                pass
             self._inview = self._inbuf = None
 
 
@@ -221,8 +233,11 @@ class _Stream:
         t0 = time.monotonic()
         try:
             try:
+                table = settled.shared() if job.settled_generation else None
                 self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window,
-                                           mode=job.write_mode)
+                                           mode=job.write_mode,
+                                           settled=table.buffer if table is not None else None,
+                                           generation=job.settled_generation if table is not None else 0)
             except (ValueError, TypeError, OverflowError) as e:
                 raise _Failure(f"bad stream job: {e}") from e
             self._open()
@@ -258,8 +273,11 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept in %.2f s", job.source, job.target, self.kind, len(job.vbuckets),
-                     stats["entries"], stats["bytes"], stats["added"], stats["replaced"], stats["kept"], seconds)
+                     "%d kept (%d of them known settled) in %.2f s; reads: %s", job.source, job.target, self.kind,
+                     len(job.vbuckets), stats["entries"], stats["bytes"], stats["added"], stats["replaced"],
+                     stats["kept"], stats["deduplicated"], seconds,
+                     ", ".join(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {p.reads} "
+                               f"({p.bytes_read // max(p.reads, 1)} B each)" for p in self.peers))
         else:
             source.forget_kind(job.source)
             log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,

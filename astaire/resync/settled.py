@@ -1,0 +1,74 @@
+"""The settled table: what the local memcached was seen holding during this resync, shared by
+every stream of the daemon.
+
+Each vbucket is streamed from every old replica, so a record usually arrives twice. Without
+this table the second copy costs the target a write that fails and a read of the first copy
+(on the Clearwater fork, which answers every request on its own, two answers), and the
+Writer a round of the conflict rule, only to keep what is there. Instead, when a record
+settles in the target (added, replaced by CAS, or kept because the local copy is not older),
+the Writer notes the key and the flags the target then held; a copy of that key arriving
+later in the same resync with flags that are not newer is settled as kept without touching
+the target. Such copies are counted in ``kept`` and in ``deduplicated``.
+
+Why the outcome is the conflict rule's: the rule's result does not depend on the order in
+which copies arrive, and at the moment of the note the target held flags F with
+``int32(F - R.flags) >= 0``. Processing R right then would have kept the local copy, and
+anything clients did to the key since (a write, a delete, an eviction) is concurrent with the
+resync and could as well have come after R. A note is only trusted within the resync that
+made it: every resync (a full resync after a restart of the local memcached included) takes a
+new generation, and the table is cleared when it starts. Notes are never needed for
+correctness: a note overwritten, or missing, means the target is asked, as without the table.
+
+Layout (the Writer reads and writes it from C, each word whole: atomic on 64-bit machines):
+``ENTRIES`` entries of two 64-bit words, indexed by the low bits of a 64-bit hash of the key
+(``codec.key_hash64``):
+  word 0: the hash;
+  word 1: bits 63-40 the hash's low 24 bits again, 39-32 the generation, 31-0 the flags.
+A note matches a key only if word 0 equals the key's hash and word 1 repeats its low bits and
+the generation: two different keys are confused only if their 64-bit hashes are equal, and an
+entry torn by two writers at once does not match (its two words disagree).
+
+The supervisor creates the table (anonymous shared memory) before it forks the workers, who
+inherit it; ``StreamJob.settled_generation`` tells a stream which generation to use (0: no
+table, as for streams run outside the daemon).
+"""
+from __future__ import annotations
+
+import mmap
+
+ENTRIES = 1 << 17   # 2 MiB: notes for the last ~100,000 records settled (direct-mapped)
+ENTRY_BYTES = 16
+
+_table: "SettledTable | None" = None
+
+
+class SettledTable:
+    def __init__(self, entries: int = ENTRIES):
+        if entries < 1 or entries & (entries - 1):
+            raise ValueError(f"entries must be a power of two, not {entries}")
+        self.buffer = mmap.mmap(-1, entries * ENTRY_BYTES)  # anonymous, MAP_SHARED: workers forked later share it
+        self.generation = 0
+
+    def next_generation(self) -> int:
+        """Clear the table and return the generation for a new resync (1..255, cycling)."""
+        try:
+            # Gives the pages back (they read as zeros again): the supervisor, which never
+            # reads the table, does not make it resident by clearing it.
+            self.buffer.madvise(mmap.MADV_REMOVE)
+        except (AttributeError, OSError):
+            self.buffer[:] = bytes(len(self.buffer))
+        self.generation = self.generation % 255 + 1
+        return self.generation
+
+
+def create() -> SettledTable:
+    """The daemon's table (the supervisor calls this before forking any worker)."""
+    global _table
+    if _table is None:
+        _table = SettledTable()
+    return _table
+
+
+def shared() -> SettledTable | None:
+    """The table inherited from the supervisor, if there is one."""
+    return _table

@@ -1,0 +1,142 @@
+"""The settled table (astaire.resync.settled): a copy of a record the target was seen holding,
+in the same resync, with flags not older, is settled as kept without a request; anything
+else goes to the target as before. Both codec builds, and the two builds share one layout."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from astaire import _tap_py
+from astaire.resync import settled
+from tests.test_writer import (ALL, FENCE, NOW_MS, ack_fences, binary_set, connect, drive, frames_of, meta_get,
+                               mutation, ops, response)
+
+try:
+    from tests.codec_impls import _tap_c
+except ImportError:  # pragma: no cover - the pure build only
+    _tap_c = None
+
+
+def table(entries=1 << 10):
+    return settled.SettledTable(entries)
+
+
+def writer(tap, t, gen, **kw):
+    return tap.Writer(ALL, window=16, settled=t.buffer, generation=gen, **kw)
+
+
+def test_the_key_hash_is_the_same_in_both_builds():
+    if _tap_c is None:
+        pytest.skip("no compiled codec")
+    for n in list(range(0, 40)) + [249, 250]:
+        key = os.urandom(n)
+        assert _tap_c.key_hash64(key) == _tap_py.key_hash64(key)
+    # Pinned: every process of a daemon must hash alike, so a change of hash is deliberate.
+    assert _tap_py.key_hash64(b"table\\\\key") == 0x81CC6CB0D30E4CFF
+
+
+def test_a_second_copy_not_newer_is_kept_without_asking_the_target(tap):
+    t = table()
+    gen = t.next_generation()
+    first = writer(tap, t, gen)
+    first.feed_tap(mutation(tap, b"t\\\\a", b"A", flags=NOW_MS) + mutation(tap, b"t\\\\b", b"B", flags=NOW_MS))
+    first.feed_target(ack_fences(first.target_requests()))  # both added: noted
+    assert first.added == 2 and first.deduplicated == 0
+    second = writer(tap, t, gen)
+    second.feed_tap(mutation(tap, b"t\\\\a", b"A", flags=NOW_MS)            # equal: known
+                    + mutation(tap, b"t\\\\b", b"B2", flags=NOW_MS - 1)     # older: known
+                    + mutation(tap, b"t\\\\c", b"C", flags=NOW_MS))         # never seen: written
+    out = second.target_requests()
+    assert [f.key for f in frames_of(out) if f.opcode == 0x12] == [b"t\\\\c"]
+    assert (second.kept, second.deduplicated, second.entries) == (2, 2, 3)
+    second.feed_target(ack_fences(out))
+    second.finish()
+    assert second.done and second.stats()["deduplicated"] == 2
+
+
+def test_a_newer_copy_goes_to_the_target_and_a_kept_copy_notes_the_local_flags(tap):
+    t = table()
+    gen = t.next_generation()
+    first = writer(tap, t, gen)
+    first.feed_tap(mutation(tap, b"t\\\\k", b"R", flags=NOW_MS))
+    assert ops(first.target_requests()) == [(0x12, 0), (0x0A, FENCE)]
+    first.feed_target(response(0x12, 2, opaque=0))  # present: read it
+    assert ops(first.target_requests()) == [(0x0C, 0)]
+    first.feed_target(response(0x0A, opaque=FENCE))
+    first.feed_target(response(0x0C, 0, b"t\\\\k", b"LOCAL", (NOW_MS + 50).to_bytes(4, "big"), opaque=0, cas=9))
+    assert first.kept == 1  # the local copy is newer: noted with its flags, NOW_MS + 50
+    second = writer(tap, t, gen)
+    second.feed_tap(mutation(tap, b"t\\\\k", b"R2", flags=NOW_MS + 50))   # not newer than the local copy
+    assert second.target_requests() == b"" and second.deduplicated == 1
+    second.feed_tap(mutation(tap, b"t\\\\k", b"R3", flags=NOW_MS + 51))   # newer: the conflict rule runs
+    assert ops(second.target_requests()) == [(0x12, 0), (0x0A, FENCE)]
+    assert second.deduplicated == 1
+
+
+def test_notes_of_another_generation_or_another_table_count_for_nothing(tap):
+    t = table()
+    gen = t.next_generation()
+    first = writer(tap, t, gen)
+    first.feed_tap(mutation(tap, b"t\\\\g", b"G", flags=NOW_MS))
+    first.feed_target(ack_fences(first.target_requests()))
+    other_gen = writer(tap, t, gen % 255 + 1)  # a later resync (whose start would also clear the table)
+    other_gen.feed_tap(mutation(tap, b"t\\\\g", b"G", flags=NOW_MS))
+    assert [f.key for f in frames_of(other_gen.target_requests()) if f.opcode == 0x12] == [b"t\\\\g"]
+    cleared = writer(tap, t, t.next_generation())
+    cleared.feed_tap(mutation(tap, b"t\\\\g", b"G", flags=NOW_MS))
+    assert cleared.deduplicated == 0
+    plain = tap.Writer(ALL, window=16)  # no table: as before
+    plain.feed_tap(mutation(tap, b"t\\\\g", b"G", flags=NOW_MS))
+    assert plain.deduplicated == 0 and plain.stats()["deduplicated"] == 0
+
+
+def test_the_builds_read_each_others_notes():
+    if _tap_c is None:
+        pytest.skip("no compiled codec")
+    for a, b in ((_tap_c, _tap_py), (_tap_py, _tap_c)):
+        t = table()
+        gen = t.next_generation()
+        w = writer(a, t, gen)
+        w.feed_tap(mutation(a, b"t\\\\x", b"X", flags=7))
+        w.feed_target(ack_fences(w.target_requests()))
+        r = writer(b, t, gen)
+        r.feed_tap(mutation(b, b"t\\\\x", b"X", flags=7))
+        assert r.deduplicated == 1 and r.target_requests() == b""
+
+
+@pytest.mark.parametrize("bad", [bytearray(24), bytearray(48), bytes(32), bytearray(0)])
+def test_a_table_of_the_wrong_shape_or_a_bad_generation_is_refused(tap, bad):
+    with pytest.raises(ValueError):
+        tap.Writer(ALL, settled=bad, generation=1)
+    with pytest.raises(ValueError):
+        tap.Writer(ALL, settled=bytearray(32), generation=0)
+    with pytest.raises(ValueError):
+        tap.Writer(ALL, settled=bytearray(32), generation=256)
+
+
+def test_with_real_memcached_the_second_copy_changes_nothing_and_newer_data_wins(tap, memcached):
+    """Two streams of the same records through one table into a real memcached, a client
+    writing newer data between them: the final state is the conflict rule's."""
+    t = table(1 << 16)
+    gen = t.next_generation()
+    recs = [(b"t\\\\s%d" % i, b"v%d" % i, NOW_MS + i) for i in range(300)]
+    stream = b"".join(mutation(tap, k, v, f) for k, v, f in recs)
+    with connect(memcached) as target:
+        first = writer(tap, t, gen)
+        first.feed_tap(stream)
+        first.finish()
+        drive(first, target)
+    assert first.added == 300
+    binary_set(memcached, [(b"t\\\\s5", b"CLIENT", NOW_MS + 1000, 0)])  # a client's newer write
+    with connect(memcached) as target:
+        second = writer(tap, t, gen)
+        second.feed_tap(stream + mutation(tap, b"t\\\\s7", b"NEWER", NOW_MS + 2000))
+        second.finish()
+        drive(second, target)
+    # Direct-mapped: a note can be overwritten by another key's (then the target is asked).
+    assert (second.kept, second.replaced, second.added, second.failed) == (300, 1, 0, 0)
+    assert second.deduplicated > 290
+    assert meta_get(memcached, b"t\\\\s5")[:2] == (b"CLIENT", NOW_MS + 1000)
+    assert meta_get(memcached, b"t\\\\s7")[:2] == (b"NEWER", NOW_MS + 2000)
+    assert meta_get(memcached, b"t\\\\s8")[:2] == (b"v8", NOW_MS + 8)

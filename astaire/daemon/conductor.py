@@ -83,6 +83,11 @@ class Conductor:
             timeout = max(0.0, due - now)
         if self.resync is not None and self.dispatch_not_before > now:
             timeout = min(timeout, self.dispatch_not_before - now)
+        r = self.resync
+        if r is not None and r.finishing and not r.superseded and not r.finish_asked and not self.monitor.busy:
+            # Every stream ended (advance saw it after check_local ran): ask for the final
+            # check now, not a heartbeat later.
+            timeout = min(timeout, max(0.0, self.next_local_retry - now))
         return timeout
 
     def view_changed(self, view: ClusterView, digest: str) -> None:

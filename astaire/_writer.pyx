@@ -52,7 +52,9 @@ cdef extern from *:
     }
     static inline uint64_t astaire_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void astaire_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void astaire_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
     """
+    void prefetch "astaire_prefetch"(const void *p) nogil
     uint64_t c_key_hash64 "astaire_key_hash64"(const char *p, size_t n) nogil
     uint64_t load64 "astaire_load64"(const uint64_t *p) nogil
     void store64 "astaire_store64"(uint64_t *p, uint64_t v) nogil
@@ -175,6 +177,7 @@ cdef struct QRec:
 # Slot buffers above this size are given back when their record settles.
 cdef enum:
     SLOT_KEEP = 65536
+    FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
 
 
 def _settled_entries(settled, generation):
@@ -214,6 +217,7 @@ def _key_text(key):
 # listed again while its fetch is still queued.
 
 cdef struct Fetch:
+    uint64_t key_hash   # key_hash64(key), when the Writer has a settled table
     uint32_t exp
     uint32_t vb
     uint32_t hash       # vbucket_hash(key)
@@ -674,9 +678,11 @@ cdef class Writer:
         return 0
 
     cdef int _accept(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
-                     uint32_t exp, uint32_t vb, uint64_t size) noexcept nogil:
+                     uint32_t exp, uint32_t vb, uint64_t size, uint64_t hash) noexcept nogil:
+        """Take one wanted record; ``hash`` is its key_hash64 when the Writer has a settled
+        table (the callers compute it ahead, and fetch its entry early: the other workers
+        write the table, so an entry read when needed is a cache miss that stalls)."""
         cdef QRec h
-        cdef uint64_t hash = 0
         self.entries += 1
         self._nbytes += size
         self._vb_entries[vb] += 1
@@ -684,7 +690,6 @@ cdef class Writer:
         if vlen == 0:
             self.tombstones += 1
         if self._settled != NULL:
-            hash = c_key_hash64(key, klen)
             if self._known(hash, flags):
                 self.deduplicated += 1
                 self.kept += 1
@@ -820,9 +825,16 @@ cdef class Writer:
         cdef TapInfo *t
         cdef int r, i
         cdef uint32_t vb
+        cdef uint64_t hashes[LANES]
         while True:
             r = scan_batch(p, b.len, &pos, self.max_body, &tb)
             self.other_tap += tb.other
+            for i in range(tb.n):
+                hashes[i] = 0
+                if self._settled != NULL:  # the batch's table entries are fetched together
+                    t = &tb.info[i]
+                    hashes[i] = c_key_hash64(<const char *>p + tb.start[i] + t.keyoff, t.keylen)
+                    prefetch(self._settled + 2 * (hashes[i] & self._settled_mask))
             for i in range(tb.n):
                 t = &tb.info[i]
                 key = <const char *>p + tb.start[i] + t.keyoff
@@ -833,7 +845,7 @@ cdef class Writer:
                 if not self._table[vb]:
                     self.skipped_unwanted += 1
                     continue
-                if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size) < 0:
+                if self._accept(key, t.keylen, key + t.keylen, t.vallen, t.flags, t.exp, vb, t.size, hashes[i]) < 0:
                     return E_NOMEM
                 accepted[0] += 1
             self._src_offset += pos - b.head
@@ -1069,6 +1081,7 @@ cdef class Writer:
             e = fq_push(&self._fq)
             if e == NULL:
                 raise MemoryError()
+            e.key_hash = c_key_hash64(key, dlen) if self._settled != NULL else 0
             e.exp = self._mdexp[i]
             e.vb = vb
             e.hash = h
@@ -1251,11 +1264,14 @@ cdef class Writer:
                     raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
                                           "connection", offset)
                 e = fq_at(&self._inflight, self._inflight.first + idx)
+                if self._settled != NULL and idx + FETCH_PREFETCH < fq_count(&self._inflight):
+                    prefetch(self._settled + 2 * (fq_at(&self._inflight, self._inflight.first + idx
+                                                        + FETCH_PREFETCH).key_hash & self._settled_mask))
                 e.answered = 1
                 self._front_answered += 1
                 self._fetch_in_flight -= 1
                 if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, read_expiry(e.exp, hit.ttl, now),
-                                e.vb, need) < 0:
+                                e.vb, need, e.key_hash) < 0:
                     raise MemoryError()
                 total = need
             elif linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):

@@ -746,10 +746,14 @@ cdef class Writer:
 
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
+    cdef inline uint64_t *_entry(self, uint64_t hash) noexcept nogil:
+        """A key's entry in the settled table: two words."""
+        return self._settled + 2 * (hash & self._settled_mask)
+
     cdef inline bint _known(self, uint64_t hash, uint32_t flags) noexcept nogil:
         """The target was seen holding this key, in this resync, with flags not older than
         ``flags``: another copy changes nothing (see astaire.resync.settled)."""
-        cdef uint64_t *e = self._settled + 2 * (hash & self._settled_mask)
+        cdef uint64_t *e = self._entry(hash)
         cdef uint64_t word = load64(e + 1)
         if load64(e) != hash or (word >> 40) != (hash & 0xFFFFFFu) or (word & 0xFF00000000u) != self._settled_gen:
             return False
@@ -761,7 +765,7 @@ cdef class Writer:
         cdef uint64_t *e
         if self._settled == NULL:
             return
-        e = self._settled + 2 * (s.hash & self._settled_mask)
+        e = self._entry(s.hash)
         store64(e, s.hash)
         store64(e + 1, ((s.hash & 0xFFFFFFu) << 40) | self._settled_gen | held)
 
@@ -831,10 +835,11 @@ cdef class Writer:
             self.other_tap += tb.other
             for i in range(tb.n):
                 hashes[i] = 0
-                if self._settled != NULL:  # the batch's table entries are fetched together
+                # The table entries of the batch's wanted records are fetched together.
+                if self._settled != NULL and self._table[tb.hash[i] & self._mask]:
                     t = &tb.info[i]
                     hashes[i] = c_key_hash64(<const char *>p + tb.start[i] + t.keyoff, t.keylen)
-                    prefetch(self._settled + 2 * (hashes[i] & self._settled_mask))
+                    prefetch(self._entry(hashes[i]))
             for i in range(tb.n):
                 t = &tb.info[i]
                 key = <const char *>p + tb.start[i] + t.keyoff
@@ -1265,8 +1270,7 @@ cdef class Writer:
                                           "connection", offset)
                 e = fq_at(&self._inflight, self._inflight.first + idx)
                 if self._settled != NULL and idx + FETCH_PREFETCH < fq_count(&self._inflight):
-                    prefetch(self._settled + 2 * (fq_at(&self._inflight, self._inflight.first + idx
-                                                        + FETCH_PREFETCH).key_hash & self._settled_mask))
+                    prefetch(self._entry(fq_at(&self._inflight, self._inflight.first + idx + FETCH_PREFETCH).key_hash))
                 e.answered = 1
                 self._front_answered += 1
                 self._fetch_in_flight -= 1

@@ -211,10 +211,12 @@ def _key_text(key):
 
 
 # -- crawler fetches, in C ----------------------------------------------------------------
-# Keys listed by the crawler wait in a FIFO of fixed-size entries (``Fetch``) until
-# fetch_requests sends them; then they wait in a second FIFO, in opaque order, until their
-# batch's NOOP comes back. A small open-addressing set over the first FIFO finds a key
-# listed again while its fetch is still queued.
+# Keys listed by the crawler wait in one FIFO of fixed-size entries (``Fetch``): at its front
+# the sent ones, in opaque order, until their batch's MN comes back; behind them the listed
+# ones that fetch_requests has not sent yet. An entry stays where it was written (it was
+# copied into a second FIFO when sent: a 280-byte copy, and twice the memory in the cache).
+# A small open-addressing set over the unsent entries finds a key listed again while its
+# fetch is still queued.
 
 cdef struct Fetch:
     uint64_t key_hash   # key_hash64(key), when the Writer has a settled table
@@ -334,8 +336,9 @@ cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
     ks.count += 1
 
 
-cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
-    """Add the queued Fetch ``seq`` (already pushed). Grows by rebuilding from the queue."""
+cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h, uint64_t since) noexcept nogil:
+    """Add the queued Fetch ``seq`` (already pushed); the set holds the entries of ``q`` from
+    ``since`` on. Grows by rebuilding from the queue."""
     cdef int bits
     cdef uint64_t s
     cdef KSlot *slots
@@ -343,7 +346,7 @@ cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
         ks_put(ks, seq, h)
         return 0
     bits = ks.bits + 1 if ks.slots != NULL else 6
-    while (<size_t>1 << bits) < (fq_count(q) + 1) * 2:
+    while (<size_t>1 << bits) < (<size_t>(q.first + fq_count(q) - since) + 1) * 2:
         bits += 1
     slots = <KSlot *>calloc(<size_t>1 << bits, sizeof(KSlot))
     if slots == NULL:
@@ -353,7 +356,7 @@ cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h) noexcept nogil:
     ks.bits = bits
     ks.mask = (<size_t>1 << bits) - 1
     ks.count = 0
-    for s in range(q.first, q.first + fq_count(q)):
+    for s in range(since, q.first + fq_count(q)):
         ks_put(ks, s, fq_at(q, s).hash)
     return 0
 
@@ -465,10 +468,10 @@ cdef class Writer:
     cdef uint16_t _mdlen[LANES]
     cdef uint32_t _mdexp[LANES]
     cdef char _mdkeys[LANES * C_MAX_KEY]
-    cdef FetchQ _fq            # listed, not yet sent
-    cdef KeySet _fq_keys       # the keys in _fq
-    cdef FetchQ _inflight      # sent, in opaque order, until their batch's NOOP
-    cdef uint32_t _inflight_first   # opaque of _inflight's first entry
+    cdef FetchQ _fq            # the sent fetches (its first _fq_sent entries, in opaque order, until
+    cdef size_t _fq_sent       # their batch's MN), then the listed ones not yet sent
+    cdef KeySet _fq_keys       # the keys of the fetches not yet sent
+    cdef uint32_t _inflight_first   # opaque of _fq's first entry (when _fq_sent > 0)
     cdef U64Q _fetch_batches   # (NOOP opaque << 32 | fetch count) per batch in flight
     cdef size_t _front_answered
     cdef size_t _fetch_in_flight
@@ -553,7 +556,6 @@ cdef class Writer:
         buf_free(&self._md)
         buf_free(&self._fetch_out)
         free(self._fq.data)
-        free(self._inflight.data)
         free(self._fq_keys.slots)
         free(self._fetch_batches.data)
         buf_free(&self._fch)
@@ -578,13 +580,13 @@ cdef class Writer:
     @property
     def fetch_backlog(self):
         """Crawler fetches listed but not yet answered."""
-        return fq_count(&self._fq) + self._fetch_in_flight
+        return fq_count(&self._fq) - self._fq_sent + self._fetch_in_flight
 
     @property
     def done(self):
         return ((self._finished or self._md_ended) and self._q_count == 0 and self._in_use == 0
                 and self._fences.len == self._fences.head and self._out.len == 0
-                and fq_count(&self._fq) == 0 and self._fetch_in_flight == 0)
+                and fq_count(&self._fq) == self._fq_sent and self._fetch_in_flight == 0)
 
     def stats(self):
         return {
@@ -1069,6 +1071,10 @@ cdef class Writer:
         for i in range(n):
             if short_keys < MIN_LANES_FOR_X8 or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
                 hashes[i] = astaire_md5_first32(<const unsigned char *>self._mdkeys + i * C_MAX_KEY, self._mdlen[i])
+        if self._fq_keys.slots != NULL:  # the duplicate check's slots, fetched together
+            for i in range(n):
+                if self._table[hashes[i] & self._mask]:
+                    prefetch(&self._fq_keys.slots[ks_home(&self._fq_keys, hashes[i])])
         for i in range(n):
             key = self._mdkeys + i * C_MAX_KEY
             dlen = self._mdlen[i]
@@ -1093,7 +1099,8 @@ cdef class Writer:
             e.klen = <uint16_t>dlen
             e.answered = 0
             memcpy(e.key, key, dlen)
-            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h) < 0:
+            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h,
+                      self._fq.first + self._fq_sent) < 0:
                 raise MemoryError()
         return 0
 
@@ -1187,26 +1194,28 @@ cdef class Writer:
         return out
 
     cdef int _fetch_batches_out(self, Py_ssize_t room) noexcept nogil:
-        cdef size_t n, j
+        cdef size_t n, j, queued
+        cdef uint64_t seq
         cdef Fetch *e
-        cdef Fetch *f
-        while room > 0 and fq_count(&self._fq):
-            n = min(<size_t>room, <size_t>self._fence_every, fq_count(&self._fq))
-            if n < <size_t>self._fence_every and n < fq_count(&self._fq):
+        while room > 0 and fq_count(&self._fq) > self._fq_sent:
+            queued = fq_count(&self._fq) - self._fq_sent
+            n = min(<size_t>room, <size_t>self._fence_every, queued)
+            if n < <size_t>self._fence_every and n < queued:
                 break  # a batch at a time, as for the target: wait for room for a whole one
+            if self._fq_sent == 0:
+                self._inflight_first = self._fetch_seq
+            seq = self._fq.first + self._fq_sent
             for j in range(n):
-                if fq_count(&self._inflight) == 0:
-                    self._inflight_first = self._fetch_seq
-                f = fq_push(&self._inflight)
-                if f == NULL:
-                    return -1
-                e = fq_at(&self._fq, self._fq.first)
-                ks_remove(&self._fq_keys, self._fq.first, e.hash)
-                memcpy(f, e, <size_t>(<char *>e.key - <char *>e) + e.klen)  # the key's used bytes only
-                fq_pop(&self._fq)
-                if emit_meta_get(&self._fetch_out, f.key, f.klen, self._fetch_seq) < 0:
+                if j + FETCH_PREFETCH < n:  # entries listed long ago: fetch them (and their key slots) early
+                    e = fq_at(&self._fq, seq + j + FETCH_PREFETCH)
+                    prefetch(e)
+                    prefetch(<char *>e + 64)
+                e = fq_at(&self._fq, seq + j)
+                ks_remove(&self._fq_keys, seq + j, e.hash)
+                if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
+            self._fq_sent += n
             if buf_reserve(&self._fetch_out, 4) < 0 or q_push(&self._fetch_batches, n) < 0:
                 return -1
             memcpy(self._fetch_out.data + self._fetch_out.len, b"mn\r\n", 4)
@@ -1265,12 +1274,14 @@ cdef class Writer:
                     raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
                 idx = (hit.opaque - self._inflight_first) & C_FENCE_MASK
                 if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
-                        or fq_at(&self._inflight, self._inflight.first + idx).answered):
+                        or fq_at(&self._fq, self._fq.first + idx).answered):
                     raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
                                           "connection", offset)
-                e = fq_at(&self._inflight, self._inflight.first + idx)
-                if self._settled != NULL and idx + FETCH_PREFETCH < fq_count(&self._inflight):
-                    prefetch(self._entry(fq_at(&self._inflight, self._inflight.first + idx + FETCH_PREFETCH).key_hash))
+                e = fq_at(&self._fq, self._fq.first + idx)
+                if idx + 2 * FETCH_PREFETCH < self._fq_sent:
+                    prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
+                if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
+                    prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
                 e.answered = 1
                 self._front_answered += 1
                 self._fetch_in_flight -= 1
@@ -1296,7 +1307,8 @@ cdef class Writer:
         self.vanished += n - self._front_answered
         self._fetch_in_flight -= n - self._front_answered
         for j in range(n):
-            fq_pop(&self._inflight)
+            fq_pop(&self._fq)
+        self._fq_sent -= n
         self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
         q_pop(&self._fetch_batches)
         self._front_answered = 0

@@ -262,6 +262,7 @@ class Supervisor:
             self.spawn_worker()
 
     def spawn_worker(self) -> None:
+        worker.preload()
         close_fds = [self._wake_r, self._wake_w, self.selector.fileno()]
         close_fds += [w.sock.fileno() for w in self.workers.values()]
         if self.pidfile is not None and self.pidfile.fd is not None:

@@ -385,6 +385,34 @@ cdef void ks_remove(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
     ks.count -= 1
 
 
+# -- input without a copy -----------------------------------------------------------------
+# A chunk read from a socket is parsed where it lies when nothing from an earlier chunk is
+# still buffered (the usual case: reads end between frames more often than not, and a cut
+# frame is completed by the next chunk); only its unparsed tail is copied into the Writer's
+# own buffer. Every byte from the sources was copied once more than needed before.
+
+cdef inline Buf *in_place(Buf *own, CBuf *c, Buf *view) except NULL:
+    """The bytes to parse: the chunk ``c`` itself (as ``view``) when ``own`` holds nothing,
+    else ``own`` with ``c`` appended."""
+    if own.head == own.len:
+        view.data = <char *>c.p
+        view.head = 0
+        view.len = <size_t>c.n
+        view.cap = 0
+        return view
+    if inbuf_feed(own, c.p, <size_t>c.n) < 0:
+        raise MemoryError()
+    return own
+
+
+cdef inline int keep_rest(Buf *own, Buf *b) except -1:
+    """After parsing ``b``: the unparsed tail of a chunk parsed in place is kept in ``own``."""
+    if b != own and b.head < b.len:
+        if inbuf_feed(own, b.data + b.head, b.len - b.head) < 0:
+            raise MemoryError()
+    return 0
+
+
 cdef class Writer:
     """Writes one source stream's records into the local memcached (the target), by the
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
@@ -820,10 +848,9 @@ cdef class Writer:
 
     # -- source: TAP -----------------------------------------------------------------
 
-    cdef int _tap_loop(self, Py_ssize_t *accepted) noexcept nogil:
-        """Consume whole TAP frames from the source buffer. Returns 0, or a scanner error
-        code with the buffer's head left on the offending frame."""
-        cdef Buf *b = &self._src
+    cdef int _tap_loop(self, Buf *b, Py_ssize_t *accepted) noexcept nogil:
+        """Consume whole TAP frames from ``b``. Returns 0, or a scanner error code with the
+        buffer's head left on the offending frame."""
         cdef const uint8_t *p = <const uint8_t *>b.data
         cdef const char *key
         cdef size_t pos = b.head
@@ -864,11 +891,21 @@ cdef class Writer:
         """Take a chunk of the TAP stream; returns how many records it accepted."""
         cdef int r
         cdef Py_ssize_t accepted = 0
-        inbuf_take(&self._src, data)
-        with nogil:
-            r = self._tap_loop(&accepted)
-        if r < 0:
-            raise_frame_error(r, <const uint8_t *>self._src.data + self._src.head, self._src_offset, self.max_body)
+        cdef CBuf c
+        cdef Buf view
+        cdef Buf *b
+        cbuf_get(data, &c)
+        try:
+            b = in_place(&self._src, &c, &view)
+            try:
+                with nogil:
+                    r = self._tap_loop(b, &accepted)
+                if r < 0:
+                    raise_frame_error(r, <const uint8_t *>b.data + b.head, self._src_offset, self.max_body)
+            finally:
+                keep_rest(&self._src, b)
+        finally:
+            cbuf_release(&c)
         return accepted
 
     # -- target ----------------------------------------------------------------------
@@ -896,17 +933,27 @@ cdef class Writer:
         cdef const uint8_t *p
         cdef size_t size = 0
         cdef int r
-        inbuf_take(t, data)
-        while t.head < t.len:
-            p = <const uint8_t *>t.data + t.head
-            r = check_header(p, t.len - t.head, self.max_body, &size)
-            if r == R_INCOMPLETE:
-                break
-            if r < 0:
-                raise_frame_error(r, p, offset[0], self.max_body)
-            self._on_target(p, size, offset[0])
-            t.head += size
-            offset[0] += size
+        cdef CBuf c
+        cdef Buf view
+        cdef Buf *b
+        cbuf_get(data, &c)
+        try:
+            b = in_place(t, &c, &view)
+            try:
+                while b.head < b.len:
+                    p = <const uint8_t *>b.data + b.head
+                    r = check_header(p, b.len - b.head, self.max_body, &size)
+                    if r == R_INCOMPLETE:
+                        break
+                    if r < 0:
+                        raise_frame_error(r, p, offset[0], self.max_body)
+                    self._on_target(p, size, offset[0])
+                    b.head += size
+                    offset[0] += size
+            finally:
+                keep_rest(t, b)
+        finally:
+            cbuf_release(&c)
         return 0
 
     cdef int _on_target(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
@@ -1009,16 +1056,29 @@ cdef class Writer:
 
     def feed_metadump(self, data):
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        cdef Buf *m = &self._md
-        cdef const char *line
-        cdef const char *nl
-        cdef size_t n, end
-        cdef uint64_t offset  # a C integer: an undeclared one is a Python int made per line
+        cdef Buf *m
+        cdef Buf view
+        cdef CBuf c
         if self._md_ended:
             if len(data):
                 raise CrawlerError("data after END", self._md_offset)
             return True
-        inbuf_take(m, data)
+        cbuf_get(data, &c)
+        try:
+            m = in_place(&self._md, &c, &view)
+            try:
+                self._metadump_lines(m)
+            finally:
+                keep_rest(&self._md, m)
+        finally:
+            cbuf_release(&c)
+        return self._md_ended
+
+    cdef int _metadump_lines(self, Buf *m) except -1:
+        cdef const char *line
+        cdef const char *nl
+        cdef size_t n, end
+        cdef uint64_t offset  # a C integer: an undeclared one is a Python int made per line
         try:
             while True:
                 line = m.data + m.head
@@ -1043,7 +1103,7 @@ cdef class Writer:
                     break
         finally:
             self._md_flush()  # the lines before a bad one count, as in the pure build
-        return self._md_ended
+        return 0
 
     cdef int _md_flush(self) except -1:
         """Hash the parsed key lines together and queue the fetches of the wanted ones."""
@@ -1226,14 +1286,23 @@ cdef class Writer:
 
     def feed_fetch(self, data):
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        inbuf_take(&self._fch, data)
-        self._meta_answers()
+        cdef CBuf c
+        cdef Buf view
+        cdef Buf *b
+        cbuf_get(data, &c)
+        try:
+            b = in_place(&self._fch, &c, &view)
+            try:
+                self._meta_answers(b)
+            finally:
+                keep_rest(&self._fch, b)
+        finally:
+            cbuf_release(&c)
 
-    cdef int _meta_answers(self) except -1:
+    cdef int _meta_answers(self, Buf *b) except -1:
         """Hand each whole answer in the fetch buffer to its fetch: ``VA`` (a hit: the
         record, its flags and TTL from one read), ``MN`` (the batch ended: fetches without
         an answer found no key), errors."""
-        cdef Buf *b = &self._fch
         cdef const char *line
         cdef const char *nl
         cdef size_t avail, end, linelen, total, need, idx

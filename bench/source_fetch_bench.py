@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""What a crawler source (stock memcached) spends serving one stream, by request form.
+
+Loads N MemcachedStore-shaped keys (100-byte values) into a fresh memcached, then measures
+the memcached process's CPU seconds (user + system) for:
+  * ``lru_crawler metadump hash`` of everything (what every stream costs its source);
+  * pipelined ``mg <key> v f t q O<n>`` for the keys a 2->3 resize moves (656 per 1000), in
+    batches closed by ``mn``: the Writer's fetches today;
+  * the same keys as multi-key ``gets k1 k2 ...``, one request per batch.
+memcached serves at most ``-R`` (default 20) requests per event before it yields and flushes,
+so a pipeline of single-key requests pays that per 20 keys; ``--extra-args "-R 10000"``
+shows the difference vanish. Reported as JSON.
+
+    python bench/source_fetch_bench.py [--records 1000000] [--batch 256] [--extra-args "-R 10000"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from astaire.demo.localcluster import MemcachedServer  # noqa: E402
+
+SENTINEL = b"mg astaire-bench-no-such-key v\r\n"  # answered "EN": everything before it is answered
+
+
+def _pipe(server: MemcachedServer, chunks: list[bytes], until: bytes) -> None:
+    """Send ``chunks`` on one connection while a thread reads until the answer ends ``until``."""
+    with socket.create_connection((server.host, server.port)) as s:
+        def read():
+            tail = b""
+            while not tail.endswith(until):
+                data = s.recv(1 << 20)
+                if not data:
+                    raise RuntimeError("memcached closed the connection")
+                tail = (tail + data)[-16:]
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for chunk in chunks:
+            s.sendall(chunk)
+        reader.join()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, default=256, help="keys per mn-closed batch / per gets request")
+    p.add_argument("--extra-args", default="", help="more memcached arguments, e.g. \"-R 10000\"")
+    args = p.parse_args(argv)
+    server = MemcachedServer(memory_mb=max(256, args.records * 300 >> 20), extra_args=tuple(shlex.split(args.extra_args)))
+    server.start()
+    try:
+        proc = psutil.Process(server.proc.pid)
+
+        def cpu() -> float:
+            t = proc.cpu_times()
+            return t.user + t.system
+
+        keys = [b"bench\\\\key%09d" % i for i in range(args.records)]
+        value = b"x" * 100
+        sets = [b"set %s 1234 0 100 noreply\r\n%s\r\n" % (k, value) for k in keys]
+        _pipe(server, [b"".join(sets[i:i + 2000]) for i in range(0, len(sets), 2000)] + [b"mn\r\n"], b"MN\r\n")
+        moved = keys[:len(keys) * 656 // 1000]
+        report = {"records": args.records, "fetched": len(moved), "batch": args.batch,
+                  "memcached_args": args.extra_args, "cpu_seconds": {}, "seconds": {}}
+
+        def measure(name: str, chunks: list[bytes], until: bytes) -> None:
+            c0, t0 = cpu(), time.monotonic()
+            _pipe(server, chunks, until)
+            report["cpu_seconds"][name] = round(cpu() - c0, 3)
+            report["seconds"][name] = round(time.monotonic() - t0, 3)
+
+        measure("metadump_hash", [b"lru_crawler metadump hash\r\n"], b"END\r\n")
+        b = args.batch
+        mg = [b"mg %s v f t q O%d\r\n" % (k, i) for i, k in enumerate(moved)]
+        measure("mg", [b"".join(mg[i:i + b]) + b"mn\r\n" for i in range(0, len(mg), b)] + [SENTINEL], b"EN\r\n")
+        measure("gets", [b"gets " + b" ".join(moved[i:i + b]) + b"\r\n" for i in range(0, len(moved), b)]
+                + [SENTINEL], b"EN\r\n")
+    finally:
+        server.stop()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -406,28 +406,39 @@ cdef void ks_remove(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
 
 
 # -- input without a copy -----------------------------------------------------------------
-# A chunk read from a socket is parsed where it lies when nothing from an earlier chunk is
-# still buffered (the usual case: reads end between frames more often than not, and a cut
-# frame is completed by the next chunk); only its unparsed tail is copied into the Writer's
-# own buffer. Every byte from the sources was copied once more than needed before.
+# A chunk read from a socket is parsed where it lies. Only an item (frame, line, answer) cut
+# by the end of the previous chunk sits in the Writer's own buffer: it is completed there
+# with just the bytes it lacks from the new chunk, and the rest of the chunk is parsed in
+# place; the tail of the chunk that is cut in turn is copied into the buffer. (Every byte
+# from the sources and the target was copied into the buffer before parsing.)
 
-cdef inline Buf *in_place(Buf *own, CBuf *c, Buf *view) except NULL:
-    """The bytes to parse: the chunk ``c`` itself (as ``view``) when ``own`` holds nothing,
-    else ``own`` with ``c`` appended."""
-    if own.head == own.len:
-        view.data = <char *>c.p
-        view.head = 0
-        view.len = <size_t>c.n
-        view.cap = 0
-        return view
-    if inbuf_feed(own, c.p, <size_t>c.n) < 0:
-        raise MemoryError()
-    return own
+cdef enum:
+    IN_TAP = 0        # binary frames: a 24-byte header gives the length
+    IN_TARGET = 1
+    IN_METADUMP = 2   # text lines
+    IN_FETCH = 3      # text lines, some followed by a value: completed a line at a time
+
+
+cdef inline size_t catch_up_size(Buf *own, const char *p, size_t n, int kind) noexcept nogil:
+    """How much of the chunk ``p[:n]`` to append to ``own``, which holds a cut item: what
+    the frame lacks (its header first), or up to the chunk's next newline."""
+    cdef size_t have = own.len - own.head, need, total
+    cdef const char *nl
+    if kind == IN_TAP or kind == IN_TARGET:
+        if have < C_HEADER:
+            need = C_HEADER - have
+        else:
+            total = C_HEADER + <size_t>be32(<const uint8_t *>own.data + own.head + 8)
+            need = total - have if total > have else 1
+    else:
+        nl = <const char *>memchr(p, CH_NL, n)
+        need = <size_t>(nl - p) + 1 if nl != NULL else n
+    return need if need < n else n
 
 
 cdef inline int keep_rest(Buf *own, Buf *b) except -1:
-    """After parsing ``b``: the unparsed tail of a chunk parsed in place is kept in ``own``."""
-    if b != own and b.head < b.len:
+    """After parsing ``b`` in place: its unparsed tail is kept in ``own``."""
+    if b.head < b.len:
         if inbuf_feed(own, b.data + b.head, b.len - b.head) < 0:
             raise MemoryError()
     return 0
@@ -511,6 +522,7 @@ cdef class Writer:
     # Crawler side (not per-record hot: Python containers are fine here).
     cdef Buf _md
     cdef uint64_t _md_offset
+    cdef Py_ssize_t _accepted   # records feed_tap accepted
     cdef bint _md_ended
     cdef int _mdn                               # listed keys parsed, not yet hashed
     cdef uint16_t _mdlen[LANES]
@@ -912,24 +924,56 @@ cdef class Writer:
 
     def feed_tap(self, data):
         """Take a chunk of the TAP stream; returns how many records it accepted."""
-        cdef int r
-        cdef Py_ssize_t accepted = 0
+        self._accepted = 0
+        self._feed(data, &self._src, IN_TAP)
+        return self._accepted
+
+    cdef int _feed(self, object data, Buf *own, int kind) except -1:
+        """Parse a chunk: first complete the item ``own`` holds (appending only what it
+        lacks), then parse the rest of the chunk in place and keep its cut tail in ``own``."""
         cdef CBuf c
         cdef Buf view
-        cdef Buf *b
+        cdef size_t k = 0, take, n
         cbuf_get(data, &c)
         try:
-            b = in_place(&self._src, &c, &view)
-            try:
-                with nogil:
-                    r = self._tap_loop(b, &accepted)
-                if r < 0:
-                    raise_frame_error(r, <const uint8_t *>b.data + b.head, self._src_offset, self.max_body)
-            finally:
-                keep_rest(&self._src, b)
+            n = <size_t>c.n
+            while own.head < own.len and k < n:
+                take = catch_up_size(own, c.p + k, n - k, kind)
+                if inbuf_feed(own, c.p + k, take) < 0:
+                    raise MemoryError()
+                k += take
+                self._parse(own, kind)
+            if k < n:
+                if kind == IN_METADUMP and self._md_ended:
+                    raise CrawlerError("data after END", self._md_offset)
+                view.data = <char *>c.p + k
+                view.head = 0
+                view.len = n - k
+                view.cap = 0
+                try:
+                    self._parse(&view, kind)
+                finally:
+                    keep_rest(own, &view)
         finally:
             cbuf_release(&c)
-        return accepted
+        return 0
+
+    cdef int _parse(self, Buf *b, int kind) except -1:
+        cdef int r
+        cdef Py_ssize_t accepted = 0
+        if kind == IN_TAP:
+            with nogil:
+                r = self._tap_loop(b, &accepted)
+            self._accepted += accepted
+            if r < 0:
+                raise_frame_error(r, <const uint8_t *>b.data + b.head, self._src_offset, self.max_body)
+        elif kind == IN_TARGET:
+            self._target_frames(b)
+        elif kind == IN_METADUMP:
+            self._metadump_lines(b)
+        else:
+            self._meta_answers(b)
+        return 0
 
     # -- target ----------------------------------------------------------------------
 
@@ -948,35 +992,23 @@ cdef class Writer:
 
     def feed_target(self, data):
         """Take a chunk of the local memcached's responses."""
-        self._feed_answers(data, &self._tgt, &self._tgt_offset)
+        self._feed(data, &self._tgt, IN_TARGET)
 
-    cdef int _feed_answers(self, object data, Buf *t, uint64_t *offset) except -1:
-        """Append a chunk to the target's response buffer and hand each whole frame to
-        ``_on_target``; a frame cut short stays buffered for the next chunk."""
+    cdef int _target_frames(self, Buf *b) except -1:
+        """Hand each whole frame to ``_on_target``; a frame cut short stays for the next chunk."""
         cdef const uint8_t *p
         cdef size_t size = 0
         cdef int r
-        cdef CBuf c
-        cdef Buf view
-        cdef Buf *b
-        cbuf_get(data, &c)
-        try:
-            b = in_place(t, &c, &view)
-            try:
-                while b.head < b.len:
-                    p = <const uint8_t *>b.data + b.head
-                    r = check_header(p, b.len - b.head, self.max_body, &size)
-                    if r == R_INCOMPLETE:
-                        break
-                    if r < 0:
-                        raise_frame_error(r, p, offset[0], self.max_body)
-                    self._on_target(p, size, offset[0])
-                    b.head += size
-                    offset[0] += size
-            finally:
-                keep_rest(t, b)
-        finally:
-            cbuf_release(&c)
+        while b.head < b.len:
+            p = <const uint8_t *>b.data + b.head
+            r = check_header(p, b.len - b.head, self.max_body, &size)
+            if r == R_INCOMPLETE:
+                break
+            if r < 0:
+                raise_frame_error(r, p, self._tgt_offset, self.max_body)
+            self._on_target(p, size, self._tgt_offset)
+            b.head += size
+            self._tgt_offset += size
         return 0
 
     cdef int _on_target(self, const uint8_t *p, size_t size, uint64_t offset) except -1:
@@ -1079,22 +1111,11 @@ cdef class Writer:
 
     def feed_metadump(self, data):
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        cdef Buf *m
-        cdef Buf view
-        cdef CBuf c
         if self._md_ended:
             if len(data):
                 raise CrawlerError("data after END", self._md_offset)
             return True
-        cbuf_get(data, &c)
-        try:
-            m = in_place(&self._md, &c, &view)
-            try:
-                self._metadump_lines(m)
-            finally:
-                keep_rest(&self._md, m)
-        finally:
-            cbuf_release(&c)
+        self._feed(data, &self._md, IN_METADUMP)
         return self._md_ended
 
     cdef int _metadump_lines(self, Buf *m) except -1:
@@ -1345,18 +1366,7 @@ cdef class Writer:
 
     def feed_fetch(self, data):
         """Take a chunk of the source's answers to ``fetch_requests``."""
-        cdef CBuf c
-        cdef Buf view
-        cdef Buf *b
-        cbuf_get(data, &c)
-        try:
-            b = in_place(&self._fch, &c, &view)
-            try:
-                self._meta_answers(b)
-            finally:
-                keep_rest(&self._fch, b)
-        finally:
-            cbuf_release(&c)
+        self._feed(data, &self._fch, IN_FETCH)
 
     cdef int _meta_answers(self, Buf *b) except -1:
         """Hand each whole answer in the fetch buffer to its fetch. A batch of meta gets:

@@ -715,11 +715,9 @@ class Writer:
         self._md_head = 0
         self._md_offset = 0
         self._md_ended = False
-        self._fetch_queue = deque()        # (key, exp, vb, cas, meta) not sent yet
+        self._fetch_queue = deque()        # (key, exp, vb) not sent yet
         self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
-        self._fetch_batches = deque()      # per batch until its MN / END: {opaque: (key, listed exp, vb, cas,
-        #                                    meta)} for meta gets, a _GetsBatch for a gets
-        self.refetched = 0
+        self._fetch_batches = deque()      # {opaque: (key, listed exp, vb)} per batch of meta gets, until its MN
         self._fetch_in_flight = 0
         self._fetch_seq = 0
         self._fetch_out = bytearray()
@@ -757,7 +755,7 @@ class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "deduplicated": self.deduplicated, "refetched": self.refetched,
+            "read_first": self.read_first, "deduplicated": self.deduplicated,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -1106,25 +1104,16 @@ class Writer:
         if line.startswith(b"key="):
             sp = line.find(b" ")
             raw = line[4:] if sp < 0 else line[4:sp]
-            exp = cas = None
+            exp = None
             if sp >= 0:
                 for field in line[sp + 1:].split(b" "):
-                    if cas is None and field.startswith(b"cas="):
-                        cas = _decimal_u64(field[4:])
-                        if cas is None:
-                            raise CrawlerError("bad cas in metadump line", offset)
-                    elif exp is None and field.startswith(b"exp="):
+                    if field.startswith(b"exp="):
                         digits = field[5:] if field[4:5] == b"-" else field[4:]
-                        if not digits.isdigit() or not digits.isascii():  # int() would take "+1", "1_0"
+                        if not digits.isdigit():  # ASCII digits only (int() would take "+1", "1_0")
                             raise CrawlerError("bad exp in metadump line", offset)
                         exp = int(field[4:])
-                        if exp < -1 or exp > 0xFFFFFFFF:
-                            raise CrawlerError("metadump line without a valid exp", offset)
-                    else:
-                        continue
-                    if exp is not None and cas is not None:
                         break
-            if exp is None:
+            if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)
             key = _decode_uri(raw, offset)
             if not key or len(key) > 250:
@@ -1143,8 +1132,7 @@ class Writer:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
             queued[key] = 1
-            cas = cas or 0
-            self._fetch_queue.append((key, exp, vb, cas, cas == 0 or not _text_key(key)))
+            self._fetch_queue.append((key, exp, vb))
             return False
         if line == b"END":
             return True
@@ -1157,15 +1145,9 @@ class Writer:
         raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
 
     def fetch_requests(self) -> bytes:
-        """Pending fetches of listed keys, a batch at a time. A key listed with its CAS goes
-        in a multi-key ``gets <key> <key> ...`` (one request per batch: memcached serves a
-        pipeline of single-key requests 20 at a time, yielding between): its value and flags
-        come back with its CAS, and the listing's expiry holds if the CAS is still the listed
-        one; a key whose CAS has changed is fetched again by meta get. A key listed without a
-        CAS (memcached run with -C), or which the text protocol cannot carry as it is, goes in
-        a batch of meta gets (``mg <key> v f t q O<n>``: value, flags and remaining TTL in one
-        read, misses silent) closed by ``mn``. At most ``window`` fetches and unsettled records
-        are in flight together."""
+        """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
+        remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
+        ``window`` fetches and unsettled records are in flight together."""
         room = self.window - self._fetch_in_flight - self.backlog
         queue = self._fetch_queue
         queued = self._fetch_queued_keys
@@ -1174,27 +1156,18 @@ class Writer:
             n = min(room, self._fence_every, len(queue))
             if n < self._fence_every and n < len(queue):
                 break  # a batch at a time, as for the target: wait for room for a whole one
-            meta = queue[0][4]  # a batch is all meta gets, or one gets
-            batch = {} if meta else _GetsBatch()
+            batch = {}
             for _ in range(n):
-                if queue[0][4] != meta:
-                    break
-                fetch = queue.popleft()
-                del queued[fetch[0]]
+                key, exp, vb = queue.popleft()
+                del queued[key]
                 opaque = self._fetch_seq
                 self._fetch_seq = (opaque + 1) & _FENCE_MASK
-                if meta:
-                    batch[opaque] = fetch
-                    out += _meta_get(fetch[0], opaque)
-                else:
-                    batch.fetches.append(fetch)
-            if meta:
-                out += b"mn\r\n"
-            else:
-                out += b"gets " + b" ".join(f[0] for f in batch.fetches) + b"\r\n"
+                batch[opaque] = (key, exp, vb)
+                out += _meta_get(key, opaque)
+            out += b"mn\r\n"
             self._fetch_batches.append(batch)
-            self._fetch_in_flight += len(batch)
-            room -= len(batch)
+            self._fetch_in_flight += n
+            room -= n
         data = bytes(out)
         out.clear()
         return data
@@ -1230,8 +1203,6 @@ class Writer:
         if not self._fetch_batches:
             raise UnexpectedFrame(f"unexpected answer {line[:120]!r} on the fetch connection", offset)
         batch = self._fetch_batches[0]
-        if isinstance(batch, _GetsBatch):
-            return self._on_gets_answer(batch, buf, pos, line, total, offset)
         if line == b"MN":
             self._fetch_batches.popleft()
             self.vanished += len(batch)
@@ -1253,7 +1224,7 @@ class Writer:
             if opaque not in batch:
                 raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
                                       offset)
-            key, listed, vb, _cas, _meta = batch.pop(opaque)
+            key, listed, vb = batch.pop(opaque)
             self._fetch_in_flight -= 1
             self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _read_expiry(listed, ttl), vb, need)
             return need
@@ -1264,80 +1235,6 @@ class Writer:
         if line == b"ERROR":
             raise UnexpectedFrame("the source refused a meta get (ERROR): no meta commands", offset)
         raise UnexpectedFrame(f"unexpected answer {line[:120]!r} on the fetch connection", offset)
-
-    def _on_gets_answer(self, batch, buf, pos, line, total, offset) -> int:
-        """One line (and value) of the answer to the gets batch at the front: the bytes it
-        took, or 0 when its value is not all here."""
-        if line.startswith(b"VALUE "):
-            hit = _parse_value(line)
-            if hit is None:
-                raise MalformedFrame(f"bad gets answer {line[:120]!r} on the fetch connection", offset)
-            key, flags, vlen, cas = hit
-            need = total + vlen + 2
-            if len(buf) - pos < need:
-                if need > self.max_body + _MAX_META_LINE:
-                    raise FrameTooLarge(f"gets value of {vlen} bytes exceeds the limit of {self.max_body}", offset)
-                return 0
-            if buf[pos + need - 2:pos + need] != b"\r\n":
-                raise MalformedFrame("gets value not followed by CRLF on the fetch connection", offset)
-            fetches = batch.fetches
-            idx = batch.pos
-            while idx < len(fetches) and fetches[idx][0] != key:  # in the order asked; passed over: no key
-                idx += 1
-            if idx == len(fetches):
-                raise UnexpectedFrame(f"gets answer for a key not asked for: {line[:120]!r}", offset)
-            batch.pos = idx + 1
-            batch.answered += 1
-            self._fetch_in_flight -= 1
-            key, listed, vb, listed_cas, _meta = fetches[idx]
-            if cas != listed_cas:
-                self._refetch(fetches[idx])
-            else:
-                self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, listed, vb, need)
-            return need
-        if line == b"END":
-            self._gets_batch_ended(batch)
-            return total
-        if line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):
-            # memcached ends a gets at an error (no END): the fetches not yet answered are counted
-            # with the vanished, and the stream fails on the error
-            self.failed += 1
-            self.last_error = f"gets failed on the fetch connection: {line[:120]!r}"
-            self._gets_batch_ended(batch)
-            return total
-        raise UnexpectedFrame(f"unexpected answer {line[:120]!r} to a gets on the fetch connection", offset)
-
-    def _gets_batch_ended(self, batch) -> None:
-        self._fetch_batches.popleft()
-        rest = len(batch.fetches) - batch.answered
-        self.vanished += rest
-        self._fetch_in_flight -= rest
-
-    def _refetch(self, fetch) -> None:
-        """Queue ``fetch`` again, as a meta get (unless its key was listed again meanwhile and
-        is still queued: that fetch reads the latest copy)."""
-        self.refetched += 1
-        key, listed, vb, cas, _meta = fetch
-        if key in self._fetch_queued_keys:
-            self.duplicates += 1
-            return
-        self._fetch_queued_keys[key] = 1
-        self._fetch_queue.append((key, listed, vb, cas, True))
-
-
-class _GetsBatch:
-    """A gets batch in flight: its fetches in the order asked, the next one an answer may be
-    for, and how many were answered."""
-
-    __slots__ = ("fetches", "pos", "answered")
-
-    def __init__(self):
-        self.fetches = []
-        self.pos = 0
-        self.answered = 0
-
-    def __len__(self) -> int:
-        return len(self.fetches)
 
 
 _MAX_META_LINE = 2048
@@ -1377,30 +1274,6 @@ def _meta_get(key: bytes, opaque: int) -> bytes:
     if any(c <= 32 or c == 127 for c in key):
         return b"mg " + base64.b64encode(key) + b" b v f t q O%d\r\n" % opaque
     return b"mg " + key + b" v f t q O%d\r\n" % opaque
-
-
-def _text_key(key: bytes) -> bool:
-    """The text protocol can carry the key as it is (no space, no control byte)."""
-    return not any(c <= 32 or c == 127 for c in key)
-
-
-def _decimal_u64(digits: bytes):
-    """ASCII digits only, at most 2**64 - 1; else None."""
-    if not digits or len(digits) > 20 or not digits.isdigit():
-        return None
-    v = int(digits)
-    return v if v <= 0xFFFFFFFFFFFFFFFF else None
-
-
-def _parse_value(line: bytes):
-    """``VALUE <key> <flags> <bytes> <cas>`` (a gets hit): (key, flags, len, cas), or None."""
-    tokens = line[6:].split(b" ")
-    if len(tokens) != 4 or not tokens[0]:
-        return None
-    flags, vlen, cas = _number(tokens[1]), _number(tokens[2]), _decimal_u64(tokens[3])
-    if flags is None or vlen is None or cas is None or flags > 0xFFFFFFFF:
-        return None
-    return tokens[0], flags, vlen, cas
 
 
 def _number(token: bytes, signed: bool = False):

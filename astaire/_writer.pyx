@@ -238,13 +238,11 @@ def _key_text(key):
 
 cdef struct Fetch:
     uint64_t key_hash   # key_hash64(key), when the Writer has a settled table
-    uint64_t cas        # the CAS the listing gave (0: none)
     uint32_t exp
     uint32_t vb
     uint32_t hash       # vbucket_hash(key)
     uint16_t klen
     uint8_t answered
-    uint8_t meta        # fetched with a meta get (else in a multi-key gets)
     char key[C_MAX_KEY]
 
 
@@ -527,9 +525,6 @@ cdef class Writer:
     cdef int _mdn                               # listed keys parsed, not yet hashed
     cdef uint16_t _mdlen[LANES]
     cdef uint32_t _mdexp[LANES]
-    cdef uint64_t _mdcas[LANES]
-    cdef size_t _front_pos     # gets batch at the front: its next fetch an answer may be for
-    cdef readonly uint64_t refetched  # gets answers whose CAS differed from the listing's: fetched again
     cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef FetchQ _fq            # the sent fetches (its first _fq_sent entries, in opaque order, until
     cdef size_t _fq_sent       # their batch's MN), then the listed ones not yet sent
@@ -658,7 +653,7 @@ cdef class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "deduplicated": self.deduplicated, "refetched": self.refetched,
+            "read_first": self.read_first, "deduplicated": self.deduplicated,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -1198,10 +1193,6 @@ cdef class Writer:
                 raise MemoryError()
             e.key_hash = c_key_hash64(key, dlen) if self._settled != NULL else 0
             e.exp = self._mdexp[i]
-            e.cas = self._mdcas[i]
-            # A multi-key gets (one request for a batch) when the listing's CAS can tell
-            # whether the listed expiry still holds, and the key can travel as text.
-            e.meta = e.cas == 0 or not text_key(key, dlen)
             e.vb = vb
             e.hash = h
             e.klen = <uint16_t>dlen
@@ -1223,8 +1214,6 @@ cdef class Writer:
         cdef bint found = False, neg, big
         cdef uint64_t val
         cdef int64_t exp = 0
-        cdef uint64_t cas = 0
-        cdef bint cas_found = False
         cdef int hi, lo
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # Fields are a few bytes each: scanned inline (a memchr call per field cost more
@@ -1240,13 +1229,7 @@ cdef class Writer:
                     fend = f
                     while fend < lend and fend[0] != CH_SP:
                         fend += 1
-                    if not cas_found and fend - f >= 4 and memcmp(f, b"cas=", 4) == 0:
-                        if parse_u64(f + 4, fend, &cas) < 0:
-                            raise CrawlerError("bad cas in metadump line", offset)
-                        cas_found = True
-                        if found:
-                            break
-                    elif not found and fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
+                    if fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
                         f += 4
                         neg = f < fend and f[0] == CH_MINUS
                         if neg:
@@ -1263,12 +1246,9 @@ cdef class Writer:
                                 if val > 0xFFFFFFFFu:  # u: a C constant (bare, Cython compares as Python ints)
                                     big = True
                             f += 1
-                        if big or (neg and val > 1):
-                            raise CrawlerError("metadump line without a valid exp", offset)
-                        found = True
+                        found = not big and (not neg or val <= 1)
                         exp = -<int64_t>val if neg else <int64_t>val
-                        if cas_found:
-                            break
+                        break
                     f = fend + 1
             if not found:
                 raise CrawlerError("metadump line without a valid exp", offset)
@@ -1295,7 +1275,6 @@ cdef class Writer:
             memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
             self._mdlen[self._mdn] = <uint16_t>dlen
             self._mdexp[self._mdn] = <uint32_t>exp
-            self._mdcas[self._mdn] = cas
             self._mdn += 1
             if self._mdn == LANES:
                 self._md_flush()
@@ -1304,15 +1283,9 @@ cdef class Writer:
         return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
 
     def fetch_requests(self):
-        """Pending fetches of listed keys, a batch at a time. A key listed with its CAS goes
-        in a multi-key ``gets <key> <key> ...`` (one request per batch: memcached serves a
-        pipeline of single-key requests 20 at a time, yielding between): its value and flags
-        come back with its CAS, and the listing's expiry holds if the CAS is still the listed
-        one; a key whose CAS has changed is fetched again by meta get. A key listed without a
-        CAS (memcached run with -C), or which the text protocol cannot carry as it is, goes in
-        a batch of meta gets (``mg <key> v f t q O<n>``: value, flags and remaining TTL in one
-        read, misses silent) closed by ``mn``. At most ``window`` fetches and unsettled records
-        are in flight together."""
+        """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
+        remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
+        ``window`` fetches and unsettled records are in flight together."""
         cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
         cdef int r
         with nogil:
@@ -1327,7 +1300,6 @@ cdef class Writer:
         cdef size_t n, j, queued
         cdef uint64_t seq
         cdef Fetch *e
-        cdef uint8_t meta
         while room > 0 and fq_count(&self._fq) > self._fq_sent:
             queued = fq_count(&self._fq) - self._fq_sent
             n = min(<size_t>room, <size_t>self._fence_every, queued)
@@ -1336,30 +1308,21 @@ cdef class Writer:
             if self._fq_sent == 0:
                 self._inflight_first = self._fetch_seq
             seq = self._fq.first + self._fq_sent
-            meta = fq_at(&self._fq, seq).meta  # a batch is all meta gets, or one gets
             for j in range(n):
                 if j + FETCH_PREFETCH < n:  # entries listed long ago: fetch them (and their key slots) early
                     e = fq_at(&self._fq, seq + j + FETCH_PREFETCH)
                     prefetch(e)
                     prefetch(<char *>e + 64)
                 e = fq_at(&self._fq, seq + j)
-                if e.meta != meta:
-                    n = j
-                    break
                 ks_remove(&self._fq_keys, seq + j, e.hash)
-                if meta and emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq) < 0:
+                if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
-            if meta:
-                if buf_reserve(&self._fetch_out, 4) < 0:
-                    return -1
-                memcpy(self._fetch_out.data + self._fetch_out.len, b"mn\r\n", 4)
-                self._fetch_out.len += 4
-            elif emit_gets(&self._fetch_out, &self._fq, seq, n) < 0:
-                return -1
-            if q_push(&self._fetch_batches, (<uint64_t>(not meta) << 32) | n) < 0:
-                return -1
             self._fq_sent += n
+            if buf_reserve(&self._fetch_out, 4) < 0 or q_push(&self._fetch_batches, n) < 0:
+                return -1
+            memcpy(self._fetch_out.data + self._fetch_out.len, b"mn\r\n", 4)
+            self._fetch_out.len += 4
             self._fetch_in_flight += n
             room -= n
         return 0
@@ -1369,10 +1332,9 @@ cdef class Writer:
         self._feed(data, &self._fch, IN_FETCH)
 
     cdef int _meta_answers(self, Buf *b) except -1:
-        """Hand each whole answer in the fetch buffer to its fetch. A batch of meta gets:
-        ``VA`` (a hit: the record, its flags and TTL from one read), ``MN`` (the batch ended:
-        fetches without an answer found no key). A gets batch: ``VALUE`` (a hit, in the order
-        asked: fetches passed over found no key), ``END``. Errors."""
+        """Hand each whole answer in the fetch buffer to its fetch: ``VA`` (a hit: the
+        record, its flags and TTL from one read), ``MN`` (the batch ended: fetches without
+        an answer found no key), errors."""
         cdef const char *line
         cdef const char *nl
         cdef size_t avail, end, linelen, total, need, idx
@@ -1396,11 +1358,7 @@ cdef class Writer:
             if self._fetch_batches.head == self._fetch_batches.len:
                 raise UnexpectedFrame(f"unexpected answer {_line_text(line, linelen)} on the fetch connection",
                                       offset)
-            if (self._fetch_batches.data[self._fetch_batches.head] >> 32) & 1:
-                total = self._gets_answer(line, linelen, total, avail, offset)
-                if total == 0:
-                    return 0
-            elif linelen == 2 and line[0] == CH_M and line[1] == CH_N:
+            if linelen == 2 and line[0] == CH_M and line[1] == CH_N:
                 self._batch_ended()
             elif linelen >= 3 and line[0] == CH_V and line[1] == CH_A and line[2] == CH_SP:
                 r = parse_va(line, linelen, &hit)
@@ -1444,83 +1402,6 @@ cdef class Writer:
             self._fch_offset += total
         return 0
 
-    cdef size_t _gets_answer(self, const char *line, size_t linelen, size_t total, size_t avail,
-                             uint64_t offset) except? 0:
-        """One line (and value) of the answer to the gets batch at the front: the bytes it
-        took, or 0 when its value is not all here."""
-        cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
-        cdef size_t need, idx, klen
-        cdef const char *key
-        cdef MetaHit hit
-        cdef Fetch *e
-        if linelen >= 6 and memcmp(line, b"VALUE ", 6) == 0:
-            if parse_value(line, linelen, &hit, &key, &klen) < 0:
-                raise MalformedFrame(f"bad gets answer {_line_text(line, linelen)} on the fetch connection", offset)
-            need = total + hit.vlen + 2
-            if avail < need:
-                if need > self.max_body + C_MAX_META_LINE:
-                    raise FrameTooLarge(f"gets value of {hit.vlen} bytes exceeds the limit of {self.max_body}",
-                                        offset)
-                return 0
-            if line[need - 2] != CH_CR or line[need - 1] != CH_NL:
-                raise MalformedFrame("gets value not followed by CRLF on the fetch connection", offset)
-            idx = self._front_pos
-            while idx < n:  # answers come in the order asked; a fetch passed over found no key
-                e = fq_at(&self._fq, self._fq.first + idx)
-                if e.klen == klen and same_bytes(e.key, key, klen):
-                    break
-                idx += 1
-            if idx == n:
-                raise UnexpectedFrame(f"gets answer for a key not asked for: {_line_text(line, linelen)}", offset)
-            if idx + 2 * FETCH_PREFETCH < n:
-                prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
-            if self._settled != NULL and idx + FETCH_PREFETCH < n:
-                prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
-            e.answered = 1
-            self._front_pos = idx + 1
-            self._front_answered += 1
-            self._fetch_in_flight -= 1
-            if hit.cas != e.cas:
-                # Changed since it was listed: the listed expiry may be stale. Fetched again
-                # with a meta get, which reads the remaining TTL with the value.
-                self._refetch(self._fq.first + idx)
-            elif self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, e.exp, e.vb, need, e.key_hash) < 0:
-                raise MemoryError()
-            return need
-        if linelen == 3 and memcmp(line, b"END", 3) == 0:
-            self._batch_ended()
-            return total
-        if linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):
-            # memcached ends a gets at an error (no END): the fetches not yet answered are counted
-            # with the vanished, and the stream fails on the error
-            self.failed += 1
-            self.last_error = f"gets failed on the fetch connection: {_line_text(line, linelen)}"
-            self._batch_ended()
-            return total
-        raise UnexpectedFrame(f"unexpected answer {_line_text(line, linelen)} to a gets on the fetch connection",
-                              offset)
-
-    cdef int _refetch(self, uint64_t seq) except -1:
-        """Queue fetch ``seq`` again, as a meta get (unless its key was listed again meanwhile
-        and is still queued: that fetch reads the latest copy)."""
-        cdef Fetch *e = fq_at(&self._fq, seq)
-        cdef Fetch *f
-        self.refetched += 1
-        if ks_find(&self._fq_keys, &self._fq, e.hash, e.key, e.klen):
-            self.duplicates += 1
-            return 0
-        f = fq_push(&self._fq)  # may move the entries
-        if f == NULL:
-            raise MemoryError()
-        e = fq_at(&self._fq, seq)
-        memcpy(f, e, <size_t>(<char *>e.key - <char *>e) + e.klen)
-        f.meta = 1
-        f.answered = 0
-        if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, f.hash,
-                  self._fq.first + self._fq_sent) < 0:
-            raise MemoryError()
-        return 0
-
     cdef void _batch_ended(self) noexcept nogil:
         cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
         cdef size_t j
@@ -1532,7 +1413,6 @@ cdef class Writer:
         self._inflight_first = (self._inflight_first + <uint32_t>n) & C_FENCE_MASK
         q_pop(&self._fetch_batches)
         self._front_answered = 0
-        self._front_pos = 0
 
 
 cdef object _line_text(const char *line, size_t n):
@@ -1544,7 +1424,6 @@ cdef struct MetaHit:
     uint32_t flags
     int64_t ttl
     uint32_t opaque
-    uint64_t cas
 
 
 cdef inline uint32_t read_expiry(uint32_t listed, int64_t ttl, time_t now) noexcept nogil:
@@ -1588,91 +1467,6 @@ cdef int parse_num(const char *p, const char *end, bint signed, int64_t *out) no
         v = v * 10 + <uint64_t>(p[0] - CH_0)
         p += 1
     out[0] = -<int64_t>v if neg else <int64_t>v
-    return 0
-
-
-cdef int parse_u64(const char *p, const char *end, uint64_t *out) noexcept nogil:
-    """ASCII digits only, at most 2**64 - 1: 0, or -1."""
-    cdef uint64_t v = 0
-    cdef uint64_t d
-    if p == end or end - p > 20:
-        return -1
-    while p < end:
-        if p[0] < CH_0 or p[0] > CH_9:
-            return -1
-        d = <uint64_t>(p[0] - CH_0)
-        if v > (<uint64_t>0xFFFFFFFFFFFFFFFFu - d) // 10:
-            return -1
-        v = v * 10 + d
-        p += 1
-    out[0] = v
-    return 0
-
-
-cdef inline bint text_key(const char *key, size_t klen) noexcept nogil:
-    """The text protocol can carry the key as it is (no space, no control byte)."""
-    cdef size_t i
-    cdef uint8_t c
-    for i in range(klen):
-        c = <uint8_t>key[i]
-        if c <= 32 or c == 127:
-            return False
-    return True
-
-
-cdef int parse_value(const char *line, size_t n, MetaHit *hit, const char **key, size_t *klen) noexcept nogil:
-    """``VALUE <key> <flags> <bytes> <cas>`` (a gets hit): 0, or -1. The CAS goes in
-    ``hit.cas``; the key is given as a pointer into the line."""
-    cdef const char *p = line + 6
-    cdef const char *end = line + n
-    cdef const char *sp
-    cdef int64_t v
-    cdef int i
-    sp = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
-    if sp == NULL or sp == p:
-        return -1
-    key[0] = p
-    klen[0] = <size_t>(sp - p)
-    for i in range(3):
-        p = sp + 1
-        sp = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
-        if (sp == NULL) != (i == 2):
-            return -1
-        if sp == NULL:
-            sp = end
-        if i == 0:
-            if parse_num(p, sp, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
-                return -1
-            hit.flags = <uint32_t>v
-        elif i == 1:
-            if parse_num(p, sp, False, &v) < 0:
-                return -1
-            hit.vlen = <size_t>v
-        elif parse_u64(p, sp, &hit.cas) < 0:
-            return -1
-    return 0
-
-
-cdef int emit_gets(Buf *out, FetchQ *q, uint64_t seq, size_t n) noexcept nogil:
-    """``gets <key> <key> ...\r\n`` for the ``n`` fetches from ``seq`` on."""
-    cdef size_t j, size = 6
-    cdef Fetch *e
-    cdef char *p
-    for j in range(n):
-        size += 1 + fq_at(q, seq + j).klen
-    if buf_reserve(out, size) < 0:
-        return -1
-    p = out.data + out.len
-    memcpy(p, b"gets", 4)
-    p += 4
-    for j in range(n):
-        e = fq_at(q, seq + j)
-        p[0] = CH_SP
-        memcpy(p + 1, e.key, e.klen)
-        p += 1 + e.klen
-    p[0] = CH_CR
-    p[1] = CH_NL
-    out.len += size
     return 0
 
 

@@ -514,8 +514,7 @@ EXPS = [b"-1", b"0", b"12345", b"4294967295", b"4294967296", b"99999999999999999
         b"x", b"+1", b"1_0", b"-", b"-1-1"]
 OTHER_LINES = [b"OK", b"BUSY currently processing crawler request", b"ERROR", b"CLIENT_ERROR x", b"SERVER_ERROR y",
                b"key=a%4 exp=1", b"key=%zz exp=1", b"key=abc", b"garbage", b"", b"key= exp=1", b"END"]
-TAILS = [b" la=1 cas=2 fetch=no cls=1 size=70", b"", b" flags=5", b"  exp=9", b" ", b" cas=0", b" cas=x",
-         b" cas=18446744073709551615", b" cas=18446744073709551616", b" cas=2 cas=5", b" cas="]
+TAILS = [b" la=1 cas=2 fetch=no cls=1 size=70", b"", b" flags=5", b"  exp=9", b" "]
 
 
 def metadump_line(b):
@@ -555,10 +554,8 @@ def test_metadump_and_fetches_behave_alike_in_both_builds(tap, blob):
             req = w.fetch_requests()
             if not req:
                 break
-            # Hits carry no TTL (t-1) so both builds' records match byte for byte; a gets hit has
-            # the listed CAS (2), or another one (7: changed since listed, fetched again).
-            answer = meta_answer(req, lambda i, key: (b"v" + key, i, -1, 7 if i % 3 == 0 else 2)
-                                 if i % 10 in present else None)
+            # Hits carry no TTL (t-1) so both builds' records match byte for byte.
+            answer = meta_answer(req, lambda i, key: (b"v" + key, i, -1) if i % 10 in present else None)
             for c in cut(answer, sizes):
                 w.feed_fetch(c)
             out = w.target_requests()

@@ -46,22 +46,16 @@ def ops(data):
 
 
 MN = ("mn",)
-END = ("END",)
 
 
 def meta_gets(req):
-    """The crawler's fetch requests: (key, opaque) per ``mg ... v f t q O<n>``, MN per ``mn``;
-    (key, None) per key of a ``gets k1 k2 ...``, then END."""
+    """The crawler's fetch requests as [(key, opaque) per ``mg ... v f t q O<n>``, MN per ``mn``]."""
     out = []
     assert req.endswith(b"\r\n") or not req
     for line in req.split(b"\r\n")[:-1]:
         parts = line.split(b" ")
         if parts == [b"mn"]:
             out.append(MN)
-            continue
-        if parts[0] == b"gets":
-            assert len(parts) > 1 and all(parts[1:]), line
-            out += [(key, None) for key in parts[1:]] + [END]
             continue
         assert parts[0] == b"mg" and {b"v", b"f", b"t", b"q"} <= set(parts[2:]), line
         key = base64.b64decode(parts[1]) if b"b" in parts[2:] else parts[1]
@@ -70,24 +64,15 @@ def meta_gets(req):
 
 
 def meta_answer(req, hit=lambda i, key: None):
-    """A source's answers to ``req``: ``hit(i, key)`` gives (value, flags, ttl) or
-    (value, flags, ttl, cas), or None (a miss). A gets hit carries the cas given (0 if none)."""
+    """A source's answers to ``req``: ``hit(i, key)`` gives (value, flags, ttl) or None (a miss)."""
     answer = bytearray()
     for i, g in enumerate(meta_gets(req)):
         if g == MN:
             answer += b"MN\r\n"
             continue
-        if g == END:
-            answer += b"END\r\n"
-            continue
         found = hit(i, g[0])
-        if found is None:
-            continue
-        value, flags, ttl = found[:3]
-        if g[1] is None:
-            cas = found[3] if len(found) > 3 else 0
-            answer += b"VALUE %s %d %d %d\r\n%s\r\n" % (g[0], flags, len(value), cas, value)
-        else:
+        if found is not None:
+            value, flags, ttl = found
             answer += b"VA %d f%d t%d O%d\r\n%s\r\n" % (len(value), flags, ttl, g[1], value)
     return bytes(answer)
 
@@ -353,92 +338,6 @@ def test_fetch_without_an_answer_before_its_mn_vanished_and_the_expiry_comes_fro
     # The remaining TTL read with the value (relative, as memcached reads up to 30 days),
     # never the listing's exp=6.
     assert struct.unpack(">II", add.extras) == (7, 100)
-
-
-def test_keys_listed_with_their_cas_are_fetched_by_one_gets_with_the_listed_expiry(tap):
-    w = tap.Writer(ALL, window=16)
-    w.feed_metadump(b"key=a exp=4000000000 la=1 cas=11\nkey=b exp=-1 la=1 cas=12\n"
-                    b"key=c exp=-1 la=1 cas=13\nEND\r\n")
-    req = w.fetch_requests()
-    assert req == b"gets a b c\r\n" and meta_gets(req) == [(b"a", None), (b"b", None), (b"c", None), END]
-    answer = b"VALUE a 7 1 11\r\nA\r\nVALUE c 9 2 13\r\nCC\r\nEND\r\n"  # b is gone
-    for i in range(len(answer)):  # cut anywhere
-        w.feed_fetch(answer[i:i + 1])
-    assert (w.entries, w.vanished, w.refetched, w.fetch_backlog) == (2, 1, 0, 0)
-    adds = [f for f in frames_of(w.target_requests()) if f.opcode == 0x12]
-    # The listing's absolute expiry: the CAS shows the record is the one listed.
-    assert [(f.key, f.value, struct.unpack(">II", f.extras)) for f in adds] == [
-        (b"a", b"A", (7, 4000000000)), (b"c", b"CC", (9, 0))]
-
-
-def test_a_key_changed_since_it_was_listed_is_fetched_again_by_meta_get(tap):
-    w = tap.Writer(ALL, window=16)
-    w.feed_metadump(b"key=a exp=4000000000 la=1 cas=11\nkey=b exp=-1 la=1 cas=12\nEND\r\n")
-    assert w.fetch_requests() == b"gets a b\r\n"
-    w.feed_fetch(b"VALUE a 7 1 99\r\nA\r\nVALUE b 8 1 12\r\nB\r\nEND\r\n")
-    assert (w.entries, w.vanished, w.refetched, w.fetch_backlog) == (1, 0, 1, 1)
-    req = w.fetch_requests()
-    assert meta_gets(req) == [(b"a", 2), MN]  # opaques count every fetch sent, gets ones included
-    w.feed_fetch(b"VA 2 f8 t300 O2\r\nA2\r\nMN\r\n")
-    assert (w.entries, w.fetch_backlog) == (2, 0)
-    adds = {f.key: (f.value, struct.unpack(">II", f.extras)) for f in frames_of(w.target_requests())
-            if f.opcode == 0x12}
-    # a: the TTL read with the value, not the listing's expiry (the record changed since)
-    assert adds == {b"b": (b"B", (8, 0)), b"a": (b"A2", (8, 300))}
-
-
-def test_keys_without_a_listed_cas_or_not_text_go_by_meta_get_in_their_own_batches(tap):
-    w = tap.Writer(ALL, window=64)
-    w.feed_metadump(b"key=a exp=-1 cas=1\nkey=b exp=-1 cas=0\nkey=c exp=-1\nkey=d%20e exp=-1 cas=4\n"
-                    b"key=f exp=-1 cas=5\nEND\r\n")
-    req = w.fetch_requests()
-    assert meta_gets(req) == [(b"a", None), END, (b"b", 1), (b"c", 2), (b"d e", 3), MN, (b"f", None), END]
-    w.feed_fetch(b"VALUE a 1 1 1\r\nA\r\nEND\r\nVA 1 f2 t-1 O2\r\nC\r\nMN\r\nVALUE f 3 1 5\r\nF\r\nEND\r\n")
-    assert (w.entries, w.vanished, w.fetch_backlog) == (3, 2, 0)
-
-
-def test_a_gets_answer_out_of_order_malformed_or_refused(tap):
-    def fed(answer):
-        w = tap.Writer(ALL, window=16)
-        w.feed_metadump(b"key=a exp=-1 cas=1\nkey=b exp=-1 cas=2\nEND\r\n")
-        assert w.fetch_requests() == b"gets a b\r\n"
-        w.feed_fetch(answer)
-        return w
-    with pytest.raises(UnexpectedFrame):  # b then a: a was passed over as missing
-        fed(b"VALUE b 1 1 2\r\nB\r\nVALUE a 1 1 1\r\nA\r\n")
-    with pytest.raises(UnexpectedFrame):
-        fed(b"VALUE z 1 1 2\r\nZ\r\n")
-    for bad in (b"VALUE a 1 1\r\nA\r\n", b"VALUE a x 1 1\r\nA\r\n", b"VALUE a 1 1 1 \r\nA\r\n",
-                b"VALUE a 4294967296 1 1\r\nA\r\n", b"VALUE a 1 1 18446744073709551616\r\nA\r\n",
-                b"VALUE a 1 1 1\r\nAB\r\n"):
-        with pytest.raises(MalformedFrame):
-            fed(bad)
-    with pytest.raises(UnexpectedFrame):
-        fed(b"VA 1 f1 t-1 O0\r\nA\r\n")
-    # memcached ends a gets at an error, without END: the batch ends and the error counts
-    w = fed(b"VALUE a 1 1 1\r\nA\r\nSERVER_ERROR out of memory writing get response\r\n")
-    assert (w.entries, w.failed, w.vanished, w.fetch_backlog) == (1, 1, 1, 0)
-    assert "out of memory" in w.last_error
-    with pytest.raises(CrawlerError, match="bad cas"):
-        tap.Writer(ALL).feed_metadump(b"key=a exp=-1 cas=1x\n")
-
-
-def test_a_key_rewritten_between_listing_and_fetch_takes_its_new_ttl_from_real_memcached(tap, memcached):
-    with MemcachedServer(memory_mb=64) as source:
-        t = NOW_MS
-        binary_set(source, [(b"t\\\\same", b"same", t, 0), (b"t\\\\changed", b"old", t, 0)])
-        listing = metadump(source)
-        with connect(source) as s:  # rewritten after the listing: a new CAS, value, flags and TTL
-            s.sendall(b"set t\\\\changed %d 700 3\r\nnew\r\n" % (t + 1))
-            assert s.recv(100) == b"STORED\r\n"
-        w = tap.Writer(ALL, window=32)
-        with connect(memcached) as target, connect(source) as fetch:
-            assert w.feed_metadump(listing) is True
-            drive(w, target, fetch)
-        assert (w.entries, w.refetched, w.vanished, w.failed) == (2, 1, 0, 0)
-        assert meta_get(memcached, b"t\\\\same") == (b"same", t, -1)
-        value, flags, ttl = meta_get(memcached, b"t\\\\changed")
-        assert (value, flags) == (b"new", t + 1) and 690 <= ttl <= 701
 
 
 def test_the_listed_expiry_is_kept_only_when_the_read_agrees_with_it(tap):

@@ -15,10 +15,8 @@ connection, desynchronised, is closed. A fork that was only slow to start receiv
 stray bytes that never form a frame. The probe never sends anything else, so a TAP stream
 is never disturbed.
 
-Crawler: a text connection (version checked, later used by the Writer's fetches: multi-key
-``gets`` whose CAS shows the listed expiry still holds, else meta gets, ``mg <key> v f t q``,
-which read value, flags and remaining TTL at once; see codec.Writer.fetch_requests) and a
-text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
+Crawler: a text connection (version checked, later used by the Writer for pipelined meta
+gets, ``mg <key> v f t q``: value, flags and remaining TTL from one read) and a text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
 walk; ``all`` only where ``hash`` is refused, see METADUMP_HASH). A crawl already running
 (the ``lru_crawler_running`` stat, or a ``BUSY`` answer) is waited for with back-off a
 bounded number of times.
@@ -82,7 +80,7 @@ class TapSource:
 class CrawlerSource:
     server: str
     dump_sock: socket.socket   # text: lru_crawler metadump hash
-    fetch_sock: socket.socket  # text: the Writer's fetches (gets, or mg ... q + mn)
+    fetch_sock: socket.socket  # text: the Writer's meta gets (mg ... q) + mn
     initial: bytes = b""       # metadump bytes already read while checking for BUSY
     version: str = ""
     kind: str = field(default=CRAWLER, init=False)

@@ -273,10 +273,9 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept (%d of them known settled), %d fetched again (changed since listed) in %.2f s; "
-                     "reads: %s", job.source, job.target, self.kind,
+                     "%d kept (%d of them known settled) in %.2f s; reads: %s", job.source, job.target, self.kind,
                      len(job.vbuckets), stats["entries"], stats["bytes"], stats["added"], stats["replaced"],
-                     stats["kept"], stats["deduplicated"], stats.get("refetched", 0), seconds,
+                     stats["kept"], stats["deduplicated"], seconds,
                      ", ".join(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {p.reads} "
                                f"({p.bytes_read // max(p.reads, 1)} B each)" for p in self.peers))
         else:

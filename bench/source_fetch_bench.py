@@ -9,7 +9,9 @@ the memcached process's CPU seconds (user + system) for:
   * the same keys as multi-key ``gets k1 k2 ...``, one request per batch.
 memcached serves at most ``-R`` (default 20) requests per event before it yields and flushes,
 so a pipeline of single-key requests pays that per 20 keys; ``--extra-args "-R 10000"``
-shows the difference vanish. Reported as JSON.
+shows the difference vanish. Reported as JSON. (In isolation the gets form costs the source
+less; inside a real stream it did not, and the Writer keeps meta gets: docs/compatibility.md,
+"Values, flags and TTL".)
 
     python bench/source_fetch_bench.py [--records 1000000] [--batch 256] [--extra-args "-R 10000"]
 """

@@ -128,7 +128,6 @@ cdef int emit_key_only(Buf *out, uint8_t opcode, const char *key, uint32_t klen,
     return 0
 
 
-# A FIFO of 64-bit entries (head/tail, compacting like Buf).
 cdef inline bint same_bytes(const char *a, const char *b, size_t n) noexcept nogil:
     """memcmp(a, b, n) == 0 for the short runs compared per record (keys, the own prefix),
     inline: a libc call per record was 5% of a stream's CPU."""
@@ -147,6 +146,7 @@ cdef inline bint same_bytes(const char *a, const char *b, size_t n) noexcept nog
     return True
 
 
+# A FIFO of 64-bit entries (head/tail, compacting like Buf).
 cdef struct U64Q:
     uint64_t *data
     size_t head
@@ -501,6 +501,7 @@ cdef class Writer:
     cdef Buf _src
     cdef uint64_t _src_offset
     cdef bint _finished
+    cdef Py_ssize_t _accepted   # records the current feed_tap call accepted
     # Records accepted but not yet given a slot, and the slots (opaque = index).
     cdef Buf _queue
     cdef size_t _q_count
@@ -520,7 +521,6 @@ cdef class Writer:
     # Crawler side (not per-record hot: Python containers are fine here).
     cdef Buf _md
     cdef uint64_t _md_offset
-    cdef Py_ssize_t _accepted   # records feed_tap accepted
     cdef bint _md_ended
     cdef int _mdn                               # listed keys parsed, not yet hashed
     cdef uint16_t _mdlen[LANES]
@@ -939,8 +939,6 @@ cdef class Writer:
                 k += take
                 self._parse(own, kind)
             if k < n:
-                if kind == IN_METADUMP and self._md_ended:
-                    raise CrawlerError("data after END", self._md_offset)
                 view.data = <char *>c.p + k
                 view.head = 0
                 view.len = n - k
@@ -1118,6 +1116,10 @@ cdef class Writer:
         cdef const char *nl
         cdef size_t n, end
         cdef uint64_t offset  # a C integer: an undeclared one is a Python int made per line
+        if self._md_ended:  # END came at the end of an earlier piece of this chunk
+            if m.head < m.len:
+                raise CrawlerError("data after END", self._md_offset)
+            return 0
         try:
             while True:
                 line = m.data + m.head
@@ -1309,7 +1311,7 @@ cdef class Writer:
                 self._inflight_first = self._fetch_seq
             seq = self._fq.first + self._fq_sent
             for j in range(n):
-                if j + FETCH_PREFETCH < n:  # entries listed long ago: fetch them (and their key slots) early
+                if j + FETCH_PREFETCH < n:  # entries listed long ago: fetch their first two cache lines early
                     e = fq_at(&self._fq, seq + j + FETCH_PREFETCH)
                     prefetch(e)
                     prefetch(<char *>e + 64)

@@ -81,18 +81,11 @@ def _load_stream():
     return StreamJob, run_stream
 
 
-_preloaded = False
-
-
 def preload() -> None:
-    """In the supervisor, before it forks: import the stream machinery once, so that every
-    worker inherits it instead of importing it again (0.03 s of CPU each, paid again by each
-    replacement). A failure here is ignored: the worker's own ``_load_stream`` reports it as a
-    boot failure."""
-    global _preloaded
-    if _preloaded:
-        return
-    _preloaded = True
+    """In the supervisor, before it forks: import the stream machinery (once: later calls find
+    it in sys.modules), so that every worker inherits it instead of importing it again (0.03 s
+    of CPU each, paid again by each replacement). A failure here is ignored: the worker's own
+    ``_load_stream`` reports it as a boot failure."""
     try:
         import astaire.resync.stream  # noqa: F401
     except Exception:

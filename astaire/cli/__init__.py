@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from astaire.cli import commands, view
-    from astaire.demo import run as demo
+    from astaire import demo
 
     view.register(sub)
     commands.register(sub)

@@ -16,7 +16,7 @@ import os
 import syslog
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 STATUS = 25
 VERBOSE = 15

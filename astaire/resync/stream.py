@@ -32,7 +32,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from astaire import codec
 from astaire.resync import settled, source

@@ -92,6 +92,9 @@ _OP_NAMES = {OP_ADDQ: "ADDQ", OP_ADD: "ADD", OP_GETK: "GETK", OP_SET: "SET", OP_
 # Opaques with this bit set are NOOP fences; record slots use the values below it.
 FENCE_BIT = 0x80000000
 _FENCE_MASK = 0x7FFFFFFF
+# Copies held back (Writer ``hold``): at most this many key and value bytes at once.
+HOLD_BYTES = 2 * 1024 * 1024
+HOLD_WINDOWS = 4   # a record is held for this many windows of entries
 # A metadump line longer than this (without a newline) is garbage, not a key listing.
 MAX_METADUMP_LINE = 8192
 
@@ -607,6 +610,20 @@ class _Answers:
         self.offset = 0
 
 
+def _hold_table(hold, table) -> bytearray:
+    """Writer ``hold`` as a table by vbucket: 0 holds nothing, 1 + bit holds the keys whose
+    key_hash64 has ``bit`` as its top bit."""
+    out = bytearray(len(table))
+    for vb, bit in hold:
+        vb, bit = int(vb), int(bit)
+        if vb < 0 or vb >= len(table) or not table[vb]:
+            raise ValueError(f"hold: vbucket {vb} is not a wanted vbucket")
+        if bit not in (0, 1):
+            raise ValueError(f"hold: bit must be 0 or 1, not {bit}")
+        out[vb] = 1 + bit
+    return out
+
+
 def _key_text(key) -> str:
     return repr(bytes(key[:80]))
 
@@ -642,10 +659,18 @@ class Writer:
     GETK, then ADD if there is no copy, CAS SET if it is older, nothing otherwise: one
     request when the target has a copy, two when not) or "auto": ADDQ first, and for each
     following batch of ``window // 4`` records whichever of the two the last batch's first
-    requests favoured (read first once more than half of them found a copy)."""
+    requests favoured (read first once more than half of them found a copy).
+
+    ``hold`` (with a settled table): ``(vbucket, bit)`` pairs. A record of such a vbucket
+    whose key_hash64 has ``bit`` as its top bit, and which the table does not know yet, is
+    held back rather than sent: it is looked up again once ``4 * window`` more records have
+    arrived (sooner when more than ``4 * window`` records or HOLD_BYTES are held, and at
+    once when the source has ended), and sent only if still unknown. The other old replica
+    of the vbucket is given the other bit, so each key goes first through one stream while
+    the other's copy waits for the note that makes it free (see _hold_table)."""
 
     def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
-                 mode=MODE_ADDQ, settled=None, generation=0):
+                 mode=MODE_ADDQ, settled=None, generation=0, hold=None):
         if mode not in WRITER_MODES:
             raise ValueError(f"mode must be one of {', '.join(WRITER_MODES)}, not {mode!r}")
         # The settled table (astaire.resync.settled), shared with the other streams of a resync.
@@ -657,6 +682,7 @@ class Writer:
             self._settled_gen = generation << 32
         self._table = _wanted_table(wanted, vbuckets)
         self._mask = len(self._table) - 1
+        self._hold = _hold_table(hold, self._table) if hold and settled is not None else None
         self.vbuckets = len(self._table)
         window = int(window)
         if window < 1 or window > _FENCE_MASK:
@@ -689,6 +715,7 @@ class Writer:
         self.duplicates = 0
         self.read_first = 0       # records whose first request was a read
         self.deduplicated = 0     # records settled as kept from the settled table (also in kept)
+        self.held = 0             # records held back (hold): those found known then are in deduplicated
         self.last_error = ""
         self._vb_entries = [0] * self.vbuckets
         self._vb_bytes = [0] * self.vbuckets
@@ -699,6 +726,8 @@ class Writer:
         self._finished = False
         # Records accepted but not yet given a slot, and the slots (opaque = index).
         self._queue = deque()
+        self._held = deque()      # (due: entries count, record), oldest first
+        self._held_bytes = 0
         self._slots = [None] * window
         self._free = list(range(window - 1, -1, -1))
         self._in_use = 0
@@ -744,7 +773,7 @@ class Writer:
 
     @property
     def done(self) -> bool:
-        return ((self._finished or self._md_ended) and not self._queue and not self._in_use
+        return ((self._finished or self._md_ended) and not self._queue and not self._held and not self._in_use
                 and not self._fences and not self._out and not self._fetch_queue
                 and not self._fetch_in_flight)
 
@@ -755,7 +784,7 @@ class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "deduplicated": self.deduplicated,
+            "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -791,11 +820,38 @@ class Writer:
                 self.kept += 1
                 return
         rec = _Record(key, value, flags, exp, h)
-        self._backlog_bytes += len(key) + len(value)
+        if (self._hold is not None and self._hold[vb] == 1 + (h >> 63)
+                and not (self._finished or self._md_ended)):
+            self.held += 1
+            self._held.append((self.entries + HOLD_WINDOWS * self.window, rec))
+            self._held_bytes += len(key) + len(value)
+            return
+        self._enqueue(rec)
+
+    def _enqueue(self, rec):
+        self._backlog_bytes += len(rec.key) + len(rec.value)
         if self._free and not self._queue:
             self._start(rec)  # straight into a slot: same order as queueing then pumping
         else:
             self._queue.append(rec)
+
+    def _release_held(self):
+        """Look up again the held records that are due (or pressed out: too many, too many
+        bytes, or the source ended); send those the table still does not know."""
+        held = self._held
+        ended = self._finished or self._md_ended
+        while held:
+            due, rec = held[0]
+            if not (ended or due <= self.entries or len(held) > HOLD_WINDOWS * self.window
+                    or self._held_bytes > HOLD_BYTES):
+                return
+            held.popleft()
+            self._held_bytes -= len(rec.key) + len(rec.value)
+            if self._known(rec.hash, rec.flags):
+                self.deduplicated += 1
+                self.kept += 1
+            else:
+                self._enqueue(rec)
 
     def feed_tap(self, data) -> int:
         """Take a chunk of the TAP stream; returns how many records it accepted."""
@@ -873,6 +929,8 @@ class Writer:
         """Start queued records in free slots, a batch at a time: while fewer than a batch
         of slots is free (and the queue holds more), wait for more answers rather than
         send dribs (each a wake-up of the target and a syscall on both sides)."""
+        if self._held:
+            self._release_held()
         queue = self._queue
         free = self._free
         if len(free) < self._fence_every and len(free) < len(queue):

@@ -192,10 +192,31 @@ cdef struct QRec:
     uint32_t klen
     uint32_t vlen
 
+# A record held back (Writer ``hold``), before its key and value.
+cdef struct HRec:
+    uint64_t due      # looked up again once the Writer's entries count reaches this
+    QRec q
+
 # Slot buffers above this size are given back when their record settles.
 cdef enum:
+    HOLD_BYTES = 2 * 1024 * 1024   # at most this many key and value bytes held back at once
+    HOLD_WINDOWS = 4               # a record is held for this many windows of entries
     SLOT_KEEP = 65536
     FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
+
+
+def _hold_table(hold, table):
+    """Writer ``hold`` as a table by vbucket: 0 holds nothing, 1 + bit holds the keys whose
+    key_hash64 has ``bit`` as its top bit (as astaire._tap_py._hold_table)."""
+    out = bytearray(len(table))
+    for vb, bit in hold:
+        vb, bit = int(vb), int(bit)
+        if vb < 0 or vb >= len(table) or not table[vb]:
+            raise ValueError(f"hold: vbucket {vb} is not a wanted vbucket")
+        if bit not in (0, 1):
+            raise ValueError(f"hold: bit must be 0 or 1, not {bit}")
+        out[vb] = 1 + bit
+    return out
 
 
 def _settled_entries(settled, generation):
@@ -456,6 +477,14 @@ cdef class Writer:
     following batch of ``window // 4`` records whichever of the two the last batch's first
     requests favoured (read first once more than half of them found a copy).
 
+    ``hold`` (with a settled table): ``(vbucket, bit)`` pairs. A record of such a vbucket
+    whose key_hash64 has ``bit`` as its top bit, and which the table does not know yet, is
+    held back rather than sent: it is looked up again once ``4 * window`` more records have
+    arrived (sooner when more than ``4 * window`` records or HOLD_BYTES are held, and at
+    once when the source has ended), and sent only if still unknown. The other old replica
+    of the vbucket is given the other bit, so each key goes first through one stream while
+    the other's copy waits for the note that makes it free.
+
     Not thread-safe: one Writer belongs to one stream's I/O loop (its C loops run without
     the GIL, so concurrent calls on one Writer would race on its buffers)."""
 
@@ -488,6 +517,7 @@ cdef class Writer:
     cdef readonly uint64_t duplicates
     cdef readonly uint64_t read_first   # records whose first request was a read
     cdef readonly uint64_t deduplicated  # records settled as kept from the settled table (also in kept)
+    cdef readonly uint64_t held          # records held back (hold): those found known then are in deduplicated
     # The settled table (astaire.resync.settled), shared with the other streams of a resync.
     cdef uint64_t *_settled
     cdef uint64_t _settled_mask       # entries - 1 (two words each)
@@ -505,6 +535,12 @@ cdef class Writer:
     # Records accepted but not yet given a slot, and the slots (opaque = index).
     cdef Buf _queue
     cdef size_t _q_count
+    # Records held back (hold): HRec, key, value each, oldest first.
+    cdef uint8_t *_hold       # by vbucket: 0, or 1 + the top hash bit held back
+    cdef Buf _held
+    cdef size_t _held_count
+    cdef uint64_t _held_bytes
+    cdef uint64_t _hold_for   # entries a record is held for (and the most held at once)
     cdef Slot *_slots
     cdef uint32_t *_free
     cdef uint32_t _n_free
@@ -539,7 +575,7 @@ cdef class Writer:
     cdef uint64_t _fch_offset
 
     def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
-                 mode=MODE_ADDQ, settled=None, generation=0):
+                 mode=MODE_ADDQ, settled=None, generation=0, hold=None):
         cdef uint32_t i
         cdef Py_ssize_t entries
         if mode not in WRITER_MODES:
@@ -554,6 +590,7 @@ cdef class Writer:
             self._settled_mask = <uint64_t>entries - 1
             self._settled_gen = <uint64_t>generation << 32
         table = _wanted_table(wanted, vbuckets)
+        holding = _hold_table(hold, table) if hold and settled is not None else None
         window = int(window)
         if window < 1 or window > 0x7FFFFFFF:
             raise ValueError(f"window must be between 1 and {0x7FFFFFFF}, not {window}")
@@ -569,6 +606,7 @@ cdef class Writer:
         self.max_body = max_body_arg(max_body)
         self.max_retries = min(int(max_retries), 0xFFFFFFFF)
         self._fence_every = max(1, self.window // 4)
+        self._hold_for = HOLD_WINDOWS * <uint64_t>self.window
         self.mode = str(mode)
         self._auto = mode == MODE_AUTO
         self._read_first = mode == MODE_READ
@@ -581,6 +619,12 @@ cdef class Writer:
         if (self._table == NULL or self._vb_entries == NULL or self._vb_bytes == NULL or self._slots == NULL
                 or self._free == NULL):
             raise MemoryError()
+        if holding is not None:
+            self._hold = <uint8_t *>malloc(self.vbuckets)
+            if self._hold == NULL:
+                raise MemoryError()
+            for i in range(self.vbuckets):
+                self._hold[i] = holding[i]
         for i in range(self.vbuckets):
             self._table[i] = table[i]
             self._vb_entries[i] = 0
@@ -603,6 +647,8 @@ cdef class Writer:
         free(self._slots)
         free(self._free)
         free(self._table)
+        free(self._hold)
+        buf_free(&self._held)
         free(self._vb_entries)
         free(self._vb_bytes)
         free(self._fifo.data)
@@ -642,7 +688,8 @@ cdef class Writer:
 
     @property
     def done(self):
-        return ((self._finished or self._md_ended) and self._q_count == 0 and self._in_use == 0
+        return ((self._finished or self._md_ended) and self._q_count == 0 and self._held_count == 0
+                and self._in_use == 0
                 and self._fences.len == self._fences.head and self._out.len == 0
                 and fq_count(&self._fq) == self._fq_sent and self._fetch_in_flight == 0)
 
@@ -653,7 +700,7 @@ cdef class Writer:
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
-            "read_first": self.read_first, "deduplicated": self.deduplicated,
+            "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -742,7 +789,7 @@ cdef class Writer:
         """Take one wanted record; ``hash`` is its key_hash64 when the Writer has a settled
         table (the callers compute it ahead, and fetch its entry early: the other workers
         write the table, so an entry read when needed is a cache miss that stalls)."""
-        cdef QRec h
+        cdef HRec r
         self.entries += 1
         self._nbytes += size
         self._vb_entries[vb] += 1
@@ -754,6 +801,29 @@ cdef class Writer:
                 self.deduplicated += 1
                 self.kept += 1
                 return 0
+            if (self._hold != NULL and self._hold[vb] == 1 + (hash >> 63)
+                    and not (self._finished or self._md_ended)):
+                if buf_reserve(&self._held, sizeof(HRec) + klen + vlen) < 0:
+                    return -1
+                r.due = self.entries + self._hold_for
+                r.q.hash = hash
+                r.q.flags = flags
+                r.q.exp = exp
+                r.q.klen = klen
+                r.q.vlen = vlen
+                memcpy(self._held.data + self._held.len, &r, sizeof(HRec))
+                memcpy(self._held.data + self._held.len + sizeof(HRec), key, klen)
+                memcpy(self._held.data + self._held.len + sizeof(HRec) + klen, val, vlen)
+                self._held.len += sizeof(HRec) + klen + vlen
+                self._held_count += 1
+                self._held_bytes += <uint64_t>klen + vlen
+                self.held += 1
+                return 0
+        return self._enqueue(key, klen, val, vlen, flags, exp, hash)
+
+    cdef int _enqueue(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
+                      uint32_t exp, uint64_t hash) noexcept nogil:
+        cdef QRec h
         self._backlog_bytes += <uint64_t>klen + vlen
         if self._n_free and self._q_count == 0:
             return self._start(key, klen, val, vlen, flags, exp, hash)  # same order as queueing then pumping
@@ -771,12 +841,44 @@ cdef class Writer:
         self._q_count += 1
         return 0
 
+    cdef int _release_held(self) noexcept nogil:
+        """Look up again the held records that are due (or pressed out: too many, too many
+        bytes, or the source ended); send those the table still does not know."""
+        cdef HRec r, following
+        cdef const char *p
+        cdef bint ended = self._finished or self._md_ended
+        while self._held_count:
+            p = self._held.data + self._held.head
+            memcpy(&r, p, sizeof(HRec))
+            if not (ended or r.due <= self.entries or self._held_count > self._hold_for
+                    or self._held_bytes > HOLD_BYTES):
+                break
+            if self._held_count > 1:  # the next one's table entry, early (another worker wrote it)
+                memcpy(&following, p + sizeof(HRec) + r.q.klen + r.q.vlen, sizeof(HRec))
+                prefetch(self._entry(following.q.hash))
+            self._held.head += sizeof(HRec) + r.q.klen + r.q.vlen
+            self._held_count -= 1
+            self._held_bytes -= <uint64_t>r.q.klen + r.q.vlen
+            if self._known(r.q.hash, r.q.flags):
+                self.deduplicated += 1
+                self.kept += 1
+            elif self._enqueue(p + sizeof(HRec), r.q.klen, p + sizeof(HRec) + r.q.klen, r.q.vlen, r.q.flags,
+                               r.q.exp, r.q.hash) < 0:
+                return -1
+        if self._held_count == 0:
+            self._held.head = self._held.len = 0
+            if self._held.cap > KEEP_EMPTY_BUF:
+                buf_free(&self._held)
+        return 0
+
     cdef int _pump(self) noexcept nogil:
         """Start queued records in free slots, a batch at a time: while fewer than a batch
         of slots is free (and the queue holds more), wait for more answers rather than
         send dribs (each a wake-up of the target and a syscall on both sides)."""
         cdef QRec h
         cdef const char *p
+        if self._held_count and self._release_held() < 0:
+            return -1
         if self._n_free < self._fence_every and self._n_free < self._q_count:
             return self._close_batch()
         while self._q_count and self._n_free:

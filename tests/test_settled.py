@@ -22,8 +22,8 @@ def table(entries=1 << 10):
     return settled.SettledTable(entries)
 
 
-def writer(tap, t, gen, **kw):
-    return tap.Writer(ALL, window=16, settled=t.buffer, generation=gen, **kw)
+def writer(tap, t, gen, window=16, **kw):
+    return tap.Writer(ALL, window=window, settled=t.buffer, generation=gen, **kw)
 
 
 def test_the_key_hash_is_the_same_in_both_builds():
@@ -140,3 +140,159 @@ def test_with_real_memcached_the_second_copy_changes_nothing_and_newer_data_wins
     assert meta_get(memcached, b"t\\\\s5")[:2] == (b"CLIENT", NOW_MS + 1000)
     assert meta_get(memcached, b"t\\\\s7")[:2] == (b"NEWER", NOW_MS + 2000)
     assert meta_get(memcached, b"t\\\\s8")[:2] == (b"v8", NOW_MS + 8)
+
+
+# -- holding back (Writer ``hold``) -----------------------------------------------------------
+
+HOLD_FOR = 4 * 16  # entries a held copy waits, for the window of 16 these tests use (HOLD_WINDOWS)
+
+
+def keys_with_top_bit(bit, n, prefix=b"t\\\\h"):
+    """``n`` keys whose key_hash64 has ``bit`` as its top bit (what ``hold`` sorts by)."""
+    out, i = [], 0
+    while len(out) < n:
+        key = prefix + b"%d" % i
+        i += 1
+        if _tap_py.key_hash64(key) >> 63 == bit:
+            out.append(key)
+    return out
+
+
+def holding(tap, t, gen, bit, **kw):
+    return writer(tap, t, gen, hold=[(vb, bit) for vb in ALL], **kw)
+
+
+def added_keys(out):
+    return [f.key for f in frames_of(out) if f.opcode == 0x12]
+
+
+def answer_all(w):
+    """Send what ``w`` has, every quiet ADD succeeding, until it has nothing more; the keys
+    it added, in order."""
+    keys = []
+    while out := w.target_requests():
+        keys += added_keys(out)
+        w.feed_target(ack_fences(out))
+    return keys
+
+
+def test_a_held_copy_waits_for_the_other_streams_note_and_then_costs_nothing(tap):
+    t = table()
+    gen = t.next_generation()
+    held, sent = keys_with_top_bit(1, 3), keys_with_top_bit(0, 2)
+    w = holding(tap, t, gen, 1)
+    w.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS) for k in held + sent))
+    out = w.target_requests()
+    assert added_keys(out) == sent                      # the held copies are not sent ...
+    assert (w.held, w.backlog, w.entries) == (3, 2, 5)  # ... nor counted in the backlog
+    w.feed_target(ack_fences(out))
+    other = holding(tap, t, gen, 0)                     # the other old replica's stream
+    other.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS) for k in held))
+    out = other.target_requests()
+    assert added_keys(out) == held  # its half: sent at once, then noted
+    other.finish()
+    other.feed_target(ack_fences(out + other.target_requests()))
+    assert other.done and other.added == 3
+    filler = keys_with_top_bit(0, HOLD_FOR, prefix=b"t\\\\f")
+    w.feed_tap(b"".join(mutation(tap, k, b"F", flags=NOW_MS) for k in filler))
+    assert answer_all(w) == filler                      # the held ones, due now, were known: never sent
+    assert (w.deduplicated, w.kept) == (3, 3)
+    w.finish()
+    assert answer_all(w) == []
+    assert w.done and (w.added, w.kept, w.entries) == (2 + HOLD_FOR, 3, 5 + HOLD_FOR)
+    assert w.stats()["held"] == 3
+
+
+def test_held_copies_nobody_noted_are_written_when_the_source_ends(tap):
+    t = table()
+    gen = t.next_generation()
+    held = keys_with_top_bit(0, 4)
+    w = holding(tap, t, gen, 0)
+    w.feed_tap(b"".join(mutation(tap, k, b"V%d" % i, flags=NOW_MS) for i, k in enumerate(held)))
+    assert w.target_requests() == b"" and w.held == 4
+    w.finish()
+    assert not w.done  # held copies keep the stream from ending
+    out = w.target_requests()
+    assert added_keys(out) == held  # in the order they came
+    assert not w.done
+    w.feed_target(ack_fences(out))
+    assert w.done and (w.added, w.deduplicated) == (4, 0)
+
+
+def test_too_many_held_copies_are_pressed_out_oldest_first(tap):
+    t = table()
+    gen = t.next_generation()
+    held = keys_with_top_bit(1, HOLD_FOR + 5)
+    w = holding(tap, t, gen, 1)
+    w.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS) for k in held))
+    out = w.target_requests()
+    assert added_keys(out) == held[:5]  # the count cap presses out what exceeds it, oldest first
+    assert w.held == HOLD_FOR + 5 and w.backlog == 5
+    w.feed_target(ack_fences(out))
+    w.finish()
+    assert answer_all(w) == held[5:]  # the rest at the end: none lost, order kept
+    assert w.done and w.added == HOLD_FOR + 5
+
+
+def test_both_builds_hold_and_release_alike():
+    if _tap_c is None:
+        pytest.skip("no compiled codec")
+    keys = keys_with_top_bit(1, 40) + keys_with_top_bit(0, 40, prefix=b"t\\\\o")
+    stream = b"".join(mutation(_tap_py, k, b"V" * (i % 7), flags=NOW_MS + i) for i, k in enumerate(keys))
+    outs = []
+    for tap in (_tap_c, _tap_py):
+        t = table()
+        gen = t.next_generation()
+        noter = writer(tap, t, gen)  # notes half the held keys, as the other stream would
+        noter.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS + 100) for k in keys[:20]))
+        answer_all(noter)
+        w = holding(tap, t, gen, 1, window=4)
+        trace = []
+        for i in range(0, len(stream), 97):
+            w.feed_tap(stream[i:i + 97])
+            out = w.target_requests()
+            trace.append(out)
+            w.feed_target(ack_fences(out))
+        w.finish()
+        while not w.done:
+            out = w.target_requests()
+            trace.append(out)
+            w.feed_target(ack_fences(out))
+        outs.append((trace, w.stats()))
+    assert outs[0] == outs[1]
+    # The noted half is known on arrival; the other half of the held keys is held, then written.
+    assert (outs[0][1]["held"], outs[0][1]["deduplicated"], outs[0][1]["added"]) == (20, 20, 60)
+
+
+def test_hold_is_checked_and_needs_a_table(tap):
+    t = table()
+    with pytest.raises(ValueError, match="not a wanted vbucket"):
+        tap.Writer([1, 2], settled=t.buffer, generation=1, hold=[(3, 0)])
+    with pytest.raises(ValueError, match="bit must be 0 or 1"):
+        tap.Writer([1, 2], settled=t.buffer, generation=1, hold=[(1, 2)])
+    plain = tap.Writer(ALL, window=16, hold=[(vb, 0) for vb in ALL])  # no table: nothing to wait for
+    plain.feed_tap(b"".join(mutation(tap, k) for k in keys_with_top_bit(0, 3)))
+    assert plain.held == 0 and len(added_keys(plain.target_requests())) == 3
+
+
+def test_with_real_memcached_two_holding_streams_place_everything_once(tap, memcached):
+    """Two streams of the same records, holding opposite halves, into a real memcached: every
+    record lands, and each key costs the target one write."""
+    t = table(1 << 16)
+    gen = t.next_generation()
+    recs = [(b"t\\\\r%d" % i, b"v%d" % i, NOW_MS + i) for i in range(500)]
+    stream = b"".join(mutation(tap, k, v, f) for k, v, f in recs)
+    first, second = holding(tap, t, gen, 0), holding(tap, t, gen, 1)
+    with connect(memcached) as target:
+        first.feed_tap(stream)
+        first.finish()
+        drive(first, target)
+    with connect(memcached) as target:
+        second.feed_tap(stream)
+        second.finish()
+        drive(second, target)
+    assert first.added == 500 and first.held > 200
+    assert (second.added, second.kept, second.failed) == (0, 500, 0)
+    assert second.deduplicated > 490 and second.target_requests() == b""
+    for k, v, f in recs[::50]:
+        assert meta_get(memcached, k)[:2] == (v, f)

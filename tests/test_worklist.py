@@ -73,3 +73,17 @@ def test_node_keeping_its_vbuckets_pulls_nothing_on_scale_up():
     view = ClusterView([A, B], [A, B, C])
     wl = Worklist(view, A)
     assert all(A not in view.current[vb] for vb in wl.sources)
+
+
+def test_hold_gives_the_two_old_replicas_of_a_vbucket_opposite_halves():
+    view = ClusterView([A, B], [A, B, C])
+    wl = Worklist(view, C)
+    streams = wl.streams()
+    holds = {server: dict(wl.hold(server, vbs)) for server, vbs in streams.items()}
+    for vb, sources in wl.sources.items():
+        assert len(sources) == 2
+        assert {holds[s][vb] for s in sources} == {0, 1}
+        assert holds[sources[0]][vb] == 0
+    one_source = Worklist(ClusterView([A, B, C]), A, full=True)  # a full resync: one other replica each
+    for server, vbs in one_source.streams().items():
+        assert one_source.hold(server, vbs) == []

@@ -48,6 +48,20 @@ class Worklist:
                 groups.setdefault(server, []).append(vb)
         return groups
 
+    def hold(self, server: str, vbuckets) -> list[list[int]]:
+        """The Writer's ``hold`` for ``server``'s stream: [vbucket, bit] for each of its
+        vbuckets that has two old replicas, ``bit`` being the server's place among them (0
+        for the first). The two streams of such a vbucket then hold back opposite halves of
+        its keys (by their key_hash64's top bit): each key is sent first by one stream, and
+        the other's copy waits for the settled table to note it (astaire.resync.settled),
+        rather than reaching the target at the same moment and costing it a read."""
+        out = []
+        for vb in vbuckets:
+            sources = self.sources.get(vb, [])
+            if len(sources) == 2 and server in sources:
+                out.append([vb, sources.index(server)])
+        return out
+
     def stream_succeeded(self, server: str, vbuckets) -> None:
         self._served.update(vbuckets)
 

@@ -309,7 +309,8 @@ class Conductor:
             job = {"source": s.server, "vbuckets": s.vbuckets, "target": self.local, "source_kind": o.source,
                    "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
                    "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout,
-                   "settled_generation": r.settled_generation}
+                   "settled_generation": r.settled_generation,
+                   "hold": r.worklist.hold(s.server, s.vbuckets)}
             if not hand_out(w, s, job):
                 r.running.pop(s.id, None)
                 s.worker = None

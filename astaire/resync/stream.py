@@ -63,6 +63,7 @@ class StreamJob:
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
     settled_generation: int = 0   # the resync's generation in the daemon's settled table (0: none)
+    hold: list = field(default_factory=list)  # [vbucket, bit] pairs: copies held back (codec.Writer)
 
 
 @dataclass
@@ -237,7 +238,8 @@ class _Stream:
                 self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window,
                                            mode=job.write_mode,
                                            settled=table.buffer if table is not None else None,
-                                           generation=job.settled_generation if table is not None else 0)
+                                           generation=job.settled_generation if table is not None else 0,
+                                           hold=job.hold if table is not None else None)
             except (ValueError, TypeError, OverflowError) as e:
                 raise _Failure(f"bad stream job: {e}") from e
             self._open()
@@ -273,9 +275,9 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept (%d of them known settled) in %.2f s; reads: %s", job.source, job.target, self.kind,
-                     len(job.vbuckets), stats["entries"], stats["bytes"], stats["added"], stats["replaced"],
-                     stats["kept"], stats["deduplicated"], seconds,
+                     "%d kept (%d of them known settled; %d held back) in %.2f s; reads: %s", job.source,
+                     job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"], stats["added"],
+                     stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"], seconds,
                      ", ".join(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {p.reads} "
                                f"({p.bytes_read // max(p.reads, 1)} B each)" for p in self.peers))
         else:

@@ -9,8 +9,8 @@ import pytest
 
 from astaire import _tap_py
 from astaire.resync import settled
-from tests.test_writer import (ALL, FENCE, NOW_MS, ack_fences, binary_set, connect, drive, frames_of, meta_get,
-                               mutation, ops, response)
+from tests.test_writer import (ALL, FENCE, NOW_MS, ack_fences, binary_set, connect, drive, frames_of, meta_answer,
+                               meta_get, mutation, ops, response)
 
 try:
     from tests.codec_impls import _tap_c
@@ -262,6 +262,15 @@ def test_both_builds_hold_and_release_alike():
     assert outs[0] == outs[1]
     # The noted half is known on arrival; the other half of the held keys is held, then written.
     assert (outs[0][1]["held"], outs[0][1]["deduplicated"], outs[0][1]["added"]) == (20, 20, 60)
+
+
+def test_a_crawler_stream_holds_nothing_back(tap):
+    t = table()
+    w = holding(tap, t, t.next_generation(), 1)
+    keys = keys_with_top_bit(1, 3)
+    w.feed_metadump(b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n" % k for k in keys) + b"END\r\n")
+    w.feed_fetch(meta_answer(w.fetch_requests(), lambda i, key: (b"V", NOW_MS, -1)))
+    assert added_keys(w.target_requests()) == keys and w.held == 0
 
 
 def test_hold_is_checked_and_needs_a_table(tap):

@@ -204,3 +204,26 @@ def test_duty_cycle_never_leaves_a_process_stopped(sleeper):
         os.kill(pid, signal.SIGSTOP)
     limiter.release()
     assert all(psutil.Process(p).status() != psutil.STATUS_STOPPED for p in sleeper)
+
+
+@needs_v1
+def test_a_child_forked_while_its_parent_is_moved_is_held_at_once(group_name, sleeper, monkeypatch):
+    """The race of a daemon start: the throttle walks the tree (only the supervisor yet), the
+    supervisor forks a worker, then is moved. The worker, born outside the group, must not
+    wait for the next full walk (10 s) to be held: apply() walks again after a move. The
+    walk's timing is what no real start reproduces on demand, so the two walks are given."""
+    from astaire_throttle import service
+
+    parent, child = sleeper
+    walks = iter([[parent], [parent, child]])
+    monkeypatch.setattr(service, "read_pidfile", lambda path: parent)
+    monkeypatch.setattr(service, "process_tree", lambda pid: next(walks))
+    throttle = service.Throttle(pidfile="unused")
+    throttle.limiter = CgroupV1Limiter(V1_ROOT, group_name)
+    throttle.limiter.set_percentage(5)
+    try:
+        assert throttle.apply() == 2
+        procs = {int(p) for p in open(os.path.join(V1_ROOT, group_name, "cgroup.procs")).read().split()}
+        assert procs == {parent, child}
+    finally:
+        throttle.limiter.release()

@@ -211,6 +211,13 @@ class Throttle:
             if walk:
                 pids = process_tree(pid)
                 moved = self.limiter.attach(pids)
+                if moved and self.limiter.inherits:
+                    # A process moved just now may have forked between the walk and its
+                    # move: that child was born outside the group and would stay there until
+                    # the next full walk. A second walk finds it; anything forked after the
+                    # move is born inside.
+                    pids = process_tree(pid)
+                    moved += self.limiter.attach(pids)
                 self._held, self._next_walk = len(pids), now + FULL_SCAN_SECONDS
             else:
                 moved = []

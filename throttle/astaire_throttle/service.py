@@ -190,7 +190,9 @@ class Throttle:
         Walking the process tree reads every /proc/<pid>/stat on the node, so with a
         cgroup it is done only when the pid changes, when the supervisor is found
         outside the group, and every FULL_SCAN_SECONDS; in between, workers forked
-        by a supervisor in the group are in it already.
+        by a supervisor in the group are in it already. A walk that moved something is
+        followed by a second one: a child forked while its parent was being moved was
+        born outside the group.
         """
         try:
             pid = read_pidfile(self.pidfile)

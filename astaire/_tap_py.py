@@ -822,8 +822,7 @@ class Writer:
                 self.kept += 1
                 return
         rec = _Record(key, value, flags, exp, h)
-        if (self._hold is not None and self._hold[vb] == 1 + (h >> 63)
-                and not (self._finished or self._md_ended)):
+        if self._hold is not None and self._hold[vb] == 1 + (h >> 63) and not self._finished:
             self.held += 1
             self._held.append((self.entries + HOLD_WINDOWS * self.window, rec))
             self._held_bytes += len(key) + len(value)
@@ -841,10 +840,9 @@ class Writer:
         """Look up again the held records that are due (or pressed out: too many, too many
         bytes, or the source ended); send those the table still does not know."""
         held = self._held
-        ended = self._finished or self._md_ended
         while held:
             due, rec = held[0]
-            if not (ended or due <= self.entries or len(held) > HOLD_WINDOWS * self.window
+            if not (self._finished or due <= self.entries or len(held) > HOLD_WINDOWS * self.window
                     or self._held_bytes > HOLD_BYTES):
                 return
             held.popleft()

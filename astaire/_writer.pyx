@@ -205,6 +205,20 @@ cdef enum:
     FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
 
 
+cdef inline int push_record(Buf *b, const void *head, size_t head_size, const char *key, uint32_t klen,
+                            const char *val, uint32_t vlen) noexcept nogil:
+    """Append a record to a FIFO buffer: its fixed-size header (QRec or HRec), key, value."""
+    cdef char *d
+    if buf_reserve(b, head_size + klen + vlen) < 0:
+        return -1
+    d = b.data + b.len
+    memcpy(d, head, head_size)
+    memcpy(d + head_size, key, klen)
+    memcpy(d + head_size + klen, val, vlen)
+    b.len += head_size + klen + vlen
+    return 0
+
+
 def _hold_table(hold, table):
     """Writer ``hold`` as a table by vbucket: 0 holds nothing, 1 + bit holds the keys whose
     key_hash64 has ``bit`` as its top bit (as astaire._tap_py._hold_table)."""
@@ -803,20 +817,15 @@ cdef class Writer:
                 self.deduplicated += 1
                 self.kept += 1
                 return 0
-            if (self._hold != NULL and self._hold[vb] == 1 + (hash >> 63)
-                    and not (self._finished or self._md_ended)):
-                if buf_reserve(&self._held, sizeof(HRec) + klen + vlen) < 0:
-                    return -1
+            if self._hold != NULL and self._hold[vb] == 1 + (hash >> 63) and not self._finished:
                 r.due = self.entries + self._hold_for
                 r.q.hash = hash
                 r.q.flags = flags
                 r.q.exp = exp
                 r.q.klen = klen
                 r.q.vlen = vlen
-                memcpy(self._held.data + self._held.len, &r, sizeof(HRec))
-                memcpy(self._held.data + self._held.len + sizeof(HRec), key, klen)
-                memcpy(self._held.data + self._held.len + sizeof(HRec) + klen, val, vlen)
-                self._held.len += sizeof(HRec) + klen + vlen
+                if push_record(&self._held, &r, sizeof(HRec), key, klen, val, vlen) < 0:
+                    return -1
                 self._held_count += 1
                 self._held_bytes += <uint64_t>klen + vlen
                 self.held += 1
@@ -829,17 +838,13 @@ cdef class Writer:
         self._backlog_bytes += <uint64_t>klen + vlen
         if self._n_free and self._q_count == 0:
             return self._start(key, klen, val, vlen, flags, exp, hash)  # same order as queueing then pumping
-        if buf_reserve(&self._queue, sizeof(QRec) + klen + vlen) < 0:
-            return -1
         h.hash = hash
         h.flags = flags
         h.exp = exp
         h.klen = klen
         h.vlen = vlen
-        memcpy(self._queue.data + self._queue.len, &h, sizeof(QRec))
-        memcpy(self._queue.data + self._queue.len + sizeof(QRec), key, klen)
-        memcpy(self._queue.data + self._queue.len + sizeof(QRec) + klen, val, vlen)
-        self._queue.len += sizeof(QRec) + klen + vlen
+        if push_record(&self._queue, &h, sizeof(QRec), key, klen, val, vlen) < 0:
+            return -1
         self._q_count += 1
         return 0
 
@@ -848,11 +853,10 @@ cdef class Writer:
         bytes, or the source ended); send those the table still does not know."""
         cdef HRec r, following
         cdef const char *p
-        cdef bint ended = self._finished or self._md_ended
         while self._held_count:
             p = self._held.data + self._held.head
             memcpy(&r, p, sizeof(HRec))
-            if not (ended or r.due <= self.entries or self._held_count > self._hold_for
+            if not (self._finished or r.due <= self.entries or self._held_count > self._hold_for
                     or self._held_bytes > HOLD_BYTES):
                 break
             if self._held_count > 1:  # the next one's table entry, early (another worker wrote it)

@@ -239,7 +239,7 @@ class _Stream:
                                            mode=job.write_mode,
                                            settled=table.buffer if table is not None else None,
                                            generation=job.settled_generation if table is not None else 0,
-                                           hold=job.hold if table is not None else None)
+                                           hold=job.hold)  # the Writer holds only with a table
             except (ValueError, TypeError, OverflowError) as e:
                 raise _Failure(f"bad stream job: {e}") from e
             self._open()

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
                    help="crawler: stock memcached; tap: the Clearwater fork as every node; tap-replay: "
                         "pre-encoded TAP dumps replayed at memory speed into a stock target")
     p.add_argument("--window", type=int, default=None)
-    p.add_argument("--perf", metavar="FILE", help="perf record this process during the streams into FILE")
+    p.add_argument("--perf", metavar="FILE",
+                   help="perf record this process during the streams into FILE (PERF_ALL=1: every process "
+                        "on the machine, sources and target too; PERF_CALLGRAPH: fp, the default, or dwarf)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the streams this many times (the target flushed between runs) and report each run "
                         "and the median of the CPU figures")
@@ -103,7 +105,7 @@ def _one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, 
     if args.perf:
         import subprocess
         perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"),
-                                 "-p", str(os.getpid()), "-o", args.perf], stderr=subprocess.DEVNULL)
+                                 *(["-a"] if os.environ.get("PERF_ALL") else ["-p", str(os.getpid())]), "-o", args.perf], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     t0 = time.monotonic()
     results = []

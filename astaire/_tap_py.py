@@ -7,6 +7,7 @@ against both.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import time
 from collections import deque
@@ -95,6 +96,10 @@ _FENCE_MASK = 0x7FFFFFFF
 # Copies held back (Writer ``hold``): at most this many key and value bytes at once.
 HOLD_BYTES = 2 * 1024 * 1024
 HOLD_WINDOWS = 4   # a record is held for this many windows of entries
+DEFER_WINDOWS = 16             # a crawler fetch is deferred for this many windows of listed keys
+DEFER_BYTES = 4 * 1024 * 1024  # at most this many bytes of deferred fetches at once (32 + key each)
+DEFER_MIN_SIZE = 1024          # only fetches of items at least this large (metadump size=) are deferred
+_DEFER_REC = 32                # what a deferred fetch costs besides its key (the compiled build's DRec)
 # A metadump line longer than this (without a newline) is garbage, not a key listing.
 MAX_METADUMP_LINE = 8192
 
@@ -667,9 +672,14 @@ class Writer:
     arrived (sooner when more than ``4 * window`` records or HOLD_BYTES are held, and at
     once when the source has ended), and sent only if still unknown. The other old replica
     of the vbucket is given the other bit, so each key goes first through one stream while
-    the other's copy waits for the note that makes it free (see _hold_table). A crawler
-    stream (``feed_metadump``) holds nothing: there the two streams drift apart by more than
-    a hold, and alternating runs measured it no cheaper."""
+    the other's copy waits for the note that makes it free (see _hold_table). A crawler stream
+    (``feed_metadump``) defers fetches instead of holding values: a listed key of such a
+    vbucket and bit whose item is at least DEFER_MIN_SIZE bytes (the listing's ``size=``) is
+    fetched only once ``16 * window`` more wanted keys were listed (sooner past DEFER_BYTES of
+    deferred keys, and as soon as the listing ended), so its copy usually arrives known and
+    costs the target nothing. A deferred fetch costs a few dozen bytes; small items are not
+    deferred (the two crawler streams drift apart by more than a deferral, and alternating
+    runs measured it no cheaper for 100-byte values)."""
 
     def __init__(self, wanted, vbuckets=128, window=4096, max_body=DEFAULT_MAX_BODY, max_retries=64,
                  mode=MODE_ADDQ, settled=None, generation=0, hold=None):
@@ -746,6 +756,10 @@ class Writer:
         self._md_head = 0
         self._md_offset = 0
         self._md_ended = False
+        self._defer = None                 # a crawler stream's hold: fetches deferred (see the class docstring)
+        self._deferred = deque()           # (due: listed count, key, exp, vb), oldest first
+        self._deferred_bytes = 0
+        self._listed = 0                   # wanted keys listed so far (the deferral's clock)
         self._fetch_queue = deque()        # (key, exp, vb) not sent yet
         self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
         self._fetch_batches = deque()      # {opaque: (key, listed exp, vb)} per batch of meta gets, until its MN
@@ -776,6 +790,7 @@ class Writer:
     @property
     def done(self) -> bool:
         return ((self._finished or self._md_ended) and not self._queue and not self._held and not self._in_use
+                and not self._deferred
                 and not self._fences and not self._out and not self._fetch_queue
                 and not self._fetch_in_flight)
 
@@ -1123,7 +1138,8 @@ class Writer:
 
     def feed_metadump(self, data) -> bool:
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        self._hold = None  # a crawler stream holds nothing back (see the class docstring)
+        if self._hold is not None:  # a crawler stream defers fetches instead (see the class docstring)
+            self._defer, self._hold = self._hold, None
         if self._md_ended:
             if data:
                 raise CrawlerError("data after END", self._md_offset)
@@ -1164,13 +1180,19 @@ class Writer:
             sp = line.find(b" ")
             raw = line[4:] if sp < 0 else line[4:sp]
             exp = None
+            size = 0
             if sp >= 0:
                 for field in line[sp + 1:].split(b" "):
-                    if field.startswith(b"exp="):
+                    if exp is None and field.startswith(b"exp="):
                         digits = field[5:] if field[4:5] == b"-" else field[4:]
                         if not digits.isdigit():  # ASCII digits only (int() would take "+1", "1_0")
                             raise CrawlerError("bad exp in metadump line", offset)
                         exp = int(field[4:])
+                        if self._defer is None:
+                            break
+                    elif exp is not None and field.startswith(b"size=") and len(field) > 5:
+                        digits = re.match(rb"[0-9]*", field[5:]).group()  # lenient: only a hint
+                        size = min(int(digits or b"0"), 0xFFFFFFFF)
                         break
             if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)
@@ -1190,6 +1212,15 @@ class Writer:
             if key in queued:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
+            self._listed += 1
+            if (self._defer is not None and self._defer[vb] == 1 + (key_hash64(key) >> 63)
+                    and size >= DEFER_MIN_SIZE):
+                self._deferred.append((self._listed + DEFER_WINDOWS * self.window, key, exp, vb))
+                self._deferred_bytes += _DEFER_REC + len(key)
+                self.held += 1
+                if self._deferred_bytes > DEFER_BYTES:
+                    self._release_deferred(0)
+                return False
             queued[key] = 1
             self._fetch_queue.append((key, exp, vb))
             return False
@@ -1203,10 +1234,32 @@ class Writer:
             raise CrawlerError(f"crawler error: {line[:200].decode('utf-8', 'replace')}", offset)
         raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
 
+    def _release_deferred(self, room):
+        """Queue the deferred fetches that are due (or, once the listing ended, any) while
+        fewer than ``room`` fetches wait unsent; and the oldest past DEFER_BYTES whatever
+        the room."""
+        deferred = self._deferred
+        queued = self._fetch_queued_keys
+        while deferred:
+            due, key, exp, vb = deferred[0]
+            if not (self._deferred_bytes > DEFER_BYTES
+                    or (len(self._fetch_queue) < room
+                        and (self._md_ended or self._finished or due <= self._listed))):
+                return
+            deferred.popleft()
+            self._deferred_bytes -= _DEFER_REC + len(key)
+            if key in queued:
+                self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
+            else:
+                queued[key] = 1
+                self._fetch_queue.append((key, exp, vb))
+
     def fetch_requests(self) -> bytes:
         """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
         remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
         ``window`` fetches and unsettled records are in flight together."""
+        if self._deferred:
+            self._release_deferred(self.window)
         room = self.window - self._fetch_in_flight - self.backlog
         queue = self._fetch_queue
         queued = self._fetch_queued_keys

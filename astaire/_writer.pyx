@@ -197,8 +197,20 @@ cdef struct HRec:
     uint64_t due      # looked up again once the Writer's entries count reaches this
     QRec q
 
+# A crawler fetch deferred (Writer ``hold`` on a crawler stream), before its key.
+cdef struct DRec:
+    uint64_t due      # released once the Writer has listed this many wanted keys
+    uint64_t key_hash
+    uint32_t exp
+    uint32_t vb
+    uint32_t hash
+    uint32_t klen
+
 # Slot buffers above this size are given back when their record settles.
 cdef enum:
+    DEFER_WINDOWS = 16             # a crawler fetch is deferred for this many windows of listed keys
+    DEFER_BYTES = 4 * 1024 * 1024  # at most this many bytes of deferred fetches at once
+    DEFER_MIN_SIZE = 1024          # only fetches of items at least this large (size=) are deferred
     HOLD_BYTES = 2 * 1024 * 1024   # at most this many key and value bytes held back at once
     HOLD_WINDOWS = 4               # a record is held for this many windows of entries
     SLOT_KEEP = 65536
@@ -498,8 +510,13 @@ cdef class Writer:
     once when the source has ended), and sent only if still unknown. The other old replica
     of the vbucket is given the other bit, so each key goes first through one stream while
     the other's copy waits for the note that makes it free. A crawler stream
-    (``feed_metadump``) holds nothing: there the two streams drift apart by more than a
-    hold, and alternating runs measured it no cheaper.
+    (``feed_metadump``) defers fetches instead of holding values: a listed key of such a
+    vbucket and bit whose item is at least DEFER_MIN_SIZE bytes (the listing's ``size=``) is
+    fetched only once ``16 * window`` more wanted keys were listed (sooner past DEFER_BYTES of
+    deferred keys, and as soon as the listing ended), so its copy usually arrives known and
+    costs the target nothing. A deferred fetch costs a few dozen bytes; small items are not
+    deferred (the two crawler streams drift apart by more than a deferral, and alternating
+    runs measured it no cheaper for 100-byte values).
 
     Not thread-safe: one Writer belongs to one stream's I/O loop (its C loops run without
     the GIL, so concurrent calls on one Writer would race on its buffers)."""
@@ -577,7 +594,13 @@ cdef class Writer:
     cdef int _mdn                               # listed keys parsed, not yet hashed
     cdef uint16_t _mdlen[LANES]
     cdef uint32_t _mdexp[LANES]
+    cdef uint32_t _mdsize[LANES]   # the listed item's size (size=), read only when deferring
     cdef char _mdkeys[LANES * C_MAX_KEY]
+    cdef uint8_t *_defer       # a crawler stream's hold (by vbucket, as _hold): fetches deferred
+    cdef Buf _dq               # deferred fetches: DRec, key each, oldest first
+    cdef size_t _dq_count
+    cdef uint64_t _listed      # wanted keys listed so far (the deferral's clock)
+    cdef uint64_t _defer_for
     cdef FetchQ _fq            # the sent fetches (its first _fq_sent entries, in opaque order, until
     cdef size_t _fq_sent       # their batch's MN), then the listed ones not yet sent
     cdef KeySet _fq_keys       # the keys of the fetches not yet sent
@@ -623,6 +646,7 @@ cdef class Writer:
         self.max_retries = min(int(max_retries), 0xFFFFFFFF)
         self._fence_every = max(1, self.window // 4)
         self._hold_for = HOLD_WINDOWS * <uint64_t>self.window
+        self._defer_for = DEFER_WINDOWS * <uint64_t>self.window
         self.mode = str(mode)
         self._auto = mode == MODE_AUTO
         self._read_first = mode == MODE_READ
@@ -664,7 +688,9 @@ cdef class Writer:
         free(self._free)
         free(self._table)
         free(self._hold)
+        free(self._defer)
         buf_free(&self._held)
+        buf_free(&self._dq)
         free(self._vb_entries)
         free(self._vb_bytes)
         free(self._fifo.data)
@@ -705,6 +731,7 @@ cdef class Writer:
     @property
     def done(self):
         return ((self._finished or self._md_ended) and self._q_count == 0 and self._held_count == 0
+                and self._dq_count == 0
                 and self._in_use == 0
                 and self._fences.len == self._fences.head and self._out.len == 0
                 and fq_count(&self._fq) == self._fq_sent and self._fetch_in_flight == 0)
@@ -1212,8 +1239,8 @@ cdef class Writer:
 
     def feed_metadump(self, data):
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        if self._hold != NULL:  # a crawler stream holds nothing back (see the class docstring)
-            free(self._hold)
+        if self._hold != NULL:  # a crawler stream defers fetches instead (see the class docstring)
+            self._defer = self._hold
             self._hold = NULL
         if self._md_ended:
             if len(data):
@@ -1266,7 +1293,8 @@ cdef class Writer:
         cdef const char *key
         cdef size_t dlen
         cdef uint32_t h, vb
-        cdef Fetch *e
+        cdef uint64_t kh
+        cdef DRec d
         if n == 0:
             return 0
         self._mdn = 0
@@ -1301,19 +1329,66 @@ cdef class Writer:
             if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 continue
-            e = fq_push(&self._fq)
-            if e == NULL:
-                raise MemoryError()
-            e.key_hash = c_key_hash64(key, dlen) if self._settled != NULL else 0
-            e.exp = self._mdexp[i]
-            e.vb = vb
-            e.hash = h
-            e.klen = <uint16_t>dlen
-            e.answered = 0
-            memcpy(e.key, key, dlen)
-            if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h,
-                      self._fq.first + self._fq_sent) < 0:
-                raise MemoryError()
+            self._listed += 1
+            kh = c_key_hash64(key, dlen) if self._settled != NULL else 0
+            if (self._defer != NULL and self._defer[vb] == 1 + (kh >> 63) and not self._md_ended
+                    and self._mdsize[i] >= DEFER_MIN_SIZE):
+                d.due = self._listed + self._defer_for
+                d.key_hash = kh
+                d.exp = self._mdexp[i]
+                d.vb = vb
+                d.hash = h
+                d.klen = <uint32_t>dlen
+                if push_record(&self._dq, &d, sizeof(DRec), key, <uint32_t>dlen, key, 0) < 0:
+                    raise MemoryError()
+                self._dq_count += 1
+                self.held += 1
+                if self._dq.len - self._dq.head > DEFER_BYTES:
+                    self._release_deferred(0)
+                continue
+            self._list_fetch(key, dlen, self._mdexp[i], vb, h, kh)
+        return 0
+
+    cdef int _list_fetch(self, const char *key, size_t dlen, uint32_t exp, uint32_t vb, uint32_t h,
+                         uint64_t kh) except -1:
+        cdef Fetch *e = fq_push(&self._fq)
+        if e == NULL:
+            raise MemoryError()
+        e.key_hash = kh
+        e.exp = exp
+        e.vb = vb
+        e.hash = h
+        e.klen = <uint16_t>dlen
+        e.answered = 0
+        memcpy(e.key, key, dlen)
+        if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h,
+                  self._fq.first + self._fq_sent) < 0:
+            raise MemoryError()
+        return 0
+
+    cdef int _release_deferred(self, size_t room) except -1:
+        """Queue the deferred fetches that are due (or, once the listing ended, any) while
+        fewer than ``room`` fetches wait unsent; and the oldest past DEFER_BYTES whatever
+        the room."""
+        cdef DRec d
+        cdef const char *p
+        while self._dq_count:
+            p = self._dq.data + self._dq.head
+            memcpy(&d, p, sizeof(DRec))
+            if not (self._dq.len - self._dq.head > DEFER_BYTES
+                    or (fq_count(&self._fq) - self._fq_sent < room
+                        and (self._md_ended or self._finished or d.due <= self._listed))):
+                break
+            self._dq.head += sizeof(DRec) + d.klen
+            self._dq_count -= 1
+            if ks_find(&self._fq_keys, &self._fq, d.hash, p + sizeof(DRec), d.klen):
+                self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
+            else:
+                self._list_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash)
+        if self._dq_count == 0:
+            self._dq.head = self._dq.len = 0
+            if self._dq.cap > KEEP_EMPTY_BUF:
+                buf_free(&self._dq)
         return 0
 
     cdef bint _metadump_line(self, const char *line, size_t n, uint64_t offset) except -1:
@@ -1327,6 +1402,7 @@ cdef class Writer:
         cdef bint found = False, neg, big
         cdef uint64_t val
         cdef int64_t exp = 0
+        cdef uint64_t isize = 0
         cdef int hi, lo
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # Fields are a few bytes each: scanned inline (a memchr call per field cost more
@@ -1342,7 +1418,7 @@ cdef class Writer:
                     fend = f
                     while fend < lend and fend[0] != CH_SP:
                         fend += 1
-                    if fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
+                    if not found and fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
                         f += 4
                         neg = f < fend and f[0] == CH_MINUS
                         if neg:
@@ -1361,6 +1437,13 @@ cdef class Writer:
                             f += 1
                         found = not big and (not neg or val <= 1)
                         exp = -<int64_t>val if neg else <int64_t>val
+                        if self._defer == NULL:
+                            break
+                    elif found and fend - f > 5 and memcmp(f, b"size=", 5) == 0:
+                        f += 5  # the item's size: only a deferring stream reads it (lenient: a hint)
+                        while f < fend and f[0] >= CH_0 and f[0] <= CH_9 and isize < 0xFFFFFFFFu:
+                            isize = isize * 10 + <uint64_t>(f[0] - CH_0)
+                            f += 1
                         break
                     f = fend + 1
             if not found:
@@ -1388,6 +1471,7 @@ cdef class Writer:
             memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
             self._mdlen[self._mdn] = <uint16_t>dlen
             self._mdexp[self._mdn] = <uint32_t>exp
+            self._mdsize[self._mdn] = <uint32_t>min(isize, 0xFFFFFFFFu)
             self._mdn += 1
             if self._mdn == LANES:
                 self._md_flush()
@@ -1401,6 +1485,8 @@ cdef class Writer:
         ``window`` fetches and unsettled records are in flight together."""
         cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
         cdef int r
+        if self._dq_count:
+            self._release_deferred(self.window)
         with nogil:
             r = self._fetch_batches_out(room)
         if r < 0:

@@ -9,8 +9,8 @@ import pytest
 
 from astaire import _tap_py
 from astaire.resync import settled
-from tests.test_writer import (ALL, FENCE, NOW_MS, ack_fences, binary_set, connect, drive, frames_of, meta_answer,
-                               meta_get, mutation, ops, response)
+from tests.test_writer import (ALL, FENCE, MN, NOW_MS, ack_fences, binary_set, connect, drive, frames_of,
+                               meta_answer, meta_get, meta_gets, mutation, ops, response)
 
 try:
     from tests.codec_impls import _tap_c
@@ -264,13 +264,140 @@ def test_both_builds_hold_and_release_alike():
     assert (outs[0][1]["held"], outs[0][1]["deduplicated"], outs[0][1]["added"]) == (20, 20, 60)
 
 
-def test_a_crawler_stream_holds_nothing_back(tap):
+# -- deferring crawler fetches (``hold`` on a crawler stream) ----------------------------------
+
+DEFER_FOR = 16 * 16  # listed keys a deferred fetch waits, for the window of 16 (DEFER_WINDOWS)
+
+
+def listing(keys, size=4200):
+    return b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=%d\n" % (k, size) for k in keys)
+
+
+def fetched_keys(req):
+    return [g[0] for g in meta_gets(req) if g != MN]
+
+
+def serve(w, value=b"V" * 3000, flags=NOW_MS):
+    """Answer every fetch ``w`` asks for, and every target request, until it asks nothing
+    more; the keys it fetched and the keys it added, in order."""
+    fetched, added = [], []
+    while True:
+        req = w.fetch_requests()
+        fetched += fetched_keys(req)
+        if req:
+            w.feed_fetch(meta_answer(req, lambda i, key: (value, flags, -1)))
+        out = w.target_requests()
+        added += added_keys(out)
+        if out:
+            w.feed_target(ack_fences(out))
+        if not req and not out:
+            return fetched, added
+
+
+def test_a_crawler_stream_defers_large_fetches_of_its_half_until_the_other_stream_noted_them(tap):
+    t = table(1 << 16)
+    gen = t.next_generation()
+    mine, small, theirs = keys_with_top_bit(1, 3), keys_with_top_bit(1, 2, prefix=b"t\\\\s"), keys_with_top_bit(0, 2)
+    w = holding(tap, t, gen, 1)
+    w.feed_metadump(listing(mine) + listing(small, size=60) + listing(theirs))
+    fetched, added = serve(w)
+    assert fetched == small + theirs  # small items are not worth waiting for: fetched at once
+    assert (w.held, w.fetch_backlog, w.done) == (3, 0, False)  # the deferred wait outside the backlog
+    other = writer(tap, t, gen)  # the other old replica's stream writes them: noted
+    other.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS) for k in mine))
+    assert answer_all(other) == mine
+    filler = keys_with_top_bit(0, DEFER_FOR, prefix=b"t\\\\f")
+    w.feed_metadump(listing(filler))
+    fetched, added = serve(w)
+    assert fetched[-3:] == mine and set(fetched[:-3]) == set(filler)  # due once DEFER_FOR more were listed
+    assert mine[0] not in added and (w.deduplicated, w.kept) == (3, 3)  # known: kept without a request
+    assert w.feed_metadump(b"END\r\n")
+    w.finish()
+    assert serve(w) == ([], []) and w.done
+    assert (w.added, w.held, w.entries) == (4 + DEFER_FOR, 3, 7 + DEFER_FOR)
+
+
+def test_deferred_fetches_nobody_noted_are_fetched_and_written_once_the_listing_ends(tap):
     t = table()
-    w = holding(tap, t, t.next_generation(), 1)
-    keys = keys_with_top_bit(1, 3)
-    w.feed_metadump(b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n" % k for k in keys) + b"END\r\n")
-    w.feed_fetch(meta_answer(w.fetch_requests(), lambda i, key: (b"V", NOW_MS, -1)))
-    assert added_keys(w.target_requests()) == keys and w.held == 0
+    gen = t.next_generation()
+    keys = keys_with_top_bit(0, 4)
+    w = holding(tap, t, gen, 0)
+    w.feed_metadump(listing(keys))
+    assert serve(w) == ([], []) and w.held == 4
+    assert w.feed_metadump(b"END\r\n")
+    assert not w.done  # deferred fetches keep the stream from ending
+    w.finish()
+    assert serve(w) == (keys, keys)  # in the order they were listed
+    assert w.done and (w.added, w.deduplicated) == (4, 0)
+
+
+def test_a_newer_deferred_copy_is_still_written(tap):
+    t = table()
+    gen = t.next_generation()
+    keys = keys_with_top_bit(1, 2)
+    other = writer(tap, t, gen)
+    other.feed_tap(b"".join(mutation(tap, k, b"old", flags=NOW_MS) for k in keys))
+    answer_all(other)
+    w = holding(tap, t, gen, 1)
+    w.feed_metadump(listing(keys) + b"END\r\n")
+    w.finish()
+    req = w.fetch_requests()
+    assert fetched_keys(req) == keys
+    w.feed_fetch(meta_answer(req, lambda i, key: (b"new", NOW_MS + 1, -1)))
+    out = w.target_requests()
+    assert added_keys(out) == keys and w.deduplicated == 0  # newer than the note: to the target, by the rule
+
+
+def test_too_many_deferred_fetches_are_pressed_out_oldest_first(monkeypatch):
+    keys = [k for k in keys_with_top_bit(1, 40, prefix=b"t\\\\p") if len(k) == 6][:5]
+    assert len(keys) == 5
+    monkeypatch.setattr(_tap_py, "DEFER_BYTES", 3 * (32 + 6))  # room for three of them
+    t = table()
+    w = holding(_tap_py, t, t.next_generation(), 1)
+    w.feed_metadump(listing(keys))
+    assert fetched_keys(w.fetch_requests()) == keys[:2] and w.held == 5
+
+
+def test_both_builds_defer_and_release_fetches_alike():
+    if _tap_c is None:
+        pytest.skip("no compiled codec")
+    keys = (keys_with_top_bit(1, 90) + keys_with_top_bit(0, 60, prefix=b"t\\\\o")
+            + keys_with_top_bit(1, 30, prefix=b"t\\\\q"))
+    text = b"".join(b"key=%s exp=%d la=1 cas=1 fetch=no cls=1 size=%d\n" % (k, -1 if i % 3 else 5000 + i,
+                                                                           500 if i % 11 == 0 else 2000 + i)
+                    for i, k in enumerate(keys)) + b"END\r\n"
+    outs = []
+    for tap in (_tap_c, _tap_py):
+        t = table()
+        gen = t.next_generation()
+        noter = writer(tap, t, gen)  # notes a third of the keys, as the other stream would
+        noter.feed_tap(b"".join(mutation(tap, k, b"V", flags=NOW_MS + 50) for k in keys[::3]))
+        answer_all(noter)
+        w = holding(tap, t, gen, 1, window=4)
+        trace = []
+        for i in range(0, len(text), 101):
+            w.feed_metadump(text[i:i + 101])
+            for _ in range(2):
+                req = w.fetch_requests()
+                out = w.target_requests()
+                trace.append((req, out))
+                if req:
+                    w.feed_fetch(meta_answer(req, lambda j, key: (b"v" * (j % 5), NOW_MS + j % 100, -1)))
+                if out:
+                    w.feed_target(ack_fences(out))
+        w.finish()
+        while not w.done:
+            req = w.fetch_requests()
+            out = w.target_requests()
+            trace.append((req, out))
+            if req:
+                w.feed_fetch(meta_answer(req, lambda j, key: (b"v" * (j % 5), NOW_MS + j % 100, -1)))
+            if out:
+                w.feed_target(ack_fences(out))
+        outs.append((trace, w.stats()))
+    assert outs[0] == outs[1]
+    st = outs[0][1]
+    assert st["held"] > 50 and st["deduplicated"] > 0 and st["entries"] == len(keys)
 
 
 def test_hold_is_checked_and_needs_a_table(tap):

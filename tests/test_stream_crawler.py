@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from astaire.resync import source
+from astaire.resync import settled, source
 from astaire.resync.stream import StreamJob, run_stream
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
                                    vbucket)
@@ -379,3 +379,36 @@ def test_two_hundred_thousand_records_keep_rss_flat(cluster_factory):
     growth = (peak[0] - base) / 2 ** 20
     log.info("200k crawler records in %.2f s (%.0f/s), RSS growth %.1f MiB", elapsed, count / elapsed, growth)
     assert growth < 100, f"RSS grew {growth:.1f} MiB"
+
+
+def test_two_crawler_streams_deferring_opposite_halves_place_the_newest_copy_of_everything(cluster_factory):
+    """Two old replicas of large records, streamed one after the other with a settled table
+    and opposite ``hold`` bits, as the daemon runs them: each defers the fetches of its half
+    of the large items (listed size >= 1 KB), and the target ends up with the newest copy of
+    every record, the other replica's own and newer copies included."""
+    c = cluster_factory(3, memory_mb=128, threads=2)
+    a, b, target = c.servers
+    rng = random.Random(11)
+    now = int(time.time())
+    keys = keys_in(WANTED, b"big\\\\k", 600)
+    both = {k: (rng.randbytes(rng.choice([50, 2000, 5000])), 1000 + i, now + 3600) for i, k in enumerate(keys)}
+    only_b = {k: (rng.randbytes(3000), 7, 0) for k in keys_in(WANTED, b"big\\\\b", 30)}
+    newer_b = {k: (b"newer:" + v, f + 1, e) for k, (v, f, e) in list(both.items())[::20]}
+    load(a, both)
+    load(b, {**both, **only_b, **newer_b})
+    table = settled.create()
+    gen = table.next_generation()
+    results = [run_stream(job(src, target, settled_generation=gen, hold=[[vb, bit] for vb in sorted(WANTED)]))
+               for src, bit in ((a, 0), (b, 1))]
+    assert all(r.ok for r in results), [r.error for r in results]
+    expected = {**both, **only_b, **newer_b}
+    got = mc_get_many(target, expected)
+    assert set(got) == set(expected)
+    for k, (value, flags, exp) in expected.items():
+        assert got[k][:2] == (value, flags), k
+        assert_ttl(got[k][2], exp)
+    sa, sb = results[0].stats, results[1].stats
+    assert sa["held"] > 100 and sb["held"] > 100  # both deferred their half of the large items
+    assert sa["failed"] == sb["failed"] == 0
+    assert sb["replaced"] == len(newer_b) and sb["added"] == len(only_b)
+    assert sb["deduplicated"] > 400  # what the first stream wrote cost the second no request

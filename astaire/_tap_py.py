@@ -677,7 +677,9 @@ class Writer:
     vbucket and bit whose item is at least DEFER_MIN_SIZE bytes (the listing's ``size=``) is
     fetched only once ``16 * window`` more wanted keys were listed (sooner past DEFER_BYTES of
     deferred keys, and as soon as the listing ended), so its copy usually arrives known and
-    costs the target nothing. A deferred fetch costs a few dozen bytes; small items are not
+    costs the target nothing; one already noted when released is asked for its flags alone
+    (``mg <key> f q``), and fetched whole only if newer than the note (``refetched``). A
+    deferred fetch costs a few dozen bytes; small items are not
     deferred (the two crawler streams drift apart by more than a deferral, and alternating
     runs measured it no cheaper for 100-byte values)."""
 
@@ -728,6 +730,7 @@ class Writer:
         self.read_first = 0       # records whose first request was a read
         self.deduplicated = 0     # records settled as kept from the settled table (also in kept)
         self.held = 0             # records held back (hold): those found known then are in deduplicated
+        self.refetched = 0        # deferred fetches asked for flags alone, then found newer: fetched whole
         self.last_error = ""
         self._vb_entries = [0] * self.vbuckets
         self._vb_bytes = [0] * self.vbuckets
@@ -760,9 +763,9 @@ class Writer:
         self._deferred = deque()           # (due: listed count, key, exp, vb), oldest first
         self._deferred_bytes = 0
         self._listed = 0                   # wanted keys listed so far (the deferral's clock)
-        self._fetch_queue = deque()        # (key, exp, vb) not sent yet
+        self._fetch_queue = deque()        # (key, exp, vb, flags only) not sent yet
         self._fetch_queued_keys = {}       # key -> count, for the not-sent ones (duplicate detection)
-        self._fetch_batches = deque()      # {opaque: (key, listed exp, vb)} per batch of meta gets, until its MN
+        self._fetch_batches = deque()      # {opaque: (key, listed exp, vb, flags only)} per batch of meta gets, until its MN
         self._fetch_in_flight = 0
         self._fetch_seq = 0
         self._fetch_out = bytearray()
@@ -802,6 +805,7 @@ class Writer:
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
+            "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -984,6 +988,15 @@ class Writer:
                 or (word & 0xFF00000000) != self._settled_gen):
             return False
         return not ((word & 0xFFFFFFFF) - flags) & 0x80000000
+
+    def _noted(self, h) -> bool:
+        """The table has a note of this key in this resync (whatever its flags)."""
+        if self._settled is None:
+            return False
+        i = 2 * (h & self._settled_mask)
+        word = self._settled[i + 1]
+        return (self._settled[i] == h and (word >> 40) == (h & 0xFFFFFF)
+                and (word & 0xFF00000000) == self._settled_gen)
 
     def _note(self, rec, held) -> None:
         """The target holds the record's key with flags ``held`` (it just added, replaced
@@ -1213,16 +1226,16 @@ class Writer:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
             self._listed += 1
-            if (self._defer is not None and self._defer[vb] == 1 + (key_hash64(key) >> 63)
-                    and size >= DEFER_MIN_SIZE):
-                self._deferred.append((self._listed + DEFER_WINDOWS * self.window, key, exp, vb))
+            kh = key_hash64(key) if self._defer is not None else 0
+            if self._defer is not None and self._defer[vb] == 1 + (kh >> 63) and size >= DEFER_MIN_SIZE:
+                self._deferred.append((self._listed + DEFER_WINDOWS * self.window, key, exp, vb, kh))
                 self._deferred_bytes += _DEFER_REC + len(key)
                 self.held += 1
                 if self._deferred_bytes > DEFER_BYTES:
                     self._release_deferred(0)
                 return False
             queued[key] = 1
-            self._fetch_queue.append((key, exp, vb))
+            self._fetch_queue.append((key, exp, vb, False))
             return False
         if line == b"END":
             return True
@@ -1241,7 +1254,7 @@ class Writer:
         deferred = self._deferred
         queued = self._fetch_queued_keys
         while deferred:
-            due, key, exp, vb = deferred[0]
+            due, key, exp, vb, kh = deferred[0]
             if not (self._deferred_bytes > DEFER_BYTES
                     or (len(self._fetch_queue) < room
                         and (self._md_ended or self._finished or due <= self._listed))):
@@ -1251,8 +1264,10 @@ class Writer:
             if key in queued:
                 self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
             else:
+                # Noted meanwhile: first ask the source for the flags alone; the value follows
+                # only if this copy turns out newer than the note.
                 queued[key] = 1
-                self._fetch_queue.append((key, exp, vb))
+                self._fetch_queue.append((key, exp, vb, self._noted(kh)))
 
     def fetch_requests(self) -> bytes:
         """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
@@ -1270,12 +1285,12 @@ class Writer:
                 break  # a batch at a time, as for the target: wait for room for a whole one
             batch = {}
             for _ in range(n):
-                key, exp, vb = queue.popleft()
+                key, exp, vb, flags_only = queue.popleft()
                 del queued[key]
                 opaque = self._fetch_seq
                 self._fetch_seq = (opaque + 1) & _FENCE_MASK
-                batch[opaque] = (key, exp, vb)
-                out += _meta_get(key, opaque)
+                batch[opaque] = (key, exp, vb, flags_only)
+                out += _meta_get(key, opaque, flags_only)
             out += b"mn\r\n"
             self._fetch_batches.append(batch)
             self._fetch_in_flight += n
@@ -1308,6 +1323,24 @@ class Writer:
         finally:
             answers.head = pos
 
+    def _flags_answer(self, key, listed, vb, flags, size):
+        """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
+        the Writer's records are (no value travelled); a newer one is fetched again whole."""
+        if self._known(key_hash64(key), flags):
+            self.entries += 1
+            self.bytes += size
+            self._vb_entries[vb] += 1
+            self._vb_bytes[vb] += size
+            self.deduplicated += 1
+            self.kept += 1
+            return
+        self.refetched += 1
+        if key in self._fetch_queued_keys:
+            self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
+            return
+        self._fetch_queued_keys[key] = 1
+        self._fetch_queue.append((key, listed, vb, False))
+
     def _on_meta_answer(self, buf, pos, nl, offset) -> int:
         """One answer to a meta get: the bytes it took, or 0 when its value is not all here."""
         line = bytes(buf[pos:nl - 1 if nl > pos and buf[nl - 1] == 13 else nl])
@@ -1336,10 +1369,24 @@ class Writer:
             if opaque not in batch:
                 raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
                                       offset)
-            key, listed, vb = batch.pop(opaque)
+            if batch[opaque][3]:
+                raise UnexpectedFrame(f"a value for the flags-only meta get {opaque} on the fetch connection", offset)
+            key, listed, vb, _ = batch.pop(opaque)
             self._fetch_in_flight -= 1
             self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _read_expiry(listed, ttl), vb, need)
             return need
+        if line.startswith(b"HD "):
+            hit = _parse_hd(line)
+            if hit is None:
+                raise MalformedFrame(f"bad meta get answer {line[:120]!r} on the fetch connection", offset)
+            flags, opaque = hit
+            if opaque not in batch or not batch[opaque][3]:
+                raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
+                                      offset)
+            key, listed, vb, _ = batch.pop(opaque)
+            self._fetch_in_flight -= 1
+            self._flags_answer(key, listed, vb, flags, total)
+            return total
         if line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):
             self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
             self.last_error = f"meta get failed on the fetch connection: {line[:120]!r}"
@@ -1380,12 +1427,14 @@ def _ttl_expiry(ttl: int) -> int:
     return (int(time.time()) + ttl) & 0xFFFFFFFF
 
 
-def _meta_get(key: bytes, opaque: int) -> bytes:
-    """``mg <key> v f t q O<opaque>\r\n``; a key the text protocol cannot carry (a space,
-    a control byte) goes base64-encoded with the ``b`` flag."""
+def _meta_get(key: bytes, opaque: int, flags_only: bool = False) -> bytes:
+    """``mg <key> v f t q O<opaque>\r\n`` (``mg <key> f q O<opaque>`` for the flags alone); a
+    key the text protocol cannot carry (a space, a control byte) goes base64-encoded with the
+    ``b`` flag."""
+    what = b" f q O%d\r\n" % opaque if flags_only else b" v f t q O%d\r\n" % opaque
     if any(c <= 32 or c == 127 for c in key):
-        return b"mg " + base64.b64encode(key) + b" b v f t q O%d\r\n" % opaque
-    return b"mg " + key + b" v f t q O%d\r\n" % opaque
+        return b"mg " + base64.b64encode(key) + b" b" + what
+    return b"mg " + key + what
 
 
 def _number(token: bytes, signed: bool = False):
@@ -1393,6 +1442,20 @@ def _number(token: bytes, signed: bool = False):
     if not digits or not digits.isdigit() or len(digits) > 12:
         return None
     return int(token)
+
+
+def _parse_hd(line: bytes):
+    """``HD f<flags> O<opaque>`` (a flags-only meta get's hit; return flags in any order):
+    (flags, opaque), or None."""
+    got = {}
+    for tok in line[3:].split(b" "):
+        if tok[:1] in (b"f", b"O"):
+            got[tok[:1]] = _number(tok[1:])
+            if got[tok[:1]] is None:
+                return None
+    if len(got) != 2 or got[b"f"] > 0xFFFFFFFF or got[b"O"] > 0xFFFFFFFF:
+        return None
+    return got[b"f"], got[b"O"]
 
 
 def _parse_va(line: bytes):

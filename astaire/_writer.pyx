@@ -60,6 +60,8 @@ cdef extern from *:
     void store64 "astaire_store64"(uint64_t *p, uint64_t v) nogil
 
 cdef enum:
+    CH_D = 68
+    CH_H = 72
     CH_M = 77
     CH_N = 78
     CH_O = 79
@@ -290,6 +292,7 @@ cdef struct Fetch:
     uint32_t hash       # vbucket_hash(key)
     uint16_t klen
     uint8_t answered
+    uint8_t flags_only  # ``mg <key> f q``: a deferred copy the table knew when released
     char key[C_MAX_KEY]
 
 
@@ -514,7 +517,9 @@ cdef class Writer:
     vbucket and bit whose item is at least DEFER_MIN_SIZE bytes (the listing's ``size=``) is
     fetched only once ``16 * window`` more wanted keys were listed (sooner past DEFER_BYTES of
     deferred keys, and as soon as the listing ended), so its copy usually arrives known and
-    costs the target nothing. A deferred fetch costs a few dozen bytes; small items are not
+    costs the target nothing; one already noted when released is asked for its flags alone
+    (``mg <key> f q``), and fetched whole only if newer than the note (``refetched``). A
+    deferred fetch costs a few dozen bytes; small items are not
     deferred (the two crawler streams drift apart by more than a deferral, and alternating
     runs measured it no cheaper for 100-byte values).
 
@@ -551,6 +556,7 @@ cdef class Writer:
     cdef readonly uint64_t read_first   # records whose first request was a read
     cdef readonly uint64_t deduplicated  # records settled as kept from the settled table (also in kept)
     cdef readonly uint64_t held          # records held back (hold): those found known then are in deduplicated
+    cdef readonly uint64_t refetched     # deferred fetches asked for flags alone, then found newer: fetched whole
     # The settled table (astaire.resync.settled), shared with the other streams of a resync.
     cdef uint64_t *_settled
     cdef uint64_t _settled_mask       # entries - 1 (two words each)
@@ -744,6 +750,7 @@ cdef class Writer:
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
             "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
+            "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
             "fetch_backlog": self.fetch_backlog, "done": self.done,
         }
@@ -953,6 +960,16 @@ cdef class Writer:
         if load64(e) != hash or (word >> 40) != (hash & 0xFFFFFFu) or (word & 0xFF00000000u) != self._settled_gen:
             return False
         return not ((<uint32_t>word - flags) & 0x80000000u)
+
+    cdef inline bint _noted(self, uint64_t hash) noexcept nogil:
+        """The table has a note of this key in this resync (whatever its flags)."""
+        cdef uint64_t *e
+        cdef uint64_t word
+        if self._settled == NULL:
+            return False
+        e = self._entry(hash)
+        word = load64(e + 1)
+        return load64(e) == hash and (word >> 40) == (hash & 0xFFFFFFu) and (word & 0xFF00000000u) == self._settled_gen
 
     cdef inline void _note(self, Slot *s, uint32_t held) noexcept nogil:
         """The target holds the slot's key with flags ``held`` (it just added, replaced or
@@ -1346,11 +1363,11 @@ cdef class Writer:
                 if self._dq.len - self._dq.head > DEFER_BYTES:
                     self._release_deferred(0)
                 continue
-            self._list_fetch(key, dlen, self._mdexp[i], vb, h, kh)
+            self._list_fetch(key, dlen, self._mdexp[i], vb, h, kh, False)
         return 0
 
     cdef int _list_fetch(self, const char *key, size_t dlen, uint32_t exp, uint32_t vb, uint32_t h,
-                         uint64_t kh) except -1:
+                         uint64_t kh, bint flags_only) except -1:
         cdef Fetch *e = fq_push(&self._fq)
         if e == NULL:
             raise MemoryError()
@@ -1360,6 +1377,7 @@ cdef class Writer:
         e.hash = h
         e.klen = <uint16_t>dlen
         e.answered = 0
+        e.flags_only = flags_only
         memcpy(e.key, key, dlen)
         if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h,
                   self._fq.first + self._fq_sent) < 0:
@@ -1384,7 +1402,9 @@ cdef class Writer:
             if ks_find(&self._fq_keys, &self._fq, d.hash, p + sizeof(DRec), d.klen):
                 self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
             else:
-                self._list_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash)
+                # Noted meanwhile: first ask the source for the flags alone; the value follows
+                # only if this copy turns out newer than the note.
+                self._list_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash, self._noted(d.key_hash))
         if self._dq_count == 0:
             self._dq.head = self._dq.len = 0
             if self._dq.cap > KEEP_EMPTY_BUF:
@@ -1514,7 +1534,7 @@ cdef class Writer:
                     prefetch(<char *>e + 64)
                 e = fq_at(&self._fq, seq + j)
                 ks_remove(&self._fq_keys, seq + j, e.hash)
-                if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq) < 0:
+                if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq, e.flags_only) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
             self._fq_sent += n
@@ -1578,6 +1598,9 @@ cdef class Writer:
                     raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
                                           "connection", offset)
                 e = fq_at(&self._fq, self._fq.first + idx)
+                if e.flags_only:
+                    raise UnexpectedFrame(f"a value for the flags-only meta get {hit.opaque} on the fetch connection",
+                                          offset)
                 if idx + 2 * FETCH_PREFETCH < self._fq_sent:
                     prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
                 if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
@@ -1589,6 +1612,21 @@ cdef class Writer:
                                 e.vb, need, e.key_hash) < 0:
                     raise MemoryError()
                 total = need
+            elif linelen >= 3 and line[0] == CH_H and line[1] == CH_D and line[2] == CH_SP:
+                if parse_hd(line, linelen, &hit) < 0:
+                    raise MalformedFrame(f"bad meta get answer {_line_text(line, linelen)} on the fetch connection",
+                                         offset)
+                idx = (hit.opaque - self._inflight_first) & C_FENCE_MASK
+                if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
+                        or fq_at(&self._fq, self._fq.first + idx).answered
+                        or not fq_at(&self._fq, self._fq.first + idx).flags_only):
+                    raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
+                                          "connection", offset)
+                e = fq_at(&self._fq, self._fq.first + idx)
+                e.answered = 1
+                self._front_answered += 1
+                self._fetch_in_flight -= 1
+                self._flags_answer(e, hit.flags, total)
             elif linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):
                 self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
                 self.last_error = f"meta get failed on the fetch connection: {_line_text(line, linelen)}"
@@ -1600,6 +1638,25 @@ cdef class Writer:
             b.head += total
             self._fch_offset += total
         return 0
+
+    cdef int _flags_answer(self, Fetch *e, uint32_t flags, size_t size) except -1:
+        """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
+        the Writer's records are (no value travelled); a newer one is fetched again whole."""
+        cdef Fetch f
+        if self._known(e.key_hash, flags):
+            self.entries += 1
+            self._nbytes += size
+            self._vb_entries[e.vb] += 1
+            self._vb_bytes[e.vb] += size
+            self.deduplicated += 1
+            self.kept += 1
+            return 0
+        self.refetched += 1
+        memcpy(&f, e, sizeof(Fetch))  # the queue may move when it grows
+        if ks_find(&self._fq_keys, &self._fq, f.hash, f.key, f.klen):
+            self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
+            return 0
+        return self._list_fetch(f.key, f.klen, f.exp, f.vb, f.hash, f.key_hash, False)
 
     cdef void _batch_ended(self) noexcept nogil:
         cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
@@ -1708,9 +1765,38 @@ cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
     return 0 if seen == 7 else -1
 
 
-cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque) noexcept nogil:
-    """``mg <key> v f t q O<opaque>\r\n``; a key the text protocol cannot carry (a space,
-    a control byte) goes base64-encoded with the ``b`` flag."""
+cdef int parse_hd(const char *line, size_t n, MetaHit *hit) noexcept nogil:
+    """``HD f<flags> O<opaque>`` (a flags-only meta get's hit; return flags in any order):
+    0, or -1."""
+    cdef const char *p = line + 2
+    cdef const char *end = line + n
+    cdef const char *tok_end
+    cdef int64_t v
+    cdef int seen = 0
+    while p < end:
+        p += 1  # the space
+        tok_end = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
+        if tok_end == NULL:
+            tok_end = end
+        if tok_end > p:
+            if p[0] == CH_f:
+                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
+                    return -1
+                hit.flags = <uint32_t>v
+                seen |= 1
+            elif p[0] == CH_O:
+                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
+                    return -1
+                hit.opaque = <uint32_t>v
+                seen |= 4
+        p = tok_end
+    return 0 if seen == 5 else -1
+
+
+cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, bint flags_only) noexcept nogil:
+    """``mg <key> v f t q O<opaque>\r\n`` (``mg <key> f q O<opaque>`` for the flags alone); a
+    key the text protocol cannot carry (a space, a control byte) goes base64-encoded with the
+    ``b`` flag."""
     cdef size_t i, j
     cdef bint b64 = False
     cdef char *p
@@ -1747,8 +1833,12 @@ cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque) 
     else:
         memcpy(p, key, klen)
         p += klen
-    memcpy(p, b" v f t q O", 10)
-    p += 10
+    if flags_only:
+        memcpy(p, b" f q O", 6)
+        p += 6
+    else:
+        memcpy(p, b" v f t q O", 10)
+        p += 10
     v = opaque
     while True:
         digits[nd] = <char>(CH_0 + v % 10)

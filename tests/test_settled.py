@@ -277,13 +277,16 @@ def fetched_keys(req):
     return [g[0] for g in meta_gets(req) if g != MN]
 
 
-def serve(w, value=b"V" * 3000, flags=NOW_MS):
+def serve(w, value=b"V" * 3000, flags=NOW_MS, flags_only=None):
     """Answer every fetch ``w`` asks for, and every target request, until it asks nothing
-    more; the keys it fetched and the keys it added, in order."""
+    more; the keys it fetched and the keys it added, in order (and into ``flags_only`` the
+    keys it asked the flags alone of)."""
     fetched, added = [], []
     while True:
         req = w.fetch_requests()
         fetched += fetched_keys(req)
+        if flags_only is not None:
+            flags_only += [g[0] for g in meta_gets(req) if len(g) == 3]
         if req:
             w.feed_fetch(meta_answer(req, lambda i, key: (value, flags, -1)))
         out = w.target_requests()
@@ -308,8 +311,14 @@ def test_a_crawler_stream_defers_large_fetches_of_its_half_until_the_other_strea
     assert answer_all(other) == mine
     filler = keys_with_top_bit(0, DEFER_FOR, prefix=b"t\\\\f")
     w.feed_metadump(listing(filler))
-    fetched, added = serve(w)
-    assert fetched[-3:] == mine and set(fetched[:-3]) == set(filler)  # due once DEFER_FOR more were listed
+    req = w.fetch_requests()
+    gets = meta_gets(req)
+    assert [g for g in gets if len(g) == 3] == []  # the filler first: the deferred are not due yet
+    w.feed_fetch(meta_answer(req, lambda i, key: (b"V" * 3000, NOW_MS, -1)))
+    flags_only = []
+    fetched, added = serve(w, flags_only=flags_only)
+    assert fetched[-3:] == mine and set(fetched[:-3]) | {g[0] for g in gets if g != MN} == set(filler)
+    assert flags_only == mine  # noted by then: the source is asked their flags alone (no value travels)
     assert mine[0] not in added and (w.deduplicated, w.kept) == (3, 3)  # known: kept without a request
     assert w.feed_metadump(b"END\r\n")
     w.finish()
@@ -342,10 +351,43 @@ def test_a_newer_deferred_copy_is_still_written(tap):
     w.feed_metadump(listing(keys) + b"END\r\n")
     w.finish()
     req = w.fetch_requests()
-    assert fetched_keys(req) == keys
+    assert meta_gets(req) == [(k, i, "flags") for i, k in enumerate(keys)] + [MN]  # noted: flags alone first
+    w.feed_fetch(meta_answer(req, lambda i, key: (b"new", NOW_MS + 1, -1)))
+    assert w.target_requests() == b"" and w.refetched == 2 and w.entries == 0
+    req = w.fetch_requests()
+    assert meta_gets(req) == [(k, 2 + i) for i, k in enumerate(keys)] + [MN]  # newer: fetched whole
     w.feed_fetch(meta_answer(req, lambda i, key: (b"new", NOW_MS + 1, -1)))
     out = w.target_requests()
     assert added_keys(out) == keys and w.deduplicated == 0  # newer than the note: to the target, by the rule
+    w.feed_target(ack_fences(out))
+    assert w.done and (w.entries, w.added) == (2, 2)
+
+
+@pytest.mark.parametrize("answer, error", [
+    (lambda o: b"HD f1 O%d\r\n" % o, "UnexpectedFrame"),            # flags alone, for a value fetch
+    (lambda o: b"HD f1\r\n", "MalformedFrame"),                      # no opaque
+    (lambda o: b"HD fx O%d\r\n" % o, "MalformedFrame"),              # bad flags
+])
+def test_a_bad_flags_answer_is_a_protocol_error(tap, answer, error):
+    w = tap.Writer(ALL, window=16)
+    w.feed_metadump(listing([b"t\\\\k"]))
+    (key, opaque), mn = meta_gets(w.fetch_requests())
+    with pytest.raises(getattr(tap, error)):
+        w.feed_fetch(answer(opaque))
+
+
+def test_a_value_for_a_flags_only_fetch_is_a_protocol_error(tap):
+    t = table()
+    gen = t.next_generation()
+    key = keys_with_top_bit(1, 1)[0]
+    other = writer(tap, t, gen)
+    other.feed_tap(mutation(tap, key, b"V", flags=NOW_MS))
+    answer_all(other)
+    w = holding(tap, t, gen, 1)
+    w.feed_metadump(listing([key]) + b"END\r\n")
+    (k, opaque, kind), mn = meta_gets(w.fetch_requests())
+    with pytest.raises(tap.UnexpectedFrame):
+        w.feed_fetch(b"VA 1 f1 t-1 O%d\r\nV\r\n" % opaque)
 
 
 def test_too_many_deferred_fetches_are_pressed_out_oldest_first(monkeypatch):

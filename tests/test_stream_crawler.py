@@ -412,3 +412,4 @@ def test_two_crawler_streams_deferring_opposite_halves_place_the_newest_copy_of_
     assert sa["failed"] == sb["failed"] == 0
     assert sb["replaced"] == len(newer_b) and sb["added"] == len(only_b)
     assert sb["deduplicated"] > 400  # what the first stream wrote cost the second no request
+    assert 0 < sb["refetched"] <= len(newer_b)  # asked for flags alone, found newer, fetched whole

@@ -49,7 +49,8 @@ MN = ("mn",)
 
 
 def meta_gets(req):
-    """The crawler's fetch requests as [(key, opaque) per ``mg ... v f t q O<n>``, MN per ``mn``]."""
+    """The crawler's fetch requests as [(key, opaque) per ``mg ... v f t q O<n>``, (key, opaque,
+    "flags") per ``mg ... f q O<n>``, MN per ``mn``]."""
     out = []
     assert req.endswith(b"\r\n") or not req
     for line in req.split(b"\r\n")[:-1]:
@@ -57,9 +58,11 @@ def meta_gets(req):
         if parts == [b"mn"]:
             out.append(MN)
             continue
-        assert parts[0] == b"mg" and {b"v", b"f", b"t", b"q"} <= set(parts[2:]), line
+        flags_only = b"v" not in parts[2:]  # a deferred copy's flags alone: ``mg <key> f q O<n>``
+        assert parts[0] == b"mg" and ({b"f", b"q"} if flags_only else {b"v", b"f", b"t", b"q"}) <= set(parts[2:]), line
         key = base64.b64decode(parts[1]) if b"b" in parts[2:] else parts[1]
-        out.append((key, int(next(p for p in parts[2:] if p.startswith(b"O"))[1:])))
+        opaque = int(next(p for p in parts[2:] if p.startswith(b"O"))[1:])
+        out.append((key, opaque, "flags") if flags_only else (key, opaque))
     return out
 
 
@@ -73,7 +76,10 @@ def meta_answer(req, hit=lambda i, key: None):
         found = hit(i, g[0])
         if found is not None:
             value, flags, ttl = found
-            answer += b"VA %d f%d t%d O%d\r\n%s\r\n" % (len(value), flags, ttl, g[1], value)
+            if len(g) == 3:
+                answer += b"HD f%d O%d\r\n" % (flags, g[1])
+            else:
+                answer += b"VA %d f%d t%d O%d\r\n%s\r\n" % (len(value), flags, ttl, g[1], value)
     return bytes(answer)
 
 

@@ -1444,16 +1444,23 @@ def _number(token: bytes, signed: bool = False):
     return int(token)
 
 
+def _meta_tokens(tokens):
+    """The return flags of a meta answer: {b"f": flags, b"t": ttl, b"O": opaque} for those
+    present (others skipped), or None for a bad number."""
+    got = {}
+    for tok in tokens:
+        if tok[:1] in (b"f", b"t", b"O"):
+            v = got[tok[:1]] = _number(tok[1:], signed=tok[:1] == b"t")
+            if v is None or (v < -1 if tok[:1] == b"t" else v > 0xFFFFFFFF):
+                return None
+    return got
+
+
 def _parse_hd(line: bytes):
     """``HD f<flags> O<opaque>`` (a flags-only meta get's hit; return flags in any order):
     (flags, opaque), or None."""
-    got = {}
-    for tok in line[3:].split(b" "):
-        if tok[:1] in (b"f", b"O"):
-            got[tok[:1]] = _number(tok[1:])
-            if got[tok[:1]] is None:
-                return None
-    if len(got) != 2 or got[b"f"] > 0xFFFFFFFF or got[b"O"] > 0xFFFFFFFF:
+    got = _meta_tokens(line[3:].split(b" "))
+    if got is None or b"f" not in got or b"O" not in got:
         return None
     return got[b"f"], got[b"O"]
 
@@ -1463,18 +1470,10 @@ def _parse_va(line: bytes):
     opaque), or None."""
     tokens = line[3:].split(b" ")
     vlen = _number(tokens[0])
-    got = {}
-    for tok in tokens[1:]:
-        if tok[:1] in (b"f", b"t", b"O"):
-            got[tok[:1]] = _number(tok[1:], signed=tok[:1] == b"t")
-            if got[tok[:1]] is None:
-                return None
-    if vlen is None or len(got) != 3:
+    got = _meta_tokens(tokens[1:])
+    if vlen is None or got is None or len(got) != 3:
         return None
-    flags, ttl, opaque = got[b"f"], got[b"t"], got[b"O"]
-    if flags > 0xFFFFFFFF or ttl < -1 or opaque > 0xFFFFFFFF:
-        return None
-    return vlen, flags, ttl, opaque
+    return vlen, got[b"f"], got[b"t"], got[b"O"]
 
 
 __all__ = [

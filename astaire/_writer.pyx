@@ -1726,20 +1726,13 @@ cdef int parse_num(const char *p, const char *end, bint signed, int64_t *out) no
     return 0
 
 
-cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
-    """``VA <len> f<flags> t<ttl> O<opaque>`` (return flags in any order): 0, or -1."""
-    cdef const char *p = line + 3
-    cdef const char *end = line + n
+cdef int meta_tokens(const char *p, const char *end, MetaHit *hit) noexcept nogil:
+    """The return flags of a meta answer from ``p`` (at a space) to ``end``: ``f<flags>``,
+    ``t<ttl>``, ``O<opaque>`` in any order, others skipped. The bits seen (1 f, 2 t, 4 O), or
+    -1 for a bad number."""
     cdef const char *tok_end
     cdef int64_t v
     cdef int seen = 0
-    tok_end = <const char *>memchr(p, CH_SP, end - p)
-    if tok_end == NULL:
-        tok_end = end
-    if parse_num(p, tok_end, False, &v) < 0:
-        return -1
-    hit.vlen = <size_t>v
-    p = tok_end
     while p < end:
         p += 1  # the space
         tok_end = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
@@ -1762,35 +1755,29 @@ cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
                 hit.opaque = <uint32_t>v
                 seen |= 4
         p = tok_end
-    return 0 if seen == 7 else -1
+    return seen
+
+
+cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
+    """``VA <len> f<flags> t<ttl> O<opaque>`` (return flags in any order): 0, or -1."""
+    cdef const char *p = line + 3
+    cdef const char *end = line + n
+    cdef const char *tok_end
+    cdef int64_t v
+    tok_end = <const char *>memchr(p, CH_SP, end - p)
+    if tok_end == NULL:
+        tok_end = end
+    if parse_num(p, tok_end, False, &v) < 0:
+        return -1
+    hit.vlen = <size_t>v
+    return 0 if meta_tokens(tok_end, end, hit) == 7 else -1
 
 
 cdef int parse_hd(const char *line, size_t n, MetaHit *hit) noexcept nogil:
     """``HD f<flags> O<opaque>`` (a flags-only meta get's hit; return flags in any order):
     0, or -1."""
-    cdef const char *p = line + 2
-    cdef const char *end = line + n
-    cdef const char *tok_end
-    cdef int64_t v
-    cdef int seen = 0
-    while p < end:
-        p += 1  # the space
-        tok_end = <const char *>memchr(p, CH_SP, end - p) if p < end else NULL
-        if tok_end == NULL:
-            tok_end = end
-        if tok_end > p:
-            if p[0] == CH_f:
-                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
-                    return -1
-                hit.flags = <uint32_t>v
-                seen |= 1
-            elif p[0] == CH_O:
-                if parse_num(p + 1, tok_end, False, &v) < 0 or v > <int64_t>0xFFFFFFFFu:
-                    return -1
-                hit.opaque = <uint32_t>v
-                seen |= 4
-        p = tok_end
-    return 0 if seen == 5 else -1
+    cdef int seen = meta_tokens(line + 2, line + n, hit)
+    return 0 if seen >= 0 and seen & 5 == 5 else -1
 
 
 cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, bint flags_only) noexcept nogil:

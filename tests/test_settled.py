@@ -417,18 +417,8 @@ def test_both_builds_defer_and_release_fetches_alike():
         answer_all(noter)
         w = holding(tap, t, gen, 1, window=4)
         trace = []
-        for i in range(0, len(text), 101):
-            w.feed_metadump(text[i:i + 101])
-            for _ in range(2):
-                req = w.fetch_requests()
-                out = w.target_requests()
-                trace.append((req, out))
-                if req:
-                    w.feed_fetch(meta_answer(req, lambda j, key: (b"v" * (j % 5), NOW_MS + j % 100, -1)))
-                if out:
-                    w.feed_target(ack_fences(out))
-        w.finish()
-        while not w.done:
+
+        def step():
             req = w.fetch_requests()
             out = w.target_requests()
             trace.append((req, out))
@@ -436,6 +426,14 @@ def test_both_builds_defer_and_release_fetches_alike():
                 w.feed_fetch(meta_answer(req, lambda j, key: (b"v" * (j % 5), NOW_MS + j % 100, -1)))
             if out:
                 w.feed_target(ack_fences(out))
+
+        for i in range(0, len(text), 101):
+            w.feed_metadump(text[i:i + 101])
+            step()
+            step()
+        w.finish()
+        while not w.done:
+            step()
         outs.append((trace, w.stats()))
     assert outs[0] == outs[1]
     st = outs[0][1]

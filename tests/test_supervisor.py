@@ -183,6 +183,42 @@ def test_a_worker_reports_ready_progress_and_result_then_quits(monkeypatch):
             pass
 
 
+def test_a_sigterm_that_reaches_a_worker_before_it_took_its_signals_still_stops_it(monkeypatch):
+    """The supervisor stops workers with SIGTERM. One that came between the fork and the
+    worker's own handler ran the supervisor's handler in the child and was lost: the worker
+    then waited for jobs until the supervisor's stop timeout (60 s) killed it."""
+    _fake_stream(monkeypatch)
+    supervisor_saw = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: supervisor_saw.append(sig))  # as the supervisor's
+
+    def slow_reopen():  # the child's set-up before the worker takes its signals, made long
+        time.sleep(1.0)
+
+    monkeypatch.setattr(worker.logs, "reopen_for_worker", slow_reopen)
+    try:
+        pid, sock = worker.spawn()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)  # inside the window
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        assert done == pid, "the worker did not stop on SIGTERM"
+        assert os.waitstatus_to_exitcode(status) in (worker.EXIT_OK, -signal.SIGTERM)
+    finally:
+        sock.close()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
 def test_a_worker_that_cannot_load_the_stream_machinery_exits_with_the_boot_failure_code(monkeypatch):
     def broken():
         raise ImportError("no astaire.stream")

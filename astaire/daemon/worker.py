@@ -48,6 +48,7 @@ HEARTBEAT = 1.0  # seconds: the longest a streaming worker stays silent
 # the process group is the supervisor's business). SIGTERM has its own handler (Worker).
 _IGNORED_IN_WORKER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGINT, signal.SIGQUIT)
 _DEFAULT_IN_WORKER = (signal.SIGCHLD, signal.SIGUSR2)
+_STOP_SIGNALS = {signal.SIGTERM, *_IGNORED_IN_WORKER, *_DEFAULT_IN_WORKER}  # blocked across a fork
 
 
 class _Stop(Exception):
@@ -203,13 +204,26 @@ def spawn(close_fds=(), progress_interval: float = 0.25) -> tuple[int, socket.so
     supervisor's death from that worker).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
+    # The child starts with the supervisor's signal handlers: a stop signal delivered before it
+    # has its own would run the supervisor's handler there and be lost (the worker then waits
+    # for jobs until the supervisor's stop timeout kills it). Blocked across the fork, such a
+    # signal waits until the child has reset its handlers (SIGTERM: the default, ending it,
+    # until Worker.run takes it).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         return pid, ours
     code = EXIT_CRASH
     try:
         _reset_signals()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         ours.close()
         for fd in close_fds:
             try:

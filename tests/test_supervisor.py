@@ -162,6 +162,16 @@ def _messages(sock: socket.socket, want: str, timeout: float = 10.0) -> list[dic
                 return got
 
 
+def _end(pid, sock):
+    """Close the supervisor's end of a worker's channel and make sure the worker is gone."""
+    sock.close()
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def test_a_worker_reports_ready_progress_and_result_then_quits(monkeypatch):
     _fake_stream(monkeypatch)
     pid, sock = worker.spawn()
@@ -175,12 +185,7 @@ def test_a_worker_reports_ready_progress_and_result_then_quits(monkeypatch):
         sock.sendall(worker.pack({"t": "quit"}))
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == worker.EXIT_OK
     finally:
-        sock.close()
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        _end(pid, sock)
 
 
 def test_a_sigterm_that_reaches_a_worker_before_it_took_its_signals_still_stops_it(monkeypatch):
@@ -211,12 +216,7 @@ def test_a_sigterm_that_reaches_a_worker_before_it_took_its_signals_still_stops_
         assert done == pid, "the worker did not stop on SIGTERM"
         assert os.waitstatus_to_exitcode(status) in (worker.EXIT_OK, -signal.SIGTERM)
     finally:
-        sock.close()
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        _end(pid, sock)
 
 
 def test_a_worker_that_cannot_load_the_stream_machinery_exits_with_the_boot_failure_code(monkeypatch):

@@ -600,7 +600,8 @@ cdef class Writer:
     cdef int _mdn                               # listed keys parsed, not yet hashed
     cdef uint16_t _mdlen[LANES]
     cdef uint32_t _mdexp[LANES]
-    cdef uint32_t _mdsize[LANES]   # the listed item's size (size=), read only when deferring
+    cdef const char *_mdrest[LANES]   # the listed line after its exp field (valid until the lanes are
+    cdef uint16_t _mdrestlen[LANES]   # flushed, within one _metadump_lines): size= is read there if needed
     cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef uint8_t *_defer       # a crawler stream's hold (by vbucket, as _hold): fetches deferred
     cdef Buf _dq               # deferred fetches: DRec, key each, oldest first
@@ -1349,7 +1350,7 @@ cdef class Writer:
             self._listed += 1
             kh = c_key_hash64(key, dlen) if self._settled != NULL else 0
             if (self._defer != NULL and self._defer[vb] == 1 + (kh >> 63) and not self._md_ended
-                    and self._mdsize[i] >= DEFER_MIN_SIZE):
+                    and listed_size(self._mdrest[i], self._mdrestlen[i]) >= DEFER_MIN_SIZE):
                 d.due = self._listed + self._defer_for
                 d.key_hash = kh
                 d.exp = self._mdexp[i]
@@ -1422,7 +1423,7 @@ cdef class Writer:
         cdef bint found = False, neg, big
         cdef uint64_t val
         cdef int64_t exp = 0
-        cdef uint64_t isize = 0
+        cdef const char *rest = lend
         cdef int hi, lo
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # Fields are a few bytes each: scanned inline (a memchr call per field cost more
@@ -1457,13 +1458,7 @@ cdef class Writer:
                             f += 1
                         found = not big and (not neg or val <= 1)
                         exp = -<int64_t>val if neg else <int64_t>val
-                        if self._defer == NULL:
-                            break
-                    elif found and fend - f > 5 and memcmp(f, b"size=", 5) == 0:
-                        f += 5  # the item's size: only a deferring stream reads it (lenient: a hint)
-                        while f < fend and f[0] >= CH_0 and f[0] <= CH_9 and isize < 0xFFFFFFFFu:
-                            isize = isize * 10 + <uint64_t>(f[0] - CH_0)
-                            f += 1
+                        rest = fend  # the fields after exp: a deferring stream reads size= there
                         break
                     f = fend + 1
             if not found:
@@ -1491,7 +1486,8 @@ cdef class Writer:
             memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
             self._mdlen[self._mdn] = <uint16_t>dlen
             self._mdexp[self._mdn] = <uint32_t>exp
-            self._mdsize[self._mdn] = <uint32_t>min(isize, 0xFFFFFFFFu)
+            self._mdrest[self._mdn] = rest
+            self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
             self._mdn += 1
             if self._mdn == LANES:
                 self._md_flush()
@@ -1771,6 +1767,29 @@ cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
         return -1
     hit.vlen = <size_t>v
     return 0 if meta_tokens(tok_end, end, hit) == 7 else -1
+
+
+cdef uint64_t listed_size(const char *f, size_t n) noexcept nogil:
+    """The ``size=`` of a metadump line's fields ``f`` (after exp; lenient, a hint: 0 when
+    there is none, leading digits only, at most 0xFFFFFFFF)."""
+    cdef const char *lend = f + n
+    cdef const char *fend
+    cdef uint64_t size = 0
+    while f < lend:
+        if f[0] == CH_SP:
+            f += 1
+            continue
+        fend = f
+        while fend < lend and fend[0] != CH_SP:
+            fend += 1
+        if fend - f > 5 and memcmp(f, b"size=", 5) == 0:
+            f += 5
+            while f < fend and f[0] >= CH_0 and f[0] <= CH_9 and size < 0xFFFFFFFFu:
+                size = size * 10 + <uint64_t>(f[0] - CH_0)
+                f += 1
+            return min(size, <uint64_t>0xFFFFFFFFu)
+        f = fend
+    return 0
 
 
 cdef int parse_hd(const char *line, size_t n, MetaHit *hit) noexcept nogil:

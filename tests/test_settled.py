@@ -400,6 +400,22 @@ def test_too_many_deferred_fetches_are_pressed_out_oldest_first(monkeypatch):
     assert fetched_keys(w.fetch_requests()) == keys[:2] and w.held == 5
 
 
+@pytest.mark.parametrize("fields, deferred", [
+    (b"size=5000", True), (b"size=1024", True), (b"size=1023", False), (b"", False), (b"size=", False),
+    (b"size=12x", False), (b"size=2000x", True), (b" size=2000", True), (b"size=99999999999999", True),
+    (b"size=10 size=5000", False), (b"cls=1 size=3000 fetch=no", True), (b"sizes=5000", False),
+])
+def test_the_listed_size_is_read_alike_by_both_builds(fields, deferred):
+    if _tap_c is None:
+        pytest.skip("no compiled codec")
+    key = keys_with_top_bit(1, 1)[0]
+    for tap in (_tap_c, _tap_py):
+        t = table()
+        w = holding(tap, t, t.next_generation(), 1)
+        w.feed_metadump(b"key=%s exp=-1 la=1 cas=1 %s\n" % (key, fields))
+        assert (w.held, fetched_keys(w.fetch_requests())) == ((1, []) if deferred else (0, [key])), tap
+
+
 def test_both_builds_defer_and_release_fetches_alike():
     if _tap_c is None:
         pytest.skip("no compiled codec")

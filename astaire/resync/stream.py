@@ -63,7 +63,7 @@ class StreamJob:
     write_mode: str = "auto"    # the Writer's first request per record: "addq", "read" or "auto" (codec.Writer)
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
     settled_generation: int = 0   # the resync's generation in the daemon's settled table (0: none)
-    hold: list = field(default_factory=list)  # [vbucket, bit] pairs: copies held back (codec.Writer)
+    hold: list = field(default_factory=list)  # [vbucket, bit] pairs: TAP copies held back, crawler fetches deferred (codec.Writer)
 
 
 @dataclass
@@ -275,9 +275,10 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept (%d of them known settled; %d held back) in %.2f s; reads: %s", job.source,
-                     job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"], stats["added"],
-                     stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"], seconds,
+                     "%d kept (%d of them known settled; %d held back, %d refetched) in %.2f s; reads: %s",
+                     job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
+                     stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"],
+                     stats["refetched"], seconds,
                      ", ".join(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {p.reads} "
                                f"({p.bytes_read // max(p.reads, 1)} B each)" for p in self.peers))
         else:

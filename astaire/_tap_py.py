@@ -826,11 +826,15 @@ class Writer:
 
     # -- source: TAP -----------------------------------------------------------------
 
-    def _accept(self, key, value, flags, exp, vb, size):
+    def _count_entry(self, vb, size):
+        """One more entry of vbucket ``vb`` taken from the source, ``size`` bytes of it received."""
         self.entries += 1
         self.bytes += size
         self._vb_entries[vb] += 1
         self._vb_bytes[vb] += size
+
+    def _accept(self, key, value, flags, exp, vb, size):
+        self._count_entry(vb, size)
         if not value:
             self.tombstones += 1
         h = 0
@@ -979,24 +983,24 @@ class Writer:
 
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
-    def _known(self, h, flags) -> bool:
-        """The target was seen holding this key, in this resync, with flags not older than
-        ``flags``: another copy changes nothing (see astaire.resync.settled)."""
+    def _note_of(self, h):
+        """The table's note of this key in this resync: its second word, or None."""
         i = 2 * (h & self._settled_mask)
         word = self._settled[i + 1]
         if (self._settled[i] != h or (word >> 40) != (h & 0xFFFFFF)
                 or (word & 0xFF00000000) != self._settled_gen):
-            return False
-        return not ((word & 0xFFFFFFFF) - flags) & 0x80000000
+            return None
+        return word
+
+    def _known(self, h, flags) -> bool:
+        """The target was seen holding this key, in this resync, with flags not older than
+        ``flags``: another copy changes nothing (see astaire.resync.settled)."""
+        word = self._note_of(h)
+        return word is not None and not ((word & 0xFFFFFFFF) - flags) & 0x80000000
 
     def _noted(self, h) -> bool:
         """The table has a note of this key in this resync (whatever its flags)."""
-        if self._settled is None:
-            return False
-        i = 2 * (h & self._settled_mask)
-        word = self._settled[i + 1]
-        return (self._settled[i] == h and (word >> 40) == (h & 0xFFFFFF)
-                and (word & 0xFF00000000) == self._settled_gen)
+        return self._settled is not None and self._note_of(h) is not None
 
     def _note(self, rec, held) -> None:
         """The target holds the record's key with flags ``held`` (it just added, replaced
@@ -1252,7 +1256,6 @@ class Writer:
         fewer than ``room`` fetches wait unsent; and the oldest past DEFER_BYTES whatever
         the room."""
         deferred = self._deferred
-        queued = self._fetch_queued_keys
         while deferred:
             due, key, exp, vb, kh = deferred[0]
             if not (self._deferred_bytes > DEFER_BYTES
@@ -1261,13 +1264,9 @@ class Writer:
                 return
             deferred.popleft()
             self._deferred_bytes -= _DEFER_REC + len(key)
-            if key in queued:
-                self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
-            else:
-                # Noted meanwhile: first ask the source for the flags alone; the value follows
-                # only if this copy turns out newer than the note.
-                queued[key] = 1
-                self._fetch_queue.append((key, exp, vb, self._noted(kh)))
+            # Noted meanwhile: first ask the source for the flags alone; the value follows only
+            # if this copy turns out newer than the note.
+            self._requeue_fetch(key, exp, vb, self._noted(kh))
 
     def fetch_requests(self) -> bytes:
         """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
@@ -1327,19 +1326,31 @@ class Writer:
         """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
         the Writer's records are (no value travelled); a newer one is fetched again whole."""
         if self._known(key_hash64(key), flags):
-            self.entries += 1
-            self.bytes += size
-            self._vb_entries[vb] += 1
-            self._vb_bytes[vb] += size
+            self._count_entry(vb, size)
             self.deduplicated += 1
             self.kept += 1
             return
         self.refetched += 1
+        self._requeue_fetch(key, listed, vb, False)
+
+    def _requeue_fetch(self, key, exp, vb, flags_only):
+        """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
+        was listed again meanwhile: the one queued fetch then reads the latest copy."""
         if key in self._fetch_queued_keys:
-            self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
+            self.duplicates += 1
             return
         self._fetch_queued_keys[key] = 1
-        self._fetch_queue.append((key, listed, vb, False))
+        self._fetch_queue.append((key, exp, vb, flags_only))
+
+    def _take_answer(self, batch, opaque, flags_only, offset):
+        """The in-flight fetch an answer with ``opaque`` is for, taken from its batch; an
+        opaque of no fetch awaiting this kind of answer is a protocol error."""
+        if opaque not in batch or (flags_only and not batch[opaque][3]):
+            raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection", offset)
+        if batch[opaque][3] and not flags_only:
+            raise UnexpectedFrame(f"a value for the flags-only meta get {opaque} on the fetch connection", offset)
+        self._fetch_in_flight -= 1
+        return batch.pop(opaque)
 
     def _on_meta_answer(self, buf, pos, nl, offset) -> int:
         """One answer to a meta get: the bytes it took, or 0 when its value is not all here."""
@@ -1366,13 +1377,7 @@ class Writer:
                 return 0
             if buf[pos + need - 2:pos + need] != b"\r\n":
                 raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
-            if opaque not in batch:
-                raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
-                                      offset)
-            if batch[opaque][3]:
-                raise UnexpectedFrame(f"a value for the flags-only meta get {opaque} on the fetch connection", offset)
-            key, listed, vb, _ = batch.pop(opaque)
-            self._fetch_in_flight -= 1
+            key, listed, vb, _ = self._take_answer(batch, opaque, False, offset)
             self._accept(key, bytes(buf[pos + total:pos + total + vlen]), flags, _read_expiry(listed, ttl), vb, need)
             return need
         if line.startswith(b"HD "):
@@ -1380,11 +1385,7 @@ class Writer:
             if hit is None:
                 raise MalformedFrame(f"bad meta get answer {line[:120]!r} on the fetch connection", offset)
             flags, opaque = hit
-            if opaque not in batch or not batch[opaque][3]:
-                raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection",
-                                      offset)
-            key, listed, vb, _ = batch.pop(opaque)
-            self._fetch_in_flight -= 1
+            key, listed, vb, _ = self._take_answer(batch, opaque, True, offset)
             self._flags_answer(key, listed, vb, flags, total)
             return total
         if line.startswith((b"CLIENT_ERROR", b"SERVER_ERROR")):

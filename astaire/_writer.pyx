@@ -841,10 +841,7 @@ cdef class Writer:
         table (the callers compute it ahead, and fetch its entry early: the other workers
         write the table, so an entry read when needed is a cache miss that stalls)."""
         cdef HRec r
-        self.entries += 1
-        self._nbytes += size
-        self._vb_entries[vb] += 1
-        self._vb_bytes[vb] += size
+        self._count_entry(vb, size)
         if vlen == 0:
             self.tombstones += 1
         if self._settled != NULL:
@@ -866,6 +863,13 @@ cdef class Writer:
                 self.held += 1
                 return 0
         return self._enqueue(key, klen, val, vlen, flags, exp, hash)
+
+    cdef inline void _count_entry(self, uint32_t vb, uint64_t size) noexcept nogil:
+        """One more entry of vbucket ``vb`` taken from the source, ``size`` bytes of it received."""
+        self.entries += 1
+        self._nbytes += size
+        self._vb_entries[vb] += 1
+        self._vb_bytes[vb] += size
 
     cdef int _enqueue(self, const char *key, uint32_t klen, const char *val, uint32_t vlen, uint32_t flags,
                       uint32_t exp, uint64_t hash) noexcept nogil:
@@ -953,24 +957,24 @@ cdef class Writer:
         """A key's entry in the settled table: two words."""
         return self._settled + 2 * (hash & self._settled_mask)
 
+    cdef inline bint _note_of(self, uint64_t hash, uint64_t *word) noexcept nogil:
+        """The table's note of this key in this resync: True (its second word in ``word``)
+        or False."""
+        cdef uint64_t *e = self._entry(hash)
+        word[0] = load64(e + 1)
+        return (load64(e) == hash and (word[0] >> 40) == (hash & 0xFFFFFFu)
+                and (word[0] & 0xFF00000000u) == self._settled_gen)
+
     cdef inline bint _known(self, uint64_t hash, uint32_t flags) noexcept nogil:
         """The target was seen holding this key, in this resync, with flags not older than
         ``flags``: another copy changes nothing (see astaire.resync.settled)."""
-        cdef uint64_t *e = self._entry(hash)
-        cdef uint64_t word = load64(e + 1)
-        if load64(e) != hash or (word >> 40) != (hash & 0xFFFFFFu) or (word & 0xFF00000000u) != self._settled_gen:
-            return False
-        return not ((<uint32_t>word - flags) & 0x80000000u)
+        cdef uint64_t word
+        return self._note_of(hash, &word) and not ((<uint32_t>word - flags) & 0x80000000u)
 
     cdef inline bint _noted(self, uint64_t hash) noexcept nogil:
         """The table has a note of this key in this resync (whatever its flags)."""
-        cdef uint64_t *e
         cdef uint64_t word
-        if self._settled == NULL:
-            return False
-        e = self._entry(hash)
-        word = load64(e + 1)
-        return load64(e) == hash and (word >> 40) == (hash & 0xFFFFFFu) and (word & 0xFF00000000u) == self._settled_gen
+        return self._settled != NULL and self._note_of(hash, &word)
 
     cdef inline void _note(self, Slot *s, uint32_t held) noexcept nogil:
         """The target holds the slot's key with flags ``held`` (it just added, replaced or
@@ -1349,7 +1353,7 @@ cdef class Writer:
                 continue
             self._listed += 1
             kh = c_key_hash64(key, dlen) if self._settled != NULL else 0
-            if (self._defer != NULL and self._defer[vb] == 1 + (kh >> 63) and not self._md_ended
+            if (self._defer != NULL and self._defer[vb] == 1 + (kh >> 63)
                     and listed_size(self._mdrest[i], self._mdrestlen[i]) >= DEFER_MIN_SIZE):
                 d.due = self._listed + self._defer_for
                 d.key_hash = kh
@@ -1385,6 +1389,15 @@ cdef class Writer:
             raise MemoryError()
         return 0
 
+    cdef int _requeue_fetch(self, const char *key, size_t dlen, uint32_t exp, uint32_t vb, uint32_t h,
+                            uint64_t kh, bint flags_only) except -1:
+        """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
+        was listed again meanwhile: the one queued fetch then reads the latest copy."""
+        if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
+            self.duplicates += 1
+            return 0
+        return self._list_fetch(key, dlen, exp, vb, h, kh, flags_only)
+
     cdef int _release_deferred(self, size_t room) except -1:
         """Queue the deferred fetches that are due (or, once the listing ended, any) while
         fewer than ``room`` fetches wait unsent; and the oldest past DEFER_BYTES whatever
@@ -1400,12 +1413,9 @@ cdef class Writer:
                 break
             self._dq.head += sizeof(DRec) + d.klen
             self._dq_count -= 1
-            if ks_find(&self._fq_keys, &self._fq, d.hash, p + sizeof(DRec), d.klen):
-                self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
-            else:
-                # Noted meanwhile: first ask the source for the flags alone; the value follows
-                # only if this copy turns out newer than the note.
-                self._list_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash, self._noted(d.key_hash))
+            # Noted meanwhile: first ask the source for the flags alone; the value follows only
+            # if this copy turns out newer than the note.
+            self._requeue_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash, self._noted(d.key_hash))
         if self._dq_count == 0:
             self._dq.head = self._dq.len = 0
             if self._dq.cap > KEEP_EMPTY_BUF:
@@ -1588,22 +1598,12 @@ cdef class Writer:
                     return 0
                 if line[need - 2] != CH_CR or line[need - 1] != CH_NL:
                     raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
-                idx = (hit.opaque - self._inflight_first) & C_FENCE_MASK
-                if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
-                        or fq_at(&self._fq, self._fq.first + idx).answered):
-                    raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
-                                          "connection", offset)
+                idx = <size_t>self._take_answer(hit.opaque, False, offset)
                 e = fq_at(&self._fq, self._fq.first + idx)
-                if e.flags_only:
-                    raise UnexpectedFrame(f"a value for the flags-only meta get {hit.opaque} on the fetch connection",
-                                          offset)
                 if idx + 2 * FETCH_PREFETCH < self._fq_sent:
                     prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
                 if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
                     prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
-                e.answered = 1
-                self._front_answered += 1
-                self._fetch_in_flight -= 1
                 if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, read_expiry(e.exp, hit.ttl, now),
                                 e.vb, need, e.key_hash) < 0:
                     raise MemoryError()
@@ -1612,17 +1612,8 @@ cdef class Writer:
                 if parse_hd(line, linelen, &hit) < 0:
                     raise MalformedFrame(f"bad meta get answer {_line_text(line, linelen)} on the fetch connection",
                                          offset)
-                idx = (hit.opaque - self._inflight_first) & C_FENCE_MASK
-                if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
-                        or fq_at(&self._fq, self._fq.first + idx).answered
-                        or not fq_at(&self._fq, self._fq.first + idx).flags_only):
-                    raise UnexpectedFrame(f"meta get answer with unexpected opaque {hit.opaque} on the fetch "
-                                          "connection", offset)
-                e = fq_at(&self._fq, self._fq.first + idx)
-                e.answered = 1
-                self._front_answered += 1
-                self._fetch_in_flight -= 1
-                self._flags_answer(e, hit.flags, total)
+                idx = <size_t>self._take_answer(hit.opaque, True, offset)
+                self._flags_answer(fq_at(&self._fq, self._fq.first + idx), hit.flags, total)
             elif linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):
                 self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
                 self.last_error = f"meta get failed on the fetch connection: {_line_text(line, linelen)}"
@@ -1635,24 +1626,35 @@ cdef class Writer:
             self._fch_offset += total
         return 0
 
+    cdef inline Py_ssize_t _take_answer(self, uint32_t opaque, bint flags_only, uint64_t offset) except -1:
+        """The in-flight fetch an answer with ``opaque`` is for (its index from the front),
+        marked answered; an opaque of no fetch awaiting this kind of answer is a protocol error."""
+        cdef size_t idx = (opaque - self._inflight_first) & C_FENCE_MASK
+        cdef Fetch *e
+        if (idx >= (self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)
+                or fq_at(&self._fq, self._fq.first + idx).answered
+                or (flags_only and not fq_at(&self._fq, self._fq.first + idx).flags_only)):
+            raise UnexpectedFrame(f"meta get answer with unexpected opaque {opaque} on the fetch connection", offset)
+        e = fq_at(&self._fq, self._fq.first + idx)
+        if e.flags_only and not flags_only:
+            raise UnexpectedFrame(f"a value for the flags-only meta get {opaque} on the fetch connection", offset)
+        e.answered = 1
+        self._front_answered += 1
+        self._fetch_in_flight -= 1
+        return <Py_ssize_t>idx
+
     cdef int _flags_answer(self, Fetch *e, uint32_t flags, size_t size) except -1:
         """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
         the Writer's records are (no value travelled); a newer one is fetched again whole."""
         cdef Fetch f
         if self._known(e.key_hash, flags):
-            self.entries += 1
-            self._nbytes += size
-            self._vb_entries[e.vb] += 1
-            self._vb_bytes[e.vb] += size
+            self._count_entry(e.vb, size)
             self.deduplicated += 1
             self.kept += 1
             return 0
         self.refetched += 1
         memcpy(&f, e, sizeof(Fetch))  # the queue may move when it grows
-        if ks_find(&self._fq_keys, &self._fq, f.hash, f.key, f.klen):
-            self.duplicates += 1  # listed again meanwhile: the one queued fetch reads the latest copy
-            return 0
-        return self._list_fetch(f.key, f.klen, f.exp, f.vb, f.hash, f.key_hash, False)
+        return self._requeue_fetch(f.key, f.klen, f.exp, f.vb, f.hash, f.key_hash, False)
 
     cdef void _batch_ended(self) noexcept nogil:
         cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)

@@ -104,8 +104,9 @@ def _one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, 
     perf = None
     if args.perf:
         import subprocess
+        which = ["-a"] if os.environ.get("PERF_ALL") else ["-p", str(os.getpid())]
         perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("PERF_CALLGRAPH", "fp"),
-                                 *(["-a"] if os.environ.get("PERF_ALL") else ["-p", str(os.getpid())]), "-o", args.perf], stderr=subprocess.DEVNULL)
+                                 *which, "-o", args.perf], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     t0 = time.monotonic()
     results = []

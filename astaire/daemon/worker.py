@@ -189,10 +189,12 @@ class Worker:
 
 
 def _reset_signals() -> None:
+    """In a new worker: none of the supervisor's handlers survive. SIGTERM ends the worker by
+    default until Worker.run takes it."""
     signal.set_wakeup_fd(-1)
     for sig in _IGNORED_IN_WORKER:
         signal.signal(sig, signal.SIG_IGN)
-    for sig in _DEFAULT_IN_WORKER:
+    for sig in (signal.SIGTERM, *_DEFAULT_IN_WORKER):
         signal.signal(sig, signal.SIG_DFL)
 
 
@@ -222,7 +224,6 @@ def spawn(close_fds=(), progress_interval: float = 0.25) -> tuple[int, socket.so
     code = EXIT_CRASH
     try:
         _reset_signals()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         ours.close()
         for fd in close_fds:

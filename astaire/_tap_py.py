@@ -760,7 +760,7 @@ class Writer:
         self._md_offset = 0
         self._md_ended = False
         self._defer = None                 # a crawler stream's hold: fetches deferred (see the class docstring)
-        self._deferred = deque()           # (due: listed count, key, exp, vb), oldest first
+        self._deferred = deque()           # (due: listed count, key, exp, vb, key_hash64), oldest first
         self._deferred_bytes = 0
         self._listed = 0                   # wanted keys listed so far (the deferral's clock)
         self._fetch_queue = deque()        # (key, exp, vb, flags only) not sent yet

@@ -7,7 +7,9 @@ against both.
 from __future__ import annotations
 
 import base64
+import os
 import re
+import select
 import struct
 import time
 from collections import deque
@@ -655,9 +657,10 @@ def _decode_uri(raw, offset):
 class Writer:
     """Writes one source stream's records into the local memcached (the target), by the
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
-    only for records the ADDQ found present. Python does the socket I/O and hands whole
-    chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
-    what ``target_requests`` and ``fetch_requests`` return.
+    only for records the ADDQ found present. The caller (a stream's loop, or the ``Pump``
+    that runs its hot part) does the socket I/O and hands whole chunks to ``feed_tap`` /
+    ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends what ``target_requests``
+    and ``fetch_requests`` return.
 
     ``mode`` chooses a record's first request to the target: "addq" (the quiet ADD above:
     one request when the target has no copy, three when it has one), "read" (read first:
@@ -1477,6 +1480,178 @@ def _parse_va(line: bytes):
     return vlen, got[b"f"], got[b"t"], got[b"O"]
 
 
+# -- the stream's I/O loop, its hot part (twin of _writer.Pump) ----------------------------
+
+PUMP_TIMEOUT = 0      # the deadline passed
+PUMP_DONE = 1         # the source had ended, the Writer is done and nothing is left to send
+PUMP_SOURCE = 2       # the source is readable and the caller reads it (the crawler's metadump)
+PUMP_SIGNAL = 3       # a signal interrupted the wait; its Python handler has run
+PUMP_SPOOL = 4        # a batch of fetches' room opened while the caller has listing text waiting
+PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
+PUMP_TARGET_EOF = 6   # the target closed the connection
+PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
+PUMP_SRC_NONE = 0     # do not watch the source
+PUMP_SRC_TAP = 1      # read the TAP source here, when the Writer has room
+PUMP_SRC_CALLER = 2   # watch the source; the caller reads it
+
+_PUMP_CHUNK = 512 * 1024
+_TRICKLE_BYTES = 8192
+_TRICKLE_WAIT = 0.0005
+_POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class Pump:
+    """The hot part of a stream's I/O loop (``astaire.resync.stream``): it moves bytes
+    between the target's socket, the crawler's fetch socket and a TAP source's socket and
+    the Writer until the caller has something to do (``run``'s codes, PUMP_*). The caller
+    owns the sockets (non-blocking; it closes them), reads a crawler's metadump itself, and
+    does the timeouts, progress and stopping between calls.
+
+    Flow control, as the caller's loop had it: the source (and a crawler's fetch answers)
+    are read only while the Writer holds fewer than ``window`` unsettled records and
+    ``window_bytes`` of them, and fewer than ``max_pending_out`` bytes wait for the target.
+
+    After an exception from ``run`` (an ``OSError`` from a socket, a protocol error from
+    the Writer), ``peer`` says whose it was ("target", "fetch" or "source") and, for an
+    OSError, ``op`` whether it was a "send" or a "recv"."""
+
+    def __init__(self, writer, target_fd, fetch_fd=-1, window_bytes=1024 * 1024, max_pending_out=1024 * 1024):
+        if writer is None:
+            raise TypeError("writer must be a Writer")
+        if target_fd < 0:
+            raise ValueError("target_fd must be a file descriptor")
+        if window_bytes < 1 or max_pending_out < 1:
+            raise ValueError("window_bytes and max_pending_out must be at least 1")
+        self.w = writer
+        self._tfd, self._ffd = target_fd, fetch_fd
+        self.window_bytes, self.max_pending_out = window_bytes, max_pending_out
+        self._tout = bytearray()
+        self._fout = bytearray()
+        self._trickle = False
+        self.last_progress = time.monotonic()
+        self.target_reads = self.target_bytes_read = self.fetch_reads = self.fetch_bytes_read = 0
+        self.source_reads = self.source_bytes_read = 0
+        self.peer = self.op = ""
+
+    @property
+    def target_pending(self) -> int:
+        """Bytes the Writer wants sent to the target that the socket has not taken yet."""
+        return len(self._tout)
+
+    @property
+    def fetch_pending(self) -> int:
+        """Meta gets not yet taken by the fetch socket."""
+        return len(self._fout)
+
+    def _room(self) -> bool:
+        w = self.w
+        return (w.backlog < w.window and w.backlog_bytes < self.window_bytes
+                and len(self._tout) < self.max_pending_out)
+
+    def _send(self, fd: int, out: bytearray, who: str) -> None:
+        while out:
+            try:
+                n = os.write(fd, out)  # a socket: write(2) is send(2) without flags
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.peer, self.op = who, "send"
+                raise
+            del out[:n]
+            self.last_progress = time.monotonic()
+
+    def _recv(self, fd: int, who: str):
+        try:
+            data = os.read(fd, _PUMP_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.peer, self.op = who, "recv"
+            raise
+        self.last_progress = time.monotonic()
+        return data
+
+    def run(self, timeout, src_fd=-1, src_mode=PUMP_SRC_NONE, src_ended=False, spool_waiting=False) -> int:
+        """Move bytes until there is something for the caller, at most ``timeout`` seconds;
+        returns a PUMP_* code. ``src_fd`` / ``src_mode``: the source's socket and how it is
+        watched (PUMP_SRC_*). ``src_ended``: the source has ended (DONE can be reached).
+        ``spool_waiting``: the caller holds listing text for the Writer (SPOOL is returned
+        once a batch of fetches fits)."""
+        w = self.w
+        deadline = time.monotonic() + timeout
+        self.peer = self.op = ""
+        fence = max(1, w.window // 4)
+        while True:
+            if self._ffd >= 0 and w.backlog_bytes < self.window_bytes:  # fetched values become backlog
+                self._fout += w.fetch_requests()
+                self._send(self._ffd, self._fout, "fetch")
+            self._tout += w.target_requests()
+            self._send(self._tfd, self._tout, "target")
+            if src_ended and w.done and not self._tout:
+                return PUMP_DONE
+            if spool_waiting and w.fetch_backlog + fence <= w.window:
+                return PUMP_SPOOL
+            poller = select.poll()
+            poller.register(self._tfd, select.POLLIN | (select.POLLOUT if self._tout else 0))
+            room = self._room()
+            if self._ffd >= 0:
+                poller.register(self._ffd, (select.POLLIN if room else 0) | (select.POLLOUT if self._fout else 0))
+            watch_src = src_fd >= 0 and (src_mode == PUMP_SRC_CALLER or (src_mode == PUMP_SRC_TAP and room))
+            if watch_src:
+                poller.register(src_fd, select.POLLIN)
+            if self._trickle:
+                # The last answers came a few at a time (the Clearwater fork writes each
+                # response on its own): let them gather rather than wake per handful.
+                self._trickle = False
+                time.sleep(_TRICKLE_WAIT)
+            now = time.monotonic()
+            if now >= deadline:
+                return PUMP_TIMEOUT
+            try:
+                ready = dict(poller.poll(int(min(deadline - now, 3600.0) * 1000) + 1))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; a raising handler propagates
+                return PUMP_SIGNAL
+            if not ready:
+                continue
+            if ready.get(self._tfd, 0) & select.POLLOUT:
+                self._send(self._tfd, self._tout, "target")
+            if self._ffd >= 0 and ready.get(self._ffd, 0) & select.POLLOUT:
+                self._send(self._ffd, self._fout, "fetch")
+            if ready.get(self._tfd, 0) & _POLL_IN:
+                data = self._recv(self._tfd, "target")
+                if data is not None:
+                    if not data:
+                        return PUMP_TARGET_EOF
+                    self.target_reads += 1
+                    self.target_bytes_read += len(data)
+                    self._trickle = len(data) < _TRICKLE_BYTES
+                    self.peer = "target"
+                    w.feed_target(data)
+                    self.peer = ""
+            if self._ffd >= 0 and ready.get(self._ffd, 0) & _POLL_IN:
+                data = self._recv(self._ffd, "fetch")
+                if data is not None:
+                    if not data:
+                        return PUMP_FETCH_EOF
+                    self.fetch_reads += 1
+                    self.fetch_bytes_read += len(data)
+                    self.peer = "fetch"
+                    w.feed_fetch(data)
+                    self.peer = ""
+            if watch_src and ready.get(src_fd, 0) & _POLL_IN:
+                if src_mode == PUMP_SRC_CALLER:
+                    return PUMP_SOURCE
+                data = self._recv(src_fd, "source")
+                if data is not None:
+                    if not data:
+                        return PUMP_SOURCE_EOF
+                    self.source_reads += 1
+                    self.source_bytes_read += len(data)
+                    self.peer = "source"
+                    w.feed_tap(data)
+                    self.peer = ""
+
+
 __all__ = [
     "MAGIC_REQUEST", "MAGIC_RESPONSE",
     "OP_GET", "OP_SET", "OP_ADD", "OP_REPLACE", "OP_DELETE", "OP_QUIT", "OP_GETQ", "OP_NOOP",
@@ -1490,6 +1665,8 @@ __all__ = [
     "ProtocolError", "BadMagic", "BadLengths", "FrameTooLarge", "TapNotSupported",
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
     "Frame", "TapMutation", "FrameParser", "Writer", "key_hash64",
+    "Pump", "PUMP_TIMEOUT", "PUMP_DONE", "PUMP_SOURCE", "PUMP_SIGNAL", "PUMP_SPOOL", "PUMP_SOURCE_EOF",
+    "PUMP_TARGET_EOF", "PUMP_FETCH_EOF", "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER",
     "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
     "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
     "encode_add", "encode_addq", "encode_set",

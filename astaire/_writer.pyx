@@ -495,9 +495,10 @@ cdef inline int keep_rest(Buf *own, Buf *b) except -1:
 cdef class Writer:
     """Writes one source stream's records into the local memcached (the target), by the
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
-    only for records the ADDQ found present. Python does the socket I/O and hands whole
-    chunks to ``feed_tap`` / ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends
-    what ``target_requests`` and ``fetch_requests`` return.
+    only for records the ADDQ found present. The caller (a stream's loop, or the ``Pump``
+    that runs its hot part) does the socket I/O and hands whole chunks to ``feed_tap`` /
+    ``feed_metadump`` / ``feed_fetch`` / ``feed_target``; it sends what ``target_requests``
+    and ``fetch_requests`` return.
 
     ``mode`` chooses a record's first request to the target: "addq" (the quiet ADD above:
     one request when the target has no copy, three when it has one), "read" (read first:
@@ -1081,31 +1082,34 @@ cdef class Writer:
         return self._accepted
 
     cdef int _feed(self, object data, Buf *own, int kind) except -1:
-        """Parse a chunk: first complete the item ``own`` holds (appending only what it
-        lacks), then parse the rest of the chunk in place and keep its cut tail in ``own``."""
         cdef CBuf c
-        cdef Buf view
-        cdef size_t k = 0, take, n
         cbuf_get(data, &c)
         try:
-            n = <size_t>c.n
-            while own.head < own.len and k < n:
-                take = catch_up_size(own, c.p + k, n - k, kind)
-                if inbuf_feed(own, c.p + k, take) < 0:
-                    raise MemoryError()
-                k += take
-                self._parse(own, kind)
-            if k < n:
-                view.data = <char *>c.p + k
-                view.head = 0
-                view.len = n - k
-                view.cap = 0
-                try:
-                    self._parse(&view, kind)
-                finally:
-                    keep_rest(own, &view)
+            self._feed_ptr(c.p, <size_t>c.n, own, kind)
         finally:
             cbuf_release(&c)
+        return 0
+
+    cdef int _feed_ptr(self, const char *p, size_t n, Buf *own, int kind) except -1:
+        """Parse a chunk: first complete the item ``own`` holds (appending only what it
+        lacks), then parse the rest of the chunk in place and keep its cut tail in ``own``."""
+        cdef Buf view
+        cdef size_t k = 0, take
+        while own.head < own.len and k < n:
+            take = catch_up_size(own, p + k, n - k, kind)
+            if inbuf_feed(own, p + k, take) < 0:
+                raise MemoryError()
+            k += take
+            self._parse(own, kind)
+        if k < n:
+            view.data = <char *>p + k
+            view.head = 0
+            view.len = n - k
+            view.cap = 0
+            try:
+                self._parse(&view, kind)
+            finally:
+                keep_rest(own, &view)
         return 0
 
     cdef int _parse(self, Buf *b, int kind) except -1:
@@ -1129,16 +1133,21 @@ cdef class Writer:
 
     def target_requests(self):
         """The frames to send to the local memcached now (the buffer is cleared)."""
+        self._produce_target()
+        out = PyBytes_FromStringAndSize(self._out.data + self._out.head, self._out.len - self._out.head)
+        self._out.head = self._out.len = 0
+        if self._out.cap > KEEP_EMPTY_BUF:  # do not keep a burst's worth of memory
+            buf_free(&self._out)
+        return out
+
+    cdef int _produce_target(self) except -1:
+        """Append the requests due to the target to ``_out`` (behind any not yet sent)."""
         cdef int r
         with nogil:
             r = self._pump()
         if r < 0:
             raise MemoryError()
-        out = PyBytes_FromStringAndSize(self._out.data, self._out.len)
-        self._out.len = 0
-        if self._out.cap > KEEP_EMPTY_BUF:  # do not keep a burst's worth of memory
-            buf_free(&self._out)
-        return out
+        return 0
 
     def feed_target(self, data):
         """Take a chunk of the local memcached's responses."""
@@ -1509,7 +1518,16 @@ cdef class Writer:
         """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
         remaining TTL in one read, misses silent), each batch closed by ``mn``. At most
         ``window`` fetches and unsettled records are in flight together."""
-        cdef Py_ssize_t room = <Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight - <Py_ssize_t>self.backlog
+        self._produce_fetches()
+        out = PyBytes_FromStringAndSize(self._fetch_out.data + self._fetch_out.head,
+                                        self._fetch_out.len - self._fetch_out.head)
+        self._fetch_out.head = self._fetch_out.len = 0
+        return out
+
+    cdef int _produce_fetches(self) except -1:
+        """Append the meta gets due to ``_fetch_out`` (behind any not yet sent)."""
+        cdef Py_ssize_t room = (<Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight
+                                - <Py_ssize_t>(self._q_count + self._in_use))
         cdef int r
         if self._dq_count:
             self._release_deferred(self.window)
@@ -1517,9 +1535,7 @@ cdef class Writer:
             r = self._fetch_batches_out(room)
         if r < 0:
             raise MemoryError()
-        out = PyBytes_FromStringAndSize(self._fetch_out.data, self._fetch_out.len)
-        self._fetch_out.len = 0
-        return out
+        return 0
 
     cdef int _fetch_batches_out(self, Py_ssize_t room) noexcept nogil:
         cdef size_t n, j, queued
@@ -1887,4 +1903,294 @@ def _other_metadump_line(line, offset):
     raise CrawlerError(f"unparseable metadump line: {line[:200].decode('utf-8', 'replace')}", offset)
 
 
-__all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer", "key_hash64"]
+
+# -- the stream's I/O loop, its hot part -----------------------------------------------
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int c_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int fd, void *buf, size_t n, int flags)
+    ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags)
+    enum:
+        MSG_NOSIGNAL
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+        EAGAIN
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int nanosleep(const timespec *req, timespec *rem)
+    enum:
+        CLOCK_MONOTONIC
+
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+
+# Why Pump.run returned (twins in _tap_py; the stream's loop acts on each).
+PUMP_TIMEOUT = 0      # the deadline passed
+PUMP_DONE = 1         # the source had ended, the Writer is done and nothing is left to send
+PUMP_SOURCE = 2       # the source is readable and the caller reads it (the crawler's metadump)
+PUMP_SIGNAL = 3       # a signal interrupted the wait; its Python handler has run
+PUMP_SPOOL = 4        # a batch of fetches' room opened while the caller has listing text waiting
+PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
+PUMP_TARGET_EOF = 6   # the target closed the connection
+PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
+# Pump.src_mode
+PUMP_SRC_NONE = 0     # do not watch the source
+PUMP_SRC_TAP = 1      # read the TAP source here, when the Writer has room
+PUMP_SRC_CALLER = 2   # watch the source; the caller reads it
+
+cdef enum:
+    C_PUMP_TIMEOUT = 0
+    C_PUMP_DONE = 1
+    C_PUMP_SOURCE = 2
+    C_PUMP_SIGNAL = 3
+    C_PUMP_SPOOL = 4
+    C_PUMP_SOURCE_EOF = 5
+    C_PUMP_TARGET_EOF = 6
+    C_PUMP_FETCH_EOF = 7
+    C_SRC_NONE = 0
+    C_SRC_TAP = 1
+    C_SRC_CALLER = 2
+    PUMP_CHUNK = 512 * 1024   # one recv: few syscalls
+    TRICKLE_BYTES = 8192      # a target read smaller than this is followed by TRICKLE_NS of sleep,
+    TRICKLE_NS = 500000       # so the answers of the Clearwater fork (one write each) arrive in larger reads
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class Pump:
+    """The hot part of a stream's I/O loop (``astaire.resync.stream``), in C: it moves bytes
+    between the target's socket, the crawler's fetch socket and a TAP source's socket and
+    the Writer, sending straight from the Writer's buffers and reading into its own, until
+    the caller has something to do (``run``'s codes, PUMP_*). The caller owns the sockets
+    (non-blocking; it closes them), reads a crawler's metadump itself, and does the
+    timeouts, progress and stopping between calls.
+
+    Flow control, as the caller's loop had it: the source (and a crawler's fetch answers)
+    are read only while the Writer holds fewer than ``window`` unsettled records and
+    ``window_bytes`` of them, and fewer than ``max_pending_out`` bytes wait for the target.
+
+    After an exception from ``run`` (an ``OSError`` from a socket, a protocol error from
+    the Writer), ``peer`` says whose it was ("target", "fetch" or "source") and, for an
+    OSError, ``op`` whether it was a "send" or a "recv"."""
+
+    cdef Writer w
+    cdef int _tfd, _ffd
+    cdef uint64_t window_bytes, max_pending_out
+    cdef char *_tbuf
+    cdef char *_fbuf
+    cdef char *_sbuf
+    cdef bint _trickle
+    cdef readonly double last_progress
+    cdef readonly uint64_t target_reads, target_bytes_read, fetch_reads, fetch_bytes_read
+    cdef readonly uint64_t source_reads, source_bytes_read
+    cdef readonly str peer
+    cdef readonly str op
+
+    def __init__(self, Writer writer not None, int target_fd, int fetch_fd=-1, window_bytes=1024 * 1024,
+                 max_pending_out=1024 * 1024):
+        if target_fd < 0:
+            raise ValueError("target_fd must be a file descriptor")
+        if window_bytes < 1 or max_pending_out < 1:
+            raise ValueError("window_bytes and max_pending_out must be at least 1")
+        self.w = writer
+        self._tfd = target_fd
+        self._ffd = fetch_fd
+        self.window_bytes = window_bytes
+        self.max_pending_out = max_pending_out
+        self.last_progress = monotonic()
+        self.peer = self.op = ""
+
+    def __dealloc__(self):
+        free(self._tbuf)
+        free(self._fbuf)
+        free(self._sbuf)
+
+    @property
+    def target_pending(self):
+        """Bytes the Writer wants sent to the target that the socket has not taken yet."""
+        return self.w._out.len - self.w._out.head
+
+    @property
+    def fetch_pending(self):
+        """Meta gets not yet taken by the fetch socket."""
+        return self.w._fetch_out.len - self.w._fetch_out.head
+
+    cdef inline bint _room(self) noexcept:
+        cdef Writer w = self.w
+        return (w._q_count + w._in_use < w.window and w._backlog_bytes < self.window_bytes
+                and w._out.len - w._out.head < self.max_pending_out)
+
+    cdef int _send(self, int fd, Buf *b, str who) except -1:
+        """Send what ``b`` holds from its head as far as the socket takes it."""
+        cdef ssize_t n
+        while b.head < b.len:
+            with nogil:
+                n = c_send(fd, b.data + b.head, b.len - b.head, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
+                    break
+                self.peer, self.op = who, "send"
+                PyErr_SetFromErrno(OSError)
+                return -1
+            b.head += <size_t>n
+            self.last_progress = monotonic()
+        if b.head == b.len:
+            b.head = b.len = 0
+            if b.cap > KEEP_EMPTY_BUF:  # do not keep a burst's worth of memory
+                buf_free(b)
+        return 0
+
+    cdef ssize_t _recv(self, int fd, char **buf, str who) except -2:
+        """One read into ``*buf`` (allocated on first use): bytes read, 0 at EOF, -1 when
+        nothing is ready."""
+        cdef ssize_t n
+        if buf[0] == NULL:
+            buf[0] = <char *>malloc(PUMP_CHUNK)
+            if buf[0] == NULL:
+                raise MemoryError()
+        while True:
+            with nogil:
+                n = c_recv(fd, buf[0], PUMP_CHUNK, 0)
+            if n >= 0:
+                self.last_progress = monotonic()
+                return n
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
+                return -1
+            self.peer, self.op = who, "recv"
+            PyErr_SetFromErrno(OSError)
+            return -2
+
+    def run(self, double timeout, int src_fd=-1, int src_mode=C_SRC_NONE, bint src_ended=False,
+            bint spool_waiting=False):
+        """Move bytes until there is something for the caller, at most ``timeout`` seconds;
+        returns a PUMP_* code. ``src_fd`` / ``src_mode``: the source's socket and how it is
+        watched (PUMP_SRC_*). ``src_ended``: the source has ended (DONE can be reached).
+        ``spool_waiting``: the caller holds listing text for the Writer (SPOOL is returned
+        once a batch of fetches fits)."""
+        cdef Writer w = self.w
+        cdef pollfd fds[3]
+        cdef int nfds, ti, fi, si, ms, r
+        cdef bint room
+        cdef ssize_t n
+        cdef double now, deadline = monotonic() + timeout
+        cdef timespec nap
+        self.peer = self.op = ""
+        while True:
+            if self._ffd >= 0 and w._backlog_bytes < self.window_bytes:  # fetched values become backlog
+                w._produce_fetches()
+                if w._fetch_out.head < w._fetch_out.len:
+                    self._send(self._ffd, &w._fetch_out, "fetch")
+            w._produce_target()
+            if w._out.head < w._out.len:
+                self._send(self._tfd, &w._out, "target")
+            if src_ended and w.done:
+                return C_PUMP_DONE
+            if (spool_waiting
+                    and fq_count(&w._fq) - w._fq_sent + w._fetch_in_flight + w._fence_every <= w.window):
+                return C_PUMP_SPOOL
+            fds[0].fd = self._tfd
+            fds[0].events = POLLIN | (POLLOUT if w._out.head < w._out.len else 0)
+            ti = 0
+            nfds = 1
+            fi = si = -1
+            room = self._room()
+            if self._ffd >= 0:
+                fds[nfds].fd = self._ffd
+                fds[nfds].events = ((POLLIN if room else 0)
+                                    | (POLLOUT if w._fetch_out.head < w._fetch_out.len else 0))
+                fi = nfds
+                nfds += 1
+            if src_fd >= 0 and (src_mode == C_SRC_CALLER or (src_mode == C_SRC_TAP and room)):
+                fds[nfds].fd = src_fd
+                fds[nfds].events = POLLIN
+                si = nfds
+                nfds += 1
+            if self._trickle:
+                # The last answers came a few at a time (the Clearwater fork writes each
+                # response on its own): let them gather rather than wake per handful.
+                self._trickle = False
+                nap.tv_sec = 0
+                nap.tv_nsec = TRICKLE_NS
+                with nogil:
+                    nanosleep(&nap, NULL)
+            now = monotonic()
+            if now >= deadline:
+                return C_PUMP_TIMEOUT
+            ms = <int>(min(deadline - now, 3600.0) * 1000.0) + 1
+            with nogil:
+                r = c_poll(fds, nfds, ms)
+            if r < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()  # runs the Python handlers; raises what they raise
+                    return C_PUMP_SIGNAL
+                PyErr_SetFromErrno(OSError)
+                return -1
+            if r == 0:
+                continue  # the deadline is checked above
+            if fds[ti].revents & POLLOUT:
+                self._send(self._tfd, &w._out, "target")
+            if fi >= 0 and fds[fi].revents & POLLOUT:
+                self._send(self._ffd, &w._fetch_out, "fetch")
+            if fds[ti].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
+                n = self._recv(self._tfd, &self._tbuf, "target")
+                if n == 0:
+                    return C_PUMP_TARGET_EOF
+                if n > 0:
+                    self.target_reads += 1
+                    self.target_bytes_read += <uint64_t>n
+                    self._trickle = n < TRICKLE_BYTES
+                    self.peer = "target"
+                    w._feed_ptr(self._tbuf, <size_t>n, &w._tgt, IN_TARGET)
+                    self.peer = ""
+            if fi >= 0 and fds[fi].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
+                n = self._recv(self._ffd, &self._fbuf, "fetch")
+                if n == 0:
+                    return C_PUMP_FETCH_EOF
+                if n > 0:
+                    self.fetch_reads += 1
+                    self.fetch_bytes_read += <uint64_t>n
+                    self.peer = "fetch"
+                    w._feed_ptr(self._fbuf, <size_t>n, &w._fch, IN_FETCH)
+                    self.peer = ""
+            if si >= 0 and fds[si].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
+                if src_mode == C_SRC_CALLER:
+                    return C_PUMP_SOURCE
+                n = self._recv(src_fd, &self._sbuf, "source")
+                if n == 0:
+                    return C_PUMP_SOURCE_EOF
+                if n > 0:
+                    self.source_reads += 1
+                    self.source_bytes_read += <uint64_t>n
+                    self.peer = "source"
+                    w._feed_ptr(self._sbuf, <size_t>n, &w._src, IN_TAP)
+                    self.peer = ""
+
+__all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer", "key_hash64", "Pump", "PUMP_TIMEOUT", "PUMP_DONE",
+           "PUMP_SOURCE", "PUMP_SIGNAL", "PUMP_SPOOL", "PUMP_SOURCE_EOF", "PUMP_TARGET_EOF", "PUMP_FETCH_EOF",
+           "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER"]

@@ -2,12 +2,15 @@
 
 ``run_stream`` opens the target, then the source (TAP or the LRU crawler, see
 ``astaire.resync.source``), and moves bytes between non-blocking sockets and the codec's
-``Writer``, which does all per-record work. Python here only does I/O in large chunks:
+``Writer``, which does all per-record work. The codec's ``Pump`` runs the hot part of the
+loop (in C in the compiled build): it reads the target, the crawler's fetch connection and
+a TAP source, and sends what the Writer wants sent, until this module has something to do
+(read the crawler's metadump, spool it, report progress, time out, stop, end). So:
 
-- reads of up to 512 KiB land in a buffer allocated once per connection (``recv_into``)
-  and go straight into the Writer, which copies what it keeps;
-- whatever the Writer wants sent is sent at once, and only what the socket did not take
-  is queued per connection;
+- reads of up to 512 KiB land in a buffer allocated once per connection and go straight
+  into the Writer, which copies what it keeps;
+- whatever the Writer wants sent is sent at once from the Writer's own buffers, and what
+  the socket did not take waits there;
 - the source is not read while the Writer holds ``window`` unsettled records or
   ``window_bytes`` bytes of them, or the target's send queue is over ``MAX_PENDING_OUT``
   bytes, so memory stays flat however long the stream is and whatever the value sizes;
@@ -42,9 +45,7 @@ from astaire.client import connect, reason
 log = logging.getLogger("astaire.stream")
 
 CHUNK = 512 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, no bytes object per read
-MAX_PENDING_OUT = 1024 * 1024
-TRICKLE_BYTES = 8192    # a target read smaller than this ...
-TRICKLE_WAIT = 0.0005   # ... is followed by this pause, so answers arrive in larger reads
+MAX_PENDING_OUT = 1024 * 1024  # bytes waiting for the target before the source is no longer read
 SPOOL_IN_MEMORY = 1024 * 1024  # metadump text kept in memory before it spills to a temporary file
 
 
@@ -124,46 +125,18 @@ class _Spool:
 
 
 class _Peer:
-    """A non-blocking socket with a pending-out buffer."""
+    """A non-blocking socket (the Pump sends and reads the target's and the fetch
+    connection's; this module reads the metadump and drains TAP with ``recv``)."""
 
     def __init__(self, sock: socket.socket, what: str):
         sock.setblocking(False)
         self.sock = sock
         self.what = what  # "source 1.2.3.4:11211", for messages
-        self.out = bytearray()
-        self.mask = 0
         self.closed = False
         self._inbuf: mmap.mmap | None = None
         self._inview: memoryview | None = None
         self.reads = 0          # recv calls that returned data, and their bytes (the log's
         self.bytes_read = 0     # "reads" figures: many small reads mean many wake-ups)
-
-    def queue(self, data) -> int:
-        """Send ``data`` now as far as the socket takes it, queue the rest behind anything
-        already queued; returns the bytes sent."""
-        if not data:
-            return 0
-        if self.out:
-            self.out += data
-            return self.send_pending()
-        try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        if n < len(data):
-            self.out += memoryview(data)[n:]
-        return n
-
-    def send_pending(self) -> int:
-        sent = 0
-        while self.out:
-            try:
-                n = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            del self.out[:n]
-            sent += n
-        return sent
 
     def recv(self) -> memoryview | None:
         """Data (a view of this peer's read buffer, valid until the next recv), an empty
@@ -208,7 +181,8 @@ class _Stream:
         self.should_stop = should_stop
         self.writer = None
         self.kind: str | None = None
-        self.sel = selectors.DefaultSelector()
+        self.sel = selectors.DefaultSelector()  # for draining a TAP stream after a failure
+        self.pump = None
         self.peers: list[_Peer] = []
         self.target: _Peer | None = None
         self.src: _Peer | None = None      # TAP stream, or the metadump text connection
@@ -222,7 +196,6 @@ class _Stream:
         self.reported: dict = {}
         self.next_report = 0.0
         self.progress_failed: str | None = None
-        self.trickle = False       # the last target read was small: pause before the next select
         self.target_failed = False
         self.records_seen = 0                    # frames or listings taken from the source so far
         self.last_record = time.monotonic()      # when that number last grew (the stall deadline)
@@ -279,8 +252,7 @@ class _Stream:
                      job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
                      stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"],
                      stats["refetched"], seconds,
-                     ", ".join(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {p.reads} "
-                               f"({p.bytes_read // max(p.reads, 1)} B each)" for p in self.peers))
+                     self._reads())
         else:
             source.forget_kind(job.source)
             log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,
@@ -314,6 +286,12 @@ class _Stream:
             self.fetch = self._add(src.fetch_sock, f"source {job.source} (fetch)")
             if src.initial:
                 self._take_metadump(src.initial)
+        try:
+            self.pump = codec.Pump(self.writer, self.target.sock.fileno(),
+                                   self.fetch.sock.fileno() if self.fetch is not None else -1,
+                                   window_bytes=job.window_bytes, max_pending_out=MAX_PENDING_OUT)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise _Failure(f"bad stream job: {e}") from e
 
     def _add(self, sock: socket.socket, what: str) -> _Peer:
         peer = _Peer(sock, what)
@@ -324,7 +302,7 @@ class _Stream:
 
     def _pump(self) -> None:
         job = self.job
-        w = self.writer
+        pump = self.pump
         while True:
             if self.progress_failed:
                 self._stop(f"stopped: the progress callback failed: {self.progress_failed}")
@@ -332,31 +310,32 @@ class _Stream:
             if self.should_stop is not None and self.should_stop():
                 self._stop("stopped on request")
                 return
-            self._produce()
-            if self.source_ended and w.done and not self.target.out:
-                return
-            self._watch(self.target, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.target.out else 0))
-            room = (w.backlog < job.window and w.backlog_bytes < job.window_bytes
-                    and len(self.target.out) < MAX_PENDING_OUT)
             if self.fetch is None:
-                self._watch(self.src, selectors.EVENT_READ if room and not self.source_ended else 0)
+                mode = codec.PUMP_SRC_TAP if not self.source_ended else codec.PUMP_SRC_NONE
             else:
-                self._watch(self.src, selectors.EVENT_READ if not (self.source_ended or self.dump_eof) else 0)
-                self._watch(self.fetch, (selectors.EVENT_READ if room else 0)
-                            | (selectors.EVENT_WRITE if self.fetch.out else 0))
-            if self.trickle:
-                # The last answers came a few at a time (the Clearwater fork writes each
-                # response on its own): let them gather rather than wake per handful.
-                self.trickle = False
-                time.sleep(TRICKLE_WAIT)
+                self._feed_spool()
+                mode = codec.PUMP_SRC_CALLER if not (self.source_ended or self.dump_eof) else codec.PUMP_SRC_NONE
             now = time.monotonic()
             timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
-            for key, mask in self.sel.select(max(timeout, 0.001)):
-                peer = key.data
-                if mask & selectors.EVENT_WRITE:
-                    self._send(peer)
-                if mask & selectors.EVENT_READ:
-                    self._read(peer)
+            try:
+                r = pump.run(max(timeout, 0.001), self.src.sock.fileno() if mode else -1, mode, self.source_ended,
+                             bool(self.spool) and not self.source_ended)
+            except ProtocolError as e:
+                raise self._broken(e) from e
+            except OSError as e:
+                raise self._socket_failed(e) from e
+            finally:
+                self.last_progress = max(self.last_progress, pump.last_progress)
+            if r == codec.PUMP_DONE:
+                return
+            if r == codec.PUMP_SOURCE:
+                self._read_metadump()
+            elif r == codec.PUMP_SOURCE_EOF:
+                self._source_eof()
+            elif r == codec.PUMP_TARGET_EOF:
+                raise _Failure(f"target {job.target} closed the connection{self._so_far()}", target=True)
+            elif r == codec.PUMP_FETCH_EOF:
+                raise _Failure(f"{self.fetch.what} closed the connection{self._so_far()}", True)
             now = time.monotonic()
             if now - self.last_progress > job.idle_timeout:
                 who, source_done = self._idle_culprit()
@@ -366,80 +345,39 @@ class _Stream:
                 self._report()
                 self._check_stall(now)
 
-    def _produce(self) -> None:
-        w = self.writer
-        if self.fetch is not None:
-            self._feed_spool()
-            if w.backlog_bytes < self.job.window_bytes:  # fetched values become backlog
-                self._queue(self.fetch, w.fetch_requests())
-        self._queue(self.target, w.target_requests())
+    def _broken(self, e: ProtocolError) -> _Failure:
+        """The failure for a protocol error the Pump met feeding a peer's bytes to the Writer."""
+        who = self.pump.peer
+        if who == "target":
+            return _Failure(f"target {self.job.target} broke the protocol: {e}", target=True)
+        if who == "fetch":
+            return _Failure(f"{self.fetch.what} broke the protocol: {e}", True)
+        return _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True)
 
-    def _queue(self, peer: _Peer, data: bytes) -> None:
-        try:
-            if peer.queue(data):
-                self.last_progress = time.monotonic()
-        except OSError as e:
-            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}",
-                           target=peer is self.target) from e
+    def _socket_failed(self, e: OSError) -> _Failure:
+        """The failure for a socket error the Pump met (its peer and whether it was sending)."""
+        peer = {"target": self.target, "fetch": self.fetch, "source": self.src}.get(self.pump.peer)
+        if peer is None:  # not a peer's error (poll itself failed): a bug, not the network
+            raise e
+        if self.pump.op == "send":
+            return _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}", target=peer is self.target)
+        return _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", peer is not self.target,
+                        target=peer is self.target)
 
-    def _watch(self, peer: _Peer, mask: int) -> None:
-        if mask == peer.mask or peer.closed:
-            return
-        if peer.mask == 0:
-            self.sel.register(peer.sock, mask, peer)
-        elif mask == 0:
-            self.sel.unregister(peer.sock)
-        else:
-            self.sel.modify(peer.sock, mask, peer)
-        peer.mask = mask
-
-    def _unwatch(self, peer: _Peer) -> None:
-        self._watch(peer, 0)
-
-    def _send(self, peer: _Peer) -> None:
-        try:
-            if peer.send_pending():
-                self.last_progress = time.monotonic()
-        except OSError as e:
-            raise _Failure(f"{peer.what}: sending failed: {reason(e)}{self._so_far()}",
-                           target=peer is self.target) from e
-
-    def _read(self, peer: _Peer) -> None:
+    def _read_metadump(self) -> None:
+        peer = self.src
         try:
             data = peer.recv()
         except OSError as e:
-            raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", peer is not self.target,
-                           target=peer is self.target) from e
+            raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", True) from e
         if data is None:
             return
         self.last_progress = time.monotonic()
-        if peer is self.target:
-            self.trickle = 0 < len(data) < TRICKLE_BYTES
-            if not data:
-                raise _Failure(f"target {self.job.target} closed the connection{self._so_far()}", target=True)
-            try:
-                self.writer.feed_target(data)
-            except ProtocolError as e:
-                raise _Failure(f"target {self.job.target} broke the protocol: {e}", target=True) from e
-        elif peer is self.src and self.fetch is not None:
-            if data:
-                self._take_metadump(data)
-            else:
-                self.dump_eof = True
-                self._unwatch(self.src)
-                self._feed_spool()
-        elif peer is self.src:
-            if not data:
-                self._source_eof()
-            else:
-                self._feed_source(data)
-        else:  # crawler fetch connection
-            if not data:
-                raise _Failure(f"{peer.what} closed the connection{self._so_far()}", True)
-            try:
-                self.writer.feed_fetch(data)
-            except ProtocolError as e:
-                raise _Failure(f"{peer.what} broke the protocol: {e}", True) from e
+        if data:
+            self._take_metadump(data)
+        else:
+            self.dump_eof = True
+            self._feed_spool()
 
     def _feed_source(self, data: bytes) -> None:
         w = self.writer
@@ -450,7 +388,6 @@ class _Stream:
                 # END: the text connection has nothing more to say.
                 self.source_ended = True
                 w.finish()
-                self._unwatch(self.src)
                 self.src.close()
         except ProtocolError as e:
             raise _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True) from e
@@ -475,7 +412,6 @@ class _Stream:
             raise _Failure(f"source {self.job.source} closed the TAP stream mid-frame: {e}{self._so_far()}",
                            True) from e
         self.source_ended = True
-        self._unwatch(self.src)
 
     # -- ending early ----------------------------------------------------------------
 
@@ -491,11 +427,10 @@ class _Stream:
         """Read a TAP stream to the server's close and discard it (never close it first)."""
         for p in (self.target, self.fetch):
             if p is not None:
-                self._unwatch(p)
                 p.close()
         src = self.src
         last = time.monotonic()
-        self._watch(src, selectors.EVENT_READ)
+        self.sel.register(src.sock, selectors.EVENT_READ)
         while True:
             if time.monotonic() - last > self.job.idle_timeout:
                 log.warning("gave up draining the TAP stream of %s after %g s of silence", self.job.source,
@@ -512,6 +447,23 @@ class _Stream:
                     return
                 self.drained += len(data)
                 last = time.monotonic()
+
+    def _reads(self) -> str:
+        """The log's "reads" figures, per connection: many small reads mean many wake-ups."""
+        pump = self.pump
+        parts = []
+        for p in self.peers:
+            reads, nbytes = p.reads, p.bytes_read
+            if pump is not None:
+                if p is self.target:
+                    reads, nbytes = pump.target_reads, pump.target_bytes_read
+                elif p is self.fetch:
+                    reads, nbytes = pump.fetch_reads, pump.fetch_bytes_read
+                else:
+                    reads, nbytes = reads + pump.source_reads, nbytes + pump.source_bytes_read
+            parts.append(f"{p.what.split(' ', 1)[0]}{' fetch' if p is self.fetch else ''} {reads} "
+                         f"({nbytes // max(reads, 1)} B each)")
+        return ", ".join(parts)
 
     def _check_stall(self, now: float) -> None:
         """The stall deadline: bytes that keep arriving just under the idle timeout but never
@@ -533,9 +485,9 @@ class _Stream:
 
     def _idle_culprit(self) -> tuple[str, bool]:
         w = self.writer
-        if self.target.out or w.backlog:
+        if self.pump.target_pending or w.backlog:
             return f"target {self.job.target}", False
-        if self.fetch is not None and (self.fetch.out or w.fetch_backlog):
+        if self.fetch is not None and (self.pump.fetch_pending or w.fetch_backlog):
             return self.fetch.what, True
         return f"source {self.job.source}", True
 

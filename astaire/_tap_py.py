@@ -1529,8 +1529,7 @@ class Pump:
         self._fout = bytearray()
         self._trickle = False
         self.last_progress = time.monotonic()
-        self.target_reads = self.target_bytes_read = self.fetch_reads = self.fetch_bytes_read = 0
-        self.source_reads = self.source_bytes_read = 0
+        self._counts = {"target": (0, 0), "fetch": (0, 0), "source": (0, 0)}  # reads, bytes
         self.peer = self.op = ""
 
     @property
@@ -1560,16 +1559,30 @@ class Pump:
             del out[:n]
             self.last_progress = time.monotonic()
 
-    def _recv(self, fd: int, who: str):
+    def _take(self, fd: int, who: str, feed) -> int:
+        """One read, given to ``feed``: bytes read, 0 at EOF, -1 when nothing is ready."""
         try:
             data = os.read(fd, _PUMP_CHUNK)
         except (BlockingIOError, InterruptedError):
-            return None
+            return -1
         except OSError:
             self.peer, self.op = who, "recv"
             raise
         self.last_progress = time.monotonic()
-        return data
+        if data:
+            reads, nbytes = self._counts[who]
+            self._counts[who] = (reads + 1, nbytes + len(data))
+            self.peer = who
+            feed(data)
+            self.peer = ""
+        return len(data)
+
+    target_reads = property(lambda self: self._counts["target"][0])
+    target_bytes_read = property(lambda self: self._counts["target"][1])
+    fetch_reads = property(lambda self: self._counts["fetch"][0])
+    fetch_bytes_read = property(lambda self: self._counts["fetch"][1])
+    source_reads = property(lambda self: self._counts["source"][0])
+    source_bytes_read = property(lambda self: self._counts["source"][1])
 
     def run(self, timeout, src_fd=-1, src_mode=PUMP_SRC_NONE, src_ended=False, spool_waiting=False) -> int:
         """Move bytes until there is something for the caller, at most ``timeout`` seconds;
@@ -1618,38 +1631,18 @@ class Pump:
             if self._ffd >= 0 and ready.get(self._ffd, 0) & select.POLLOUT:
                 self._send(self._ffd, self._fout, "fetch")
             if ready.get(self._tfd, 0) & _POLL_IN:
-                data = self._recv(self._tfd, "target")
-                if data is not None:
-                    if not data:
-                        return PUMP_TARGET_EOF
-                    self.target_reads += 1
-                    self.target_bytes_read += len(data)
-                    self._trickle = len(data) < _TRICKLE_BYTES
-                    self.peer = "target"
-                    w.feed_target(data)
-                    self.peer = ""
+                n = self._take(self._tfd, "target", w.feed_target)
+                if n == 0:
+                    return PUMP_TARGET_EOF
+                self._trickle = 0 < n < _TRICKLE_BYTES
             if self._ffd >= 0 and ready.get(self._ffd, 0) & _POLL_IN:
-                data = self._recv(self._ffd, "fetch")
-                if data is not None:
-                    if not data:
-                        return PUMP_FETCH_EOF
-                    self.fetch_reads += 1
-                    self.fetch_bytes_read += len(data)
-                    self.peer = "fetch"
-                    w.feed_fetch(data)
-                    self.peer = ""
+                if self._take(self._ffd, "fetch", w.feed_fetch) == 0:
+                    return PUMP_FETCH_EOF
             if watch_src and ready.get(src_fd, 0) & _POLL_IN:
                 if src_mode == PUMP_SRC_CALLER:
                     return PUMP_SOURCE
-                data = self._recv(src_fd, "source")
-                if data is not None:
-                    if not data:
-                        return PUMP_SOURCE_EOF
-                    self.source_reads += 1
-                    self.source_bytes_read += len(data)
-                    self.peer = "source"
-                    w.feed_tap(data)
-                    self.peer = ""
+                if self._take(src_fd, "source", w.feed_tap) == 0:
+                    return PUMP_SOURCE_EOF
 
 
 __all__ = [

@@ -2064,9 +2064,10 @@ cdef class Pump:
                 buf_free(b)
         return 0
 
-    cdef ssize_t _recv(self, int fd, char **buf, str who) except -2:
-        """One read into ``*buf`` (allocated on first use): bytes read, 0 at EOF, -1 when
-        nothing is ready."""
+    cdef ssize_t _take(self, int fd, char **buf, str who, Buf *own, int kind,
+                       uint64_t *reads, uint64_t *nbytes) except -2:
+        """One read into ``*buf`` (allocated on first use), fed to the Writer as ``kind``
+        (its cut tail kept in ``own``): bytes read, 0 at EOF, -1 when nothing is ready."""
         cdef ssize_t n
         if buf[0] == NULL:
             buf[0] = <char *>malloc(PUMP_CHUNK)
@@ -2076,8 +2077,7 @@ cdef class Pump:
             with nogil:
                 n = c_recv(fd, buf[0], PUMP_CHUNK, 0)
             if n >= 0:
-                self.last_progress = monotonic()
-                return n
+                break
             if errno == EINTR:
                 continue
             if errno == EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
@@ -2085,6 +2085,14 @@ cdef class Pump:
             self.peer, self.op = who, "recv"
             PyErr_SetFromErrno(OSError)
             return -2
+        self.last_progress = monotonic()
+        if n > 0:
+            reads[0] += 1
+            nbytes[0] += <uint64_t>n
+            self.peer = who
+            self.w._feed_ptr(buf[0], <size_t>n, own, kind)
+            self.peer = ""
+        return n
 
     def run(self, double timeout, int src_fd=-1, int src_mode=C_SRC_NONE, bint src_ended=False,
             bint spool_waiting=False):
@@ -2158,38 +2166,21 @@ cdef class Pump:
             if fi >= 0 and fds[fi].revents & POLLOUT:
                 self._send(self._ffd, &w._fetch_out, "fetch")
             if fds[ti].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
-                n = self._recv(self._tfd, &self._tbuf, "target")
+                n = self._take(self._tfd, &self._tbuf, "target", &w._tgt, IN_TARGET,
+                               &self.target_reads, &self.target_bytes_read)
                 if n == 0:
                     return C_PUMP_TARGET_EOF
-                if n > 0:
-                    self.target_reads += 1
-                    self.target_bytes_read += <uint64_t>n
-                    self._trickle = n < TRICKLE_BYTES
-                    self.peer = "target"
-                    w._feed_ptr(self._tbuf, <size_t>n, &w._tgt, IN_TARGET)
-                    self.peer = ""
+                self._trickle = 0 < n < TRICKLE_BYTES
             if fi >= 0 and fds[fi].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
-                n = self._recv(self._ffd, &self._fbuf, "fetch")
-                if n == 0:
+                if self._take(self._ffd, &self._fbuf, "fetch", &w._fch, IN_FETCH,
+                              &self.fetch_reads, &self.fetch_bytes_read) == 0:
                     return C_PUMP_FETCH_EOF
-                if n > 0:
-                    self.fetch_reads += 1
-                    self.fetch_bytes_read += <uint64_t>n
-                    self.peer = "fetch"
-                    w._feed_ptr(self._fbuf, <size_t>n, &w._fch, IN_FETCH)
-                    self.peer = ""
             if si >= 0 and fds[si].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
                 if src_mode == C_SRC_CALLER:
                     return C_PUMP_SOURCE
-                n = self._recv(src_fd, &self._sbuf, "source")
-                if n == 0:
+                if self._take(src_fd, &self._sbuf, "source", &w._src, IN_TAP,
+                              &self.source_reads, &self.source_bytes_read) == 0:
                     return C_PUMP_SOURCE_EOF
-                if n > 0:
-                    self.source_reads += 1
-                    self.source_bytes_read += <uint64_t>n
-                    self.peer = "source"
-                    w._feed_ptr(self._sbuf, <size_t>n, &w._src, IN_TAP)
-                    self.peer = ""
 
 __all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer", "key_hash64", "Pump", "PUMP_TIMEOUT", "PUMP_DONE",
            "PUMP_SOURCE", "PUMP_SIGNAL", "PUMP_SPOOL", "PUMP_SOURCE_EOF", "PUMP_TARGET_EOF", "PUMP_FETCH_EOF",

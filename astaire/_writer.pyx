@@ -723,7 +723,13 @@ cdef class Writer:
     @property
     def backlog(self):
         """Records accepted but not yet settled."""
+        return self._backlog_n()
+
+    cdef inline size_t _backlog_n(self) noexcept nogil:
         return self._q_count + self._in_use
+
+    cdef inline size_t _fetch_backlog_n(self) noexcept nogil:
+        return fq_count(&self._fq) - self._fq_sent + self._fetch_in_flight
 
     @property
     def backlog_bytes(self):
@@ -734,7 +740,7 @@ cdef class Writer:
     @property
     def fetch_backlog(self):
         """Crawler fetches listed but not yet answered."""
-        return fq_count(&self._fq) - self._fq_sent + self._fetch_in_flight
+        return self._fetch_backlog_n()
 
     @property
     def done(self):
@@ -1527,7 +1533,7 @@ cdef class Writer:
     cdef int _produce_fetches(self) except -1:
         """Append the meta gets due to ``_fetch_out`` (behind any not yet sent)."""
         cdef Py_ssize_t room = (<Py_ssize_t>self.window - <Py_ssize_t>self._fetch_in_flight
-                                - <Py_ssize_t>(self._q_count + self._in_use))
+                                - <Py_ssize_t>self._backlog_n())
         cdef int r
         if self._dq_count:
             self._release_deferred(self.window)
@@ -1942,35 +1948,28 @@ cdef extern from "<time.h>" nogil:
 
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 
-# Why Pump.run returned (twins in _tap_py; the stream's loop acts on each).
-PUMP_TIMEOUT = 0      # the deadline passed
-PUMP_DONE = 1         # the source had ended, the Writer is done and nothing is left to send
-PUMP_SOURCE = 2       # the source is readable and the caller reads it (the crawler's metadump)
-PUMP_SIGNAL = 3       # a signal interrupted the wait; its Python handler has run
-PUMP_SPOOL = 4        # a batch of fetches' room opened while the caller has listing text waiting
-PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
-PUMP_TARGET_EOF = 6   # the target closed the connection
-PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
-# Pump.src_mode
-PUMP_SRC_NONE = 0     # do not watch the source
-PUMP_SRC_TAP = 1      # read the TAP source here, when the Writer has room
-PUMP_SRC_CALLER = 2   # watch the source; the caller reads it
-
 cdef enum:
-    C_PUMP_TIMEOUT = 0
-    C_PUMP_DONE = 1
-    C_PUMP_SOURCE = 2
-    C_PUMP_SIGNAL = 3
-    C_PUMP_SPOOL = 4
-    C_PUMP_SOURCE_EOF = 5
-    C_PUMP_TARGET_EOF = 6
-    C_PUMP_FETCH_EOF = 7
-    C_SRC_NONE = 0
-    C_SRC_TAP = 1
-    C_SRC_CALLER = 2
+    # Why Pump.run returned (twins in _tap_py; the stream's loop acts on each).
+    C_PUMP_TIMEOUT = 0      # the deadline passed
+    C_PUMP_DONE = 1         # the source had ended, the Writer is done and nothing is left to send
+    C_PUMP_SOURCE = 2       # the source is readable and the caller reads it (the crawler's metadump)
+    C_PUMP_SIGNAL = 3       # a signal interrupted the wait; its Python handler has run
+    C_PUMP_SPOOL = 4        # a batch of fetches' room opened while the caller has listing text waiting
+    C_PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
+    C_PUMP_TARGET_EOF = 6   # the target closed the connection
+    C_PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
+    # Pump.run's src_mode
+    C_SRC_NONE = 0          # do not watch the source
+    C_SRC_TAP = 1           # read the TAP source here, when the Writer has room
+    C_SRC_CALLER = 2        # watch the source; the caller reads it
     PUMP_CHUNK = 512 * 1024   # one recv: few syscalls
     TRICKLE_BYTES = 8192      # a target read smaller than this is followed by TRICKLE_NS of sleep,
     TRICKLE_NS = 500000       # so the answers of the Clearwater fork (one write each) arrive in larger reads
+
+PUMP_TIMEOUT, PUMP_DONE, PUMP_SOURCE, PUMP_SIGNAL = C_PUMP_TIMEOUT, C_PUMP_DONE, C_PUMP_SOURCE, C_PUMP_SIGNAL
+PUMP_SPOOL, PUMP_SOURCE_EOF, PUMP_TARGET_EOF, PUMP_FETCH_EOF = (C_PUMP_SPOOL, C_PUMP_SOURCE_EOF, C_PUMP_TARGET_EOF,
+                                                                C_PUMP_FETCH_EOF)
+PUMP_SRC_NONE, PUMP_SRC_TAP, PUMP_SRC_CALLER = C_SRC_NONE, C_SRC_TAP, C_SRC_CALLER
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -2039,7 +2038,7 @@ cdef class Pump:
 
     cdef inline bint _room(self) noexcept:
         cdef Writer w = self.w
-        return (w._q_count + w._in_use < w.window and w._backlog_bytes < self.window_bytes
+        return (w._backlog_n() < w.window and w._backlog_bytes < self.window_bytes
                 and w._out.len - w._out.head < self.max_pending_out)
 
     cdef int _send(self, int fd, Buf *b, str who) except -1:
@@ -2103,7 +2102,7 @@ cdef class Pump:
         once a batch of fetches fits)."""
         cdef Writer w = self.w
         cdef pollfd fds[3]
-        cdef int nfds, ti, fi, si, ms, r
+        cdef int nfds, fi, si, ms, r
         cdef bint room
         cdef ssize_t n
         cdef double now, deadline = monotonic() + timeout
@@ -2119,12 +2118,10 @@ cdef class Pump:
                 self._send(self._tfd, &w._out, "target")
             if src_ended and w.done:
                 return C_PUMP_DONE
-            if (spool_waiting
-                    and fq_count(&w._fq) - w._fq_sent + w._fetch_in_flight + w._fence_every <= w.window):
+            if spool_waiting and w._fetch_backlog_n() + w._fence_every <= w.window:
                 return C_PUMP_SPOOL
-            fds[0].fd = self._tfd
+            fds[0].fd = self._tfd  # the target is always fds[0]
             fds[0].events = POLLIN | (POLLOUT if w._out.head < w._out.len else 0)
-            ti = 0
             nfds = 1
             fi = si = -1
             room = self._room()
@@ -2161,11 +2158,11 @@ cdef class Pump:
                 return -1
             if r == 0:
                 continue  # the deadline is checked above
-            if fds[ti].revents & POLLOUT:
+            if fds[0].revents & POLLOUT:
                 self._send(self._tfd, &w._out, "target")
             if fi >= 0 and fds[fi].revents & POLLOUT:
                 self._send(self._ffd, &w._fetch_out, "fetch")
-            if fds[ti].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
+            if fds[0].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
                 n = self._take(self._tfd, &self._tbuf, "target", &w._tgt, IN_TARGET,
                                &self.target_reads, &self.target_bytes_read)
                 if n == 0:

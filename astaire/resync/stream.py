@@ -181,7 +181,6 @@ class _Stream:
         self.should_stop = should_stop
         self.writer = None
         self.kind: str | None = None
-        self.sel = selectors.DefaultSelector()  # for draining a TAP stream after a failure
         self.pump = None
         self.peers: list[_Peer] = []
         self.target: _Peer | None = None
@@ -234,7 +233,6 @@ class _Stream:
         finally:
             for p in self.peers:
                 p.close()
-            self.sel.close()
             self.spool.close()
         seconds = time.monotonic() - t0
         stats = self.writer.stats() if self.writer is not None else {}
@@ -352,6 +350,9 @@ class _Stream:
             return _Failure(f"target {self.job.target} broke the protocol: {e}", target=True)
         if who == "fetch":
             return _Failure(f"{self.fetch.what} broke the protocol: {e}", True)
+        return self._source_broke(e)
+
+    def _source_broke(self, e: ProtocolError) -> _Failure:
         return _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True)
 
     def _socket_failed(self, e: OSError) -> _Failure:
@@ -390,7 +391,7 @@ class _Stream:
                 w.finish()
                 self.src.close()
         except ProtocolError as e:
-            raise _Failure(f"source {self.job.source} broke the protocol: {e}{self._so_far()}", True) from e
+            raise self._source_broke(e) from e
 
     def _take_metadump(self, data: bytes) -> None:
         if not self.spool and self.writer.fetch_backlog < self.job.window:
@@ -430,23 +431,24 @@ class _Stream:
                 p.close()
         src = self.src
         last = time.monotonic()
-        self.sel.register(src.sock, selectors.EVENT_READ)
-        while True:
-            if time.monotonic() - last > self.job.idle_timeout:
-                log.warning("gave up draining the TAP stream of %s after %g s of silence", self.job.source,
-                            self.job.idle_timeout)
-                return
-            for _key, _mask in self.sel.select(min(1.0, self.job.idle_timeout)):
-                try:
-                    data = src.recv()
-                except OSError:
+        with selectors.DefaultSelector() as sel:
+            sel.register(src.sock, selectors.EVENT_READ)
+            while True:
+                if time.monotonic() - last > self.job.idle_timeout:
+                    log.warning("gave up draining the TAP stream of %s after %g s of silence", self.job.source,
+                                self.job.idle_timeout)
                     return
-                if data is None:
-                    continue
-                if not data:
-                    return
-                self.drained += len(data)
-                last = time.monotonic()
+                for _key, _mask in sel.select(min(1.0, self.job.idle_timeout)):
+                    try:
+                        data = src.recv()
+                    except OSError:
+                        return
+                    if data is None:
+                        continue
+                    if not data:
+                        return
+                    self.drained += len(data)
+                    last = time.monotonic()
 
     def _reads(self) -> str:
         """The log's "reads" figures, per connection: many small reads mean many wake-ups."""

@@ -36,6 +36,17 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def gone(proc: "psutil.Process | int") -> bool:
+    """Whether a process has exited (reaped, or a zombie its parent has not reaped yet). Race-free:
+    the process may be reaped between any two looks at /proc, which psutil reports as
+    NoSuchProcess."""
+    try:
+        p = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def astaire(*args: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "astaire.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, **kwargs)

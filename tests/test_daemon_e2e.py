@@ -18,7 +18,7 @@ from astaire.resync import target
 from astaire.demo.localcluster import free_port
 from astaire.cluster.view import ClusterView, vbucket_for_key
 from astaire.cluster.worklist import Worklist
-from tests.daemon_helpers import REPO, astaire, load_mixed, wait_for
+from tests.daemon_helpers import REPO, astaire, gone, load_mixed, wait_for
 from tests.tapserver import TapServer
 
 
@@ -203,7 +203,7 @@ def test_sigterm_in_the_middle_of_a_resync_drains_then_exits_0_leaving_nothing_b
     assert d.stop(timeout=60) == 0  # the TAP stream is read to the server's close first (--stop-timeout)
     assert r.tap.client_closed_early == 0
     for k in kids:
-        assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
+        assert gone(k)
     assert not d.pidfile.exists() and not d.stats_file.exists()
     log = d.log()
     assert "event 7004" in log and "signal 15" in log and "event 7003" in log
@@ -273,7 +273,7 @@ def test_daemon_option_detaches_and_writes_the_daemons_pid(servers, daemons):
     assert os.getsid(pid) == pid or os.getsid(pid) != os.getsid(0)  # its own session
     wait_for(lambda: d._stats_pid() == pid, 10, what="the detached daemon's statistics")
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+    wait_for(lambda: gone(pid), 30,
              what="the detached daemon to exit")
     assert not d.pidfile.exists()
 

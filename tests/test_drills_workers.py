@@ -9,14 +9,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from astaire.cluster.view import ClusterView
-from tests.daemon_helpers import load_mixed, wait_for
+from tests.daemon_helpers import gone, load_mixed, wait_for
 from tests.drills import (Model, Mc, load, reach_stream, settle, sources_blamed, start_frozen, streaming_from,
                           wanted_entries, worker_streaming_from)
 from astaire.demo import workload
@@ -56,7 +58,7 @@ def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, da
     problems: list[str] = []
     try:
         try:
-            wait_for(lambda: not victim.is_running() or victim.status() == "zombie", 45,
+            wait_for(lambda: gone(victim), 45,
                      what=f"the {how} worker replaced")
         except AssertionError as e:
             raise AssertionError(f"{e}; the daemon's log ends: {d.log()[-2500:]}") from None
@@ -67,7 +69,7 @@ def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, da
                             f"{WORKER_TIMEOUT} s (+3 s slack)")
         settle(d, n.name, problems)
     finally:
-        if victim.is_running():
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may be reaped at any moment
             victim.send_signal(signal.SIGCONT)
     problems += sources_blamed(d, a.name, b.name)
     if len(d.children()) != 2:

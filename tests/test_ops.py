@@ -16,7 +16,7 @@ import psutil
 from astaire.cli import commands as ops
 from astaire.demo import workload
 from astaire.cluster.view import ClusterView
-from tests.daemon_helpers import REPO, astaire, wait_for
+from tests.daemon_helpers import REPO, astaire, gone, wait_for
 
 
 def test_stats_file_sits_beside_the_pidfile():
@@ -230,7 +230,7 @@ def test_init_script_start_status_reload_wait_sync_full_resync_stop(servers, tmp
         assert init("full-resync").returncode == 0
         r = init("restart")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert gone(pid)
         pid = int(pidfile.read_text())
         r = init("stop")
         assert r.returncode == 0, r.stdout + r.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.daemon_helpers import REPO
+from tests.daemon_helpers import REPO, gone
 from tests.snmp_helpers import wait_until
 
 
@@ -44,7 +44,7 @@ def test_init_script_start_status_restart_stop(tmp_path):
         new = int(pidfile.read_text())
         started.append(new)
         assert new != pid
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert gone(pid)
         assert init("stop").returncode == 0
         assert init("status").returncode == 3
         assert not pidfile.exists()

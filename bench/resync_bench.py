@@ -232,7 +232,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
                 # A fresh memcached on the same port, as a joining node is and as the
                 # ceiling's server is: a flushed one keeps its slab pages and its grown hash
                 # table, which made every run after the first cheaper for the target
-                # (100k x 4 KB: 4.4-5.3 CPU-s per M placed against 14.8 on a fresh one).
+                # (100k x 4 KB: 4.4-5.6 CPU-s per M placed flushed, 6.2-21 fresh; docs/architecture.md).
                 cluster.servers[-1].restart()
                 target_pid = cluster.servers[-1].proc.pid
                 rundir = os.path.join(workdir, f"run{i}")

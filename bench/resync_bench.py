@@ -52,10 +52,11 @@ from astaire.demo import workload
 class ProcessSampler(threading.Thread):
     """Peak RSS (sum over a process tree) and CPU seconds of the tree, sampled every 50 ms.
 
-    The tree is listed afresh every ``REFRESH`` samples (and at the last one), not at every
-    sample: psutil finds children by reading every process's /proc entry, about 2.5 ms a
-    time, which at 20 samples a second took ~4% of a 2-core machine from the run it measures.
-    The daemon's workers are long-lived, so a list up to a second old misses nothing."""
+    The tree is listed at every sample for the first second (the supervisor forks its workers
+    then), and afterwards every ``REFRESH`` samples and at the last one: psutil finds children
+    by reading every process's /proc entry, about 2.5 ms a time, which at 20 samples a second
+    took ~4% of a 2-core machine from the run it measures. The daemon's workers are
+    long-lived, so a list up to a second old misses nothing."""
 
     REFRESH = 20
 
@@ -71,7 +72,7 @@ class ProcessSampler(threading.Thread):
         self.samples = 0
 
     def sample(self, refresh: bool = False):
-        if refresh or self.samples % self.REFRESH == 0:
+        if refresh or self.samples < self.REFRESH or self.samples % self.REFRESH == 0:
             try:
                 self.procs = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
@@ -254,7 +255,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
 
 
 RUN_SUMMARY = ("seconds", "cpu_seconds_per_million_placed", "sources_cpu_seconds_per_million_placed",
-               "target_cpu_seconds_per_million_placed", "peak_rss_mb", "result", "placement_ok")
+               "target_cpu_seconds_per_million_placed", "peak_rss_mb", "result", "placement_ok", "target_pid")
 
 
 def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, source_pids, target_pid) -> dict:
@@ -332,7 +333,8 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
                                        for p in sampler.peak_by_process],
             # [user + system, system] CPU seconds of each Astaire process (the supervisor first)
             "cpu_by_process": [[round(sampler.cpu[p], 2), round(sampler.sys[p], 2)] for p in sampler.cpu],
-            "result": last["result"], "placement_ok": placement_ok}
+            "result": last["result"], "placement_ok": placement_ok,
+            "target_pid": target_pid}  # the fresh memcached this run wrote into
 
 
 def run_ceiling(moved, value_size, nodes: "Nodes", repeat: int = 1) -> dict:

@@ -1,0 +1,31 @@
+"""The line-rate benchmark (bench/resync_bench.py) at a small scale, on real memcached: its
+report is whole, every run's records landed, every run wrote into a fresh memcached (as a
+joining node is, and as the ceiling's server is), and its sampler counted the daemon's
+workers. Speed itself is never asserted here: the bench measures it, as ratios."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.daemon_helpers import REPO
+
+
+def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench/resync_bench.py", "--records", "3000", "--repeat", "2",
+                        "--workers", "2", "--per-record-sample", "50", "--json-out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    a = report["astaire"]
+    assert a["placement_ok"] and a["result"] == "ok", a
+    assert len(a["runs"]) == 2 and all(run["placement_ok"] for run in a["runs"])
+    pids = [run["target_pid"] for run in a["runs"]]
+    assert len(set(pids)) == 2, f"both runs wrote into the same memcached (pid {pids[0]})"
+    # the sampler found the supervisor and its two workers (a worker's CPU at this size can
+    # round to 0.00 s, so only the sum is checked)
+    assert len(a["cpu_by_process"]) == 3 and a["cpu_seconds"] > 0, a["cpu_by_process"]
+    assert a["records_for_new_node"] > 0 and a["entries"] >= a["records_for_new_node"]
+    assert report["ceiling_addq"]["errors"] == 0 and report["ratio_to_ceiling"] > 0
+    assert "ratio to ceiling" in r.stdout

@@ -1593,7 +1593,6 @@ class Pump:
         w = self.w
         deadline = time.monotonic() + timeout
         self.peer = self.op = ""
-        fence = max(1, w.window // 4)
         while True:
             if self._ffd >= 0 and w.backlog_bytes < self.window_bytes:  # fetched values become backlog
                 self._fout += w.fetch_requests()
@@ -1602,7 +1601,7 @@ class Pump:
             self._send(self._tfd, self._tout, "target")
             if src_ended and w.done and not self._tout:
                 return PUMP_DONE
-            if spool_waiting and w.fetch_backlog + fence <= w.window:
+            if spool_waiting and w.fetch_backlog + w._fence_every <= w.window:
                 return PUMP_SPOOL
             poller = select.poll()
             poller.register(self._tfd, select.POLLIN | (select.POLLOUT if self._tout else 0))

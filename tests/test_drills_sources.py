@@ -21,13 +21,19 @@ STALL = 3  # --stall-timeout for the frozen and partitioned sources
 # The fork sends its whole dump as fast as the socket takes it: to be cut mid-stream, a dump
 # must be larger than loopback's socket buffers (a few MB), or it arrives whole and never stalls.
 BIG = {"stock": 60, "fork": 1500}
+# A crawler stream asks for values a window (4,096 fetches) at a time, and its answers are
+# small: with RECORDS the source's stream wants ~7,900, so a freeze or a cut that lands after
+# the last window was asked for finds every answer already in the socket buffers, and the
+# stream completes instead of stalling (a CI run did so). Four times as many keep most of
+# the stream behind the fault.
+STALLED_RECORDS = {"stock": 4 * RECORDS, "fork": RECORDS}
 
 
-def scale_up(kind, a, b, n, daemons, value_size=60, **daemon_kw):
+def scale_up(kind, a, b, n, daemons, value_size=60, records=RECORDS, **daemon_kw):
     before = ClusterView([a.name, b.name])
     after = ClusterView(before.servers, [a.name, b.name, n.name])
     model = Model()
-    load(model, before, RECORDS, table=f"src{kind}", value_size=value_size)
+    load(model, before, records, table=f"src{kind}", value_size=value_size)
     kw = dict(workers=2, tag_interval=1, source="auto", **daemon_kw)
     d = daemons(n.name, before.servers, after.new_servers, start=False, **kw)
     return before, after, model, d
@@ -60,7 +66,8 @@ def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill):
 def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemons, freezers, drill):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
-    before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], extra=("--stall-timeout", str(STALL)))
+    before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
+                                       extra=("--stall-timeout", str(STALL)))
     workers = start_frozen(d, freezers)
     drill.extra["frozen_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     os.kill(a.pid, signal.SIGSTOP)  # the nodes fixture sends SIGCONT before it kills
@@ -89,7 +96,8 @@ def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill)
         a.start()
         (b,) = nodes(1, kind)
         (n,) = nodes(1, "stock")
-        before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], extra=("--stall-timeout", str(STALL)))
+        before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
+                                           extra=("--stall-timeout", str(STALL)))
         workers = start_frozen(d, freezers)
         drill.extra["cut_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
         drill.extra["cut_with"] = ns.cut()

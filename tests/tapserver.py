@@ -28,7 +28,12 @@ unread (a client that reads to the end closes with a clean FIN); ``early_closes`
 many mutations had been sent each time. The server's close is a FIN after the last frame, as
 before; the connection is then kept until the client closes too (or ``close_wait`` s).
 
-Binary NOOP and VERSION are answered; any other request gets UNKNOWN_COMMAND.
+Binary NOOP and VERSION are answered; any other request gets UNKNOWN_COMMAND. A connection
+whose first byte is not the binary request magic speaks text, as on the real fork
+(memcached fixes a connection's protocol at its first byte): ``version`` is answered
+``VERSION <version>``, ``stats`` (which crashes the real fork) is counted in ``text_stats``
+and the connection is dropped, and every other command gets ``ERROR`` (the fork has no meta
+commands and no LRU crawler).
 
 Run it standalone (``python tests/tapserver.py --generate 1000000``) to serve generated
 items from a separate process, e.g. for throughput measurements.
@@ -148,6 +153,8 @@ class TapServer:
         self.client_bytes_during_dump = 0  # bytes a client sent after TAP_CONNECT (read, dropped)
         self.close_wait = 60.0  # seconds to wait for the client's own close after the server's
         self.errors: list[str] = []
+        self.text_commands: list[bytes] = []  # text commands received, in order
+        self.text_stats = 0  # text ``stats`` requests: each would have crashed the real fork
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
@@ -233,6 +240,18 @@ class TapServer:
             self._threads.append(t)
             t.start()
 
+    def _peek(self, conn: socket.socket) -> int | None:
+        """The connection's first byte, left unread (None if the client went away first)."""
+        while not self._stopping.is_set():
+            try:
+                b = conn.recv(1, socket.MSG_PEEK)
+            except socket.timeout:
+                continue
+            except OSError:
+                return None
+            return b[0] if b else None
+        return None
+
     def _recv_exact(self, conn: socket.socket, n: int) -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
@@ -249,9 +268,35 @@ class TapServer:
             buf += chunk
         return bytes(buf)
 
+    def _serve_text(self, conn: socket.socket) -> None:
+        buf = b""
+        while not self._stopping.is_set():
+            while b"\n" not in buf:
+                try:
+                    chunk = conn.recv(4096)
+                except socket.timeout:
+                    if self._stopping.is_set():
+                        return
+                    continue
+                if not chunk:
+                    return
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            command = line.rstrip(b"\r")
+            with self._lock:
+                self.text_commands.append(command)
+            if command.split(b" ", 1)[0] == b"stats":
+                self.text_stats += 1  # the real fork crashes here
+                return
+            conn.sendall(b"VERSION " + VERSION + b"\r\n" if command == b"version" else b"ERROR\r\n")
+
     def _serve(self, conn: socket.socket) -> None:
         close_quietly = True
         try:
+            first = self._peek(conn)
+            if first is not None and first != MAGIC_REQ:
+                self._serve_text(conn)
+                return
             while not self._stopping.is_set():
                 header = self._recv_exact(conn, HEADER.size)
                 if header is None:

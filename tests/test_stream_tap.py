@@ -16,6 +16,7 @@ import pytest
 from astaire.resync import source
 from astaire.demo.localcluster import MemcachedServer, free_port
 from astaire.resync.stream import StreamJob, run_stream
+from tests.drills import Mc, Node
 from tests.tapserver import TapServer
 
 HEADER = struct.Struct(">BBHBBHIIQ")
@@ -217,15 +218,16 @@ def test_broken_source_fails_the_stream_and_what_was_written_is_right(memcached,
     assert set(got) == set(keys[:len(got)])  # a prefix of the dump, nothing from beyond the fault
 
 
-def test_auto_against_a_tapless_server_fails_cleanly(memcached):
+def test_auto_against_a_server_with_neither_meta_commands_nor_tap_fails_cleanly(memcached):
     with TapServer(no_tap=True) as server:
         server.put(b"k", b"v")
         auto = run_stream(job(server, memcached, WANTED, connect_timeout=2))
         tap = run_stream(job(server, memcached, WANTED, source_kind="tap"))
         assert len(server.connects) == 2
-    # auto found no TAP and tried the crawler, which the fake lacks (it never answers the
-    # text protocol's "version")
-    assert not auto.ok and server.name in auto.error and "version" in auto.error and auto.kind is None
+        # auto asked for meta commands first (version and mn, ERROR), then for TAP; never stats
+        assert server.text_commands == [b"version", b"mn"] and server.text_stats == 0
+    assert not auto.ok and auto.kind is None
+    assert f"source {server.name} has neither meta commands" in auto.error and "nor TAP" in auto.error
     assert not tap.ok and "no TAP" in tap.error
     assert source.cached_kind(server.name) is None  # a failure forgets what was learnt
 
@@ -346,6 +348,33 @@ def test_auto_detection_logs_the_choice_and_is_cached(tapserver, memcached, capl
     assert run_stream(job(tapserver, memcached, WANTED)).ok
     assert f"source {tapserver.name} speaks TAP" in caplog.text
     assert source.cached_kind(tapserver.name) == "tap"
+    # It was asked for meta commands first, on a text connection that the fork answers
+    # without harm, and never sent the text stats that crash the real fork.
+    assert tapserver.text_commands == [b"version", b"mn"] and tapserver.text_stats == 0
+    # Cached: the next stream goes straight to TAP.
+    assert run_stream(job(tapserver, memcached, WANTED)).ok
+    assert tapserver.text_commands == [b"version", b"mn"] and len(tapserver.connects) == 2
+
+
+def test_auto_detection_against_the_real_fork_asks_meta_then_taps_and_leaves_it_serving(tap_fork, memcached,
+                                                                                          caplog):
+    """The real Clearwater fork answers the crawler's opening ``version`` + ``mn`` with its
+    version and ERROR, survives it, and is then streamed over TAP."""
+    caplog.set_level(logging.INFO, logger="astaire.stream")
+    with Node("fork") as fork:
+        keys = keys_in(WANTED, b"t\\\\rf", 50)
+        mc_store(fork, [(k, b"value-%d" % i, i, 0) for i, k in enumerate(keys)])
+        source.forget_kind(fork.name)
+        result = run_stream(job(fork, memcached, WANTED))
+        assert result.ok, result.error
+        assert result.kind == "tap"
+        assert f"source {fork.name} speaks TAP (no meta commands)" in caplog.text
+        got = mc_get_many(memcached, keys)
+        assert {k: got[k][:2] for k in keys} == {k: (b"value-%d" % i, i) for i, k in enumerate(keys)}
+        time.sleep(0.5)  # the fork's crash after a mishandled connection would come soon after
+        assert fork.alive()
+        with Mc(fork.name) as c:
+            assert "pid" in c.stats()
 
 
 def test_two_hundred_thousand_records_keep_rss_flat():

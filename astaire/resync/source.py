@@ -6,14 +6,22 @@ and hands ``astaire.resync.stream`` connected sockets plus any bytes already rea
 TAP: one connection, one ``TAP_CONNECT`` (DUMP, LIST_VBUCKETS), then the server sends its
 whole dump and closes. The fork ignores the vbucket list; the Writer filters.
 
-Telling TAP from stock memcached safely (docs/compatibility.md, "Stock memcached"): the TAP_CONNECT is sent on a fresh
-connection that becomes the real stream if the server speaks TAP. Stock memcached answers
-an unknown opcode only after discarding ``extras + key`` bytes *more* than the frame had,
-so it says nothing at first. If nothing arrives within ``probe_wait`` the probe sends
-that many zero bytes; stock memcached then answers ``0x81 0x40 status 0x0081`` and the
-connection, desynchronised, is closed. A fork that was only slow to start receives a few
-stray bytes that never form a frame. The probe never sends anything else, so a TAP stream
-is never disturbed.
+Telling TAP from stock memcached (docs/compatibility.md, "Telling the two apart"): the
+crawler's fetch connection opens with ``version`` and ``mn`` (the meta no-op) pipelined. Stock
+memcached answers ``MN``: it is streamed with the crawler, and nothing else is asked. The
+Clearwater fork has no meta commands and answers ``ERROR``, which leaves that text connection
+healthy; it is closed, and the fork is streamed over TAP. So the common case costs no extra
+round trip, and no binary frame ever reaches stock memcached on that path. (Checking the meta
+commands first matters: the crawler path sends the text ``stats``, which crashes the fork.)
+
+A TAP_CONNECT goes only to a server that has no meta commands, or that was seen speaking TAP
+earlier, on a fresh connection that becomes the real stream. Stock memcached answers an
+unknown opcode only after discarding ``extras + key`` bytes *more* than the frame had, so it
+says nothing at first. If nothing arrives within ``probe_wait`` the probe sends that many
+zero bytes; stock memcached then answers ``0x81 0x40 status 0x0081`` and the connection,
+desynchronised, is closed. A fork that was only slow to start receives a few stray bytes
+that never form a frame. The probe never sends anything else, so a TAP stream is never
+disturbed.
 
 Crawler: a text connection (version checked, later used by the Writer for pipelined meta
 gets, ``mg <key> v f t q``: value, flags and remaining TTL from one read) and a text connection carrying ``lru_crawler metadump hash`` alone (the hash-table
@@ -52,7 +60,7 @@ MIN_CRAWLER_VERSION = (1, 6, 18)
 METADUMP_HASH = b"lru_crawler metadump hash\r\n"
 METADUMP_ALL = b"lru_crawler metadump all\r\n"
 
-_kinds: dict[str, str] = {}  # server -> "tap" | "crawler", decided by a probe in this process
+_kinds: dict[str, str] = {}  # server -> "tap" | "crawler", as this process found it
 _kinds_lock = threading.Lock()
 
 
@@ -62,6 +70,10 @@ class SourceError(Exception):
 
 class NoTap(SourceError):
     """The server answered TAP_CONNECT with a response: it has no TAP."""
+
+
+class NoMetaCommands(SourceError):
+    """The server answered ``mn`` with ERROR: no meta commands, so no crawler stream."""
 
 
 @dataclass
@@ -119,17 +131,34 @@ def open_source(server: str, vbuckets, kind: str = AUTO, *, connect_timeout: flo
     if kind == TAP:
         return open_tap(server, vbuckets, connect_timeout=connect_timeout, probe_wait=probe_wait)
 
+    # Stock memcached answers the crawler's opening ``mn``; a server that does not (the
+    # Clearwater fork) is asked for TAP. A server seen speaking TAP is asked for TAP first.
     known = cached_kind(server)
-    if known == CRAWLER:
-        return open_crawler(server, **crawler_args)
+    asked_meta = False
+    if known != TAP:
+        try:
+            src = open_crawler(server, **crawler_args)
+        except NoMetaCommands:
+            asked_meta = True
+        else:
+            if known is None:
+                log.info("source %s answers meta commands (memcached %s): streaming it with the LRU crawler",
+                         server, src.version)
+            _remember(server, CRAWLER)
+            return src
     try:
         src = open_tap(server, vbuckets, connect_timeout=connect_timeout, probe_wait=probe_wait)
-    except NoTap:
+    except NoTap as e:
+        if asked_meta:
+            raise SourceError(f"source {server} has neither meta commands (it answered mn with ERROR) "
+                              "nor TAP (it answered TAP_CONNECT with a response): it cannot be streamed") from e
+        forget_kind(server)
+        log.info("source %s no longer speaks TAP: using the LRU crawler", server)
+        src = open_crawler(server, **crawler_args)
         _remember(server, CRAWLER)
-        log.info("source %s has no TAP (stock memcached): using the LRU crawler", server)
-        return open_crawler(server, **crawler_args)
+        return src
     if known is None:
-        log.info("source %s speaks TAP: streaming its dump", server)
+        log.info("source %s speaks TAP (no meta commands): streaming its dump", server)
     _remember(server, TAP)
     return src
 
@@ -205,15 +234,20 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
         try:
             fetch = connect(server, connect_timeout)
             socks.append(fetch)
-            dump = connect(server, connect_timeout)
-            socks.append(dump)
         except (OSError, ValueError) as e:
             raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
-        version = _text_version(server, fetch, connect_timeout)
+        # Before anything else is sent: the metadump connection's first command, text
+        # ``stats``, crashes the Clearwater fork, which has no meta commands.
+        version = _hello(server, fetch, connect_timeout)
         parsed = _version_tuple(version)
         if parsed is not None and parsed < MIN_CRAWLER_VERSION:
             log.warning("source %s runs memcached %s, older than %s: trying its LRU crawler anyway",
                         server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
+        try:
+            dump = connect(server, connect_timeout)
+            socks.append(dump)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
         first = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
         src = CrawlerSource(server, dump, fetch, first, version)
         socks.clear()
@@ -225,27 +259,38 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
             s.close()
 
 
-def _text_version(server: str, sock: socket.socket, timeout: float) -> str:
-    """The server's version over the text protocol: the fetch connection speaks meta
-    commands (``mg``), and memcached fixes a connection's protocol at its first byte."""
+def _hello(server: str, sock: socket.socket, timeout: float) -> str:
+    """The server's version, over the text protocol, once it has shown it answers meta
+    commands: ``version`` and ``mn`` go together, and the answers must be ``VERSION <v>``
+    then ``MN``; an ``ERROR`` for ``mn`` raises NoMetaCommands. (The fetch connection speaks
+    meta commands, and memcached fixes a connection's protocol at its first byte.)"""
     sock.settimeout(timeout)
-    sock.sendall(b"version\r\n")
+    sock.sendall(b"version\r\nmn\r\n")
     buf = b""
     try:
-        while b"\n" not in buf:
+        while buf.count(b"\n") < 2:
             data = sock.recv(4096)
             if not data:
-                raise SourceError(f"source {server} closed the connection instead of answering version")
+                raise SourceError(f"source {server} closed the connection instead of answering version and mn")
             buf += data
             if len(buf) > 4096:
                 break
     except socket.timeout as e:
-        raise SourceError(f"source {server} did not answer version within {timeout:g} s") from e
-    line = buf.split(b"\n", 1)[0].rstrip(b"\r")
-    if not line.startswith(b"VERSION ") or len(buf) > len(line) + 2:
+        raise SourceError(f"source {server} did not answer version and mn within {timeout:g} s") from e
+    lines = buf.split(b"\n")
+    line = lines[0].rstrip(b"\r")
+    if not line.startswith(b"VERSION ") or len(lines) != 3 or lines[2]:
         raise SourceError(f"source {server} gave an unusable answer to version: "
                           f"{line[:80].decode('ascii', 'replace')!r}")
-    return line[8:].decode("ascii", "replace")
+    version = line[8:].decode("ascii", "replace")
+    meta = lines[1].rstrip(b"\r")
+    if meta == b"ERROR":
+        raise NoMetaCommands(f"source {server} (memcached {version}) has no meta commands (it answered mn "
+                             "with ERROR): the LRU crawler path cannot fetch its records")
+    if meta != b"MN":
+        raise SourceError(f"source {server} gave an unusable answer to mn: "
+                          f"{meta[:80].decode('ascii', 'replace')!r}")
+    return version
 
 
 def _version_tuple(version: str) -> tuple[int, ...] | None:

@@ -1202,17 +1202,19 @@ class Writer:
             exp = None
             size = 0
             if sp >= 0:
-                for field in line[sp + 1:].split(b" "):
-                    if exp is None and field.startswith(b"exp="):
+                fields = line[sp + 1:].split(b" ")
+                for i, field in enumerate(fields):
+                    if field.startswith(b"exp="):
                         digits = field[5:] if field[4:5] == b"-" else field[4:]
                         if not digits.isdigit():  # ASCII digits only (int() would take "+1", "1_0")
                             raise CrawlerError("bad exp in metadump line", offset)
                         exp = int(field[4:])
-                        if self._defer is None:
-                            break
-                    elif exp is not None and field.startswith(b"size=") and len(field) > 5:
-                        digits = re.match(rb"[0-9]*", field[5:]).group()  # lenient: only a hint
-                        size = min(int(digits or b"0"), 0xFFFFFFFF)
+                        if self._defer is not None:  # the last size= after exp (a hint, lenient)
+                            for f in reversed(fields[i + 1:]):
+                                if f.startswith(b"size=") and len(f) > 5:
+                                    digits = re.match(rb"[0-9]*", f[5:]).group()
+                                    size = min(int(digits or b"0"), 0xFFFFFFFF)
+                                    break
                         break
             if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)

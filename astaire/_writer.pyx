@@ -31,19 +31,40 @@ cdef extern from *:
     """
     /* The settled table's key hash (astaire.resync.settled): 64-bit words of the key,
        little-endian, the last one zero-padded, each mixed in by multiply and shift. */
-    static inline uint64_t astaire_key_hash64(const char *p, size_t n) {
-        uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
-        while (n) {
-            uint64_t w = 0;
-            size_t k = n < 8 ? n : 8;
-            memcpy(&w, p, k);
+    static inline uint64_t astaire_le64(const unsigned char *p) {
+        uint64_t w;
+        memcpy(&w, p, 8);
     #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-            w = __builtin_bswap64(w);  /* the bytes read as little-endian, as on x86 */
+        w = __builtin_bswap64(w);  /* the bytes read as little-endian, as on x86 */
     #endif
-            h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+        return w;
+    }
+    static inline uint64_t astaire_le32(const unsigned char *p) {
+        uint32_t w;
+        memcpy(&w, p, 4);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap32(w);
+    #endif
+        return w;
+    }
+    /* 1 to 7 bytes as a little-endian word, zero-padded, from loads that stay inside them
+       and overlap (the same byte lands in the same place twice): no byte-wise copy through
+       memory, whose wide re-read stalls on store forwarding. */
+    static inline uint64_t astaire_le_tail(const unsigned char *p, size_t k) {
+        if (k >= 4)
+            return astaire_le32(p) | (astaire_le32(p + k - 4) << (8 * (k - 4)));
+        return (uint64_t)p[0] | ((uint64_t)p[k >> 1] << (8 * (k >> 1))) | ((uint64_t)p[k - 1] << (8 * (k - 1)));
+    }
+    static inline uint64_t astaire_key_hash64(const char *key, size_t n) {
+        const unsigned char *p = (const unsigned char *)key;
+        uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+        for (; n >= 8; p += 8, n -= 8) {
+            h = (h ^ astaire_le64(p)) * 0xFF51AFD7ED558CCDULL;
             h ^= h >> 32;
-            p += k;
-            n -= k;
+        }
+        if (n) {
+            h = (h ^ astaire_le_tail(p, n)) * 0xFF51AFD7ED558CCDULL;
+            h ^= h >> 32;
         }
         h ^= h >> 29;
         h *= 0xC4CEB9FE1A85EC53ULL;
@@ -1445,6 +1466,7 @@ cdef class Writer:
         cdef const char *raw
         cdef size_t rawlen, i, dlen
         cdef char dec[C_MAX_LINE]
+        cdef char *dst
         cdef bint found = False, neg, big
         cdef uint64_t val
         cdef int64_t exp = 0
@@ -1453,9 +1475,9 @@ cdef class Writer:
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # Fields are a few bytes each: scanned inline (a memchr call per field cost more
             # than the scan).
-            sp = line + 4
-            while sp < lend and sp[0] != CH_SP:
-                sp += 1
+            sp = <const char *>memchr(line + 4, CH_SP, n - 4)
+            if sp == NULL:
+                sp = lend
             raw = line + 4
             rawlen = sp - raw
             if sp < lend:
@@ -1488,6 +1510,12 @@ cdef class Writer:
                     f = fend + 1
             if not found:
                 raise CrawlerError("metadump line without a valid exp", offset)
+            # Decoded straight into the key's slot when it cannot overflow it (decoding never
+            # lengthens a key); a longer raw key goes through ``dec`` and is checked first.
+            if rawlen <= C_MAX_KEY:
+                dst = &self._mdkeys[self._mdn * C_MAX_KEY]
+            else:
+                dst = &dec[0]
             dlen = 0
             i = 0
             while i < rawlen:
@@ -1498,17 +1526,18 @@ cdef class Writer:
                     lo = _hexval(raw[i + 2])
                     if hi < 0 or lo < 0:
                         raise CrawlerError("bad %-escape in metadump key", offset)
-                    dec[dlen] = <char>(hi * 16 + lo)
+                    dst[dlen] = <char>(hi * 16 + lo)
                     i += 3
                 else:
-                    dec[dlen] = raw[i]
+                    dst[dlen] = raw[i]
                     i += 1
                 dlen += 1
             if dlen == 0 or dlen > C_MAX_KEY:
                 raise CrawlerError("bad key in metadump line", offset)
             if exp < 0:
                 exp = 0
-            memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
+            if dst == &dec[0]:
+                memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
             self._mdlen[self._mdn] = <uint16_t>dlen
             self._mdexp[self._mdn] = <uint32_t>exp
             self._mdrest[self._mdn] = rest
@@ -1795,24 +1824,25 @@ cdef int parse_va(const char *line, size_t n, MetaHit *hit) noexcept nogil:
 
 cdef uint64_t listed_size(const char *f, size_t n) noexcept nogil:
     """The ``size=`` of a metadump line's fields ``f`` (after exp; lenient, a hint: 0 when
-    there is none, leading digits only, at most 0xFFFFFFFF)."""
-    cdef const char *lend = f + n
-    cdef const char *fend
+    there is none, leading digits only, at most 0xFFFFFFFF). Read from the line's end, where
+    memcached puts it (last; from 1.6.24 ``flags=`` follows): the last ``size=`` counts."""
+    cdef const char *e = f + n
+    cdef const char *s
     cdef uint64_t size = 0
-    while f < lend:
-        if f[0] == CH_SP:
-            f += 1
+    while e > f:
+        if (e - 1)[0] == CH_SP:
+            e -= 1
             continue
-        fend = f
-        while fend < lend and fend[0] != CH_SP:
-            fend += 1
-        if fend - f > 5 and memcmp(f, b"size=", 5) == 0:
-            f += 5
-            while f < fend and f[0] >= CH_0 and f[0] <= CH_9 and size < 0xFFFFFFFFu:
-                size = size * 10 + <uint64_t>(f[0] - CH_0)
-                f += 1
+        s = e - 1
+        while s > f and (s - 1)[0] != CH_SP:
+            s -= 1
+        if e - s > 5 and memcmp(s, b"size=", 5) == 0:
+            s += 5
+            while s < e and s[0] >= CH_0 and s[0] <= CH_9 and size < 0xFFFFFFFFu:
+                size = size * 10 + <uint64_t>(s[0] - CH_0)
+                s += 1
             return min(size, <uint64_t>0xFFFFFFFFu)
-        f = fend
+        e = s
     return 0
 
 

@@ -403,7 +403,9 @@ def test_too_many_deferred_fetches_are_pressed_out_oldest_first(monkeypatch):
 @pytest.mark.parametrize("fields, deferred", [
     (b"size=5000", True), (b"size=1024", True), (b"size=1023", False), (b"", False), (b"size=", False),
     (b"size=12x", False), (b"size=2000x", True), (b" size=2000", True), (b"size=99999999999999", True),
-    (b"size=10 size=5000", False), (b"cls=1 size=3000 fetch=no", True), (b"sizes=5000", False),
+    # read from the line's end: the last size= counts
+    (b"size=10 size=5000", True), (b"size=5000 size=10", False), (b"cls=1 size=3000 fetch=no", True),
+    (b"size=3000 flags=0", True), (b"sizes=5000", False), (b"size=5000  ", True),
 ])
 def test_the_listed_size_is_read_alike_by_both_builds(fields, deferred):
     if _tap_c is None:

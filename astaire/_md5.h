@@ -230,19 +230,25 @@ static inline uint32_t astaire_md5_first32(const unsigned char *data, size_t len
 #define ASTAIRE_MD5_DEFINE_X8(name, attr) \
 attr static void name(const unsigned char *const p[8], const size_t n[8], uint32_t out[8]) \
 { \
-    unsigned char blk[8][64]; \
     uint32_t X[16][8]; \
     uint32_t a[8], b[8], c[8], d[8]; \
     int l, k; \
+    memset(X, 0, sizeof(X)); \
     for (l = 0; l < 8; l++) { \
-        uint64_t bits = (uint64_t)n[l] << 3; \
-        memset(blk[l], 0, 64); \
-        memcpy(blk[l], p[l], n[l]); \
-        blk[l][n[l]] = 0x80; \
-        for (k = 0; k < 8; k++) \
-            blk[l][56 + k] = (unsigned char)(bits >> (8 * k)); \
-        for (k = 0; k < 16; k++) \
-            X[k][l] = astaire_md5_le32(blk[l] + 4 * k); \
+        /* The padded block's words straight from the key: its whole words, then the word \
+           holding its last 0-3 bytes and the 0x80, then the bit length in words 14-15 \
+           (no padded copy, whose byte stores the word loads would wait on). */ \
+        const unsigned char *q = p[l]; \
+        size_t len = n[l], full = len >> 2, r = len & 3; \
+        uint32_t w = 0x80u << (8 * r); \
+        for (k = 0; k < (int)full; k++) \
+            X[k][l] = astaire_md5_le32(q + 4 * k); \
+        if (r > 0) w |= q[4 * full]; \
+        if (r > 1) w |= (uint32_t)q[4 * full + 1] << 8; \
+        if (r > 2) w |= (uint32_t)q[4 * full + 2] << 16; \
+        X[full][l] = w; \
+        X[14][l] = (uint32_t)((uint64_t)len << 3); \
+        X[15][l] = (uint32_t)((uint64_t)len >> 29); \
         a[l] = 0x67452301u; \
         b[l] = 0xefcdab89u; \
         c[l] = 0x98badcfeu; \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import urllib.parse
 import struct
 from pathlib import Path
 
@@ -404,3 +405,18 @@ def test_filters_and_writer_hash_keys_of_every_length_in_mixed_batches(tap):
             w.feed_tap(data[:cut])
             own = sum(1 for k in expect if k.startswith(b"astaire\\\\"))
             assert w.entries + own == len(expect) - (cut != len(data) and md5_vb[-1] in wanted)
+
+
+def test_the_listing_filter_hashes_keys_of_every_length_like_md5(tap):
+    """The crawler's listing is hashed eight keys at a time too (keys of at most 55 bytes, the
+    padded block built from the key's own words): every length, every place in a batch."""
+    keys = [bytes(33 + (i * 13 + j * 7) % 94 for j in range(1 + i % 70)) for i in range(561)]
+    listing = b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n"
+                       % urllib.parse.quote_from_bytes(k, safe="").encode() for k in keys) + b"END\r\n"
+    md5_vb = [int.from_bytes(hashlib.md5(k).digest()[:4], "little") & 127 for k in keys]
+    for wanted in (set(range(0, 128, 2)), {5}, set(range(128))):
+        w = tap.Writer(wanted, window=1 << 16)
+        w.feed_metadump(listing)
+        assert w.skipped_unwanted == sum(1 for vb in md5_vb if vb not in wanted)
+        asked = [line.split(b" ")[1] for line in w.fetch_requests().split(b"\r\n") if line.startswith(b"mg ")]
+        assert sorted(asked) == sorted(k for k, vb in zip(keys, md5_vb) if vb in wanted)

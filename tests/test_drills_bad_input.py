@@ -226,6 +226,8 @@ class LongLineCrawler:
                     line, buf = buf.split(b"\n", 1)
                     if line.startswith(b"version"):
                         conn.sendall(b"VERSION 1.6.18\r\n")
+                    elif line.rstrip(b"\r") == b"mn":  # the meta no-op, as stock memcached answers it
+                        conn.sendall(b"MN\r\n")
                     elif line.startswith(b"stats"):
                         conn.sendall(b"STAT pid 1\r\nSTAT lru_crawler_running 0\r\nEND\r\n")
                     elif line.startswith(b"lru_crawler metadump"):

@@ -377,6 +377,20 @@ def test_auto_detection_against_the_real_fork_asks_meta_then_taps_and_leaves_it_
             assert "pid" in c.stats()
 
 
+def test_the_crawler_asked_of_the_real_fork_fails_cleanly_and_never_sends_it_stats(tap_fork, memcached):
+    """``--source crawler`` pointed at a fork: the opening ``mn`` finds no meta commands and the
+    stream fails saying so, before the crawler's text ``stats`` (which crashes the fork)."""
+    with Node("fork") as fork:
+        mc_store(fork, [(k, b"v", 1, 0) for k in keys_in(WANTED, b"t\\\\cf", 5)])
+        result = run_stream(job(fork, memcached, WANTED, source_kind="crawler"))
+        assert not result.ok
+        assert f"source {fork.name} (memcached 1.6.00) has no meta commands" in result.error
+        time.sleep(0.5)
+        assert fork.alive()
+        with Mc(fork.name) as c:
+            assert "pid" in c.stats()
+
+
 def test_two_hundred_thousand_records_keep_rss_flat():
     """Flow control: 200k x 1 KiB (~210 MB) through the stream; RSS must not grow with it."""
     count, size = 200_000, 1024

@@ -217,6 +217,22 @@ def test_auto_picks_the_crawler_on_stock_memcached_and_leaves_it_healthy(pair, c
     assert stat(src, b"total_connections") - conns_before == 2 + 1
 
 
+def test_a_server_remembered_as_tap_that_now_is_stock_is_streamed_with_the_crawler(pair, caplog):
+    """The reverse: a server remembered as speaking TAP is asked for TAP first (the probe,
+    on a connection then thrown away), finds none, and is streamed with the crawler."""
+    src, target = pair
+    records = {k: (b"val-" + k, 5, 0) for k in keys_in(WANTED, b"t\\\\rt", 50)}
+    load(src, records)
+    caplog.set_level(logging.INFO, logger="astaire.stream")
+    source._remember(src.name, "tap")
+    result = run_stream(job(src, target, source_kind="auto"))
+    assert result.ok and result.kind == "crawler", result.error
+    assert f"source {src.name} no longer speaks TAP" in caplog.text
+    assert source.cached_kind(src.name) == "crawler"
+    assert {k: v[:2] for k, v in mc_get_many(target, records).items()} == {k: v[:2] for k, v in records.items()}
+    assert healthy(src)
+
+
 def test_busy_crawler_is_waited_for_then_streamed(pair, caplog):
     src, target = pair
     caplog.set_level(logging.INFO, logger="astaire.stream")

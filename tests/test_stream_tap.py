@@ -391,6 +391,21 @@ def test_the_crawler_asked_of_the_real_fork_fails_cleanly_and_never_sends_it_sta
             assert "pid" in c.stats()
 
 
+def test_a_server_remembered_as_stock_that_now_speaks_tap_is_streamed_over_tap(tapserver, memcached, caplog):
+    """A worker remembers each server's kind; a server replaced by the fork at the same address
+    answers mn with ERROR and is then streamed over TAP, saying so."""
+    keys = keys_in(WANTED, b"t\\\\sw", 3)
+    for k in keys:
+        tapserver.put(k, b"v")
+    caplog.set_level(logging.INFO, logger="astaire.stream")
+    source._remember(tapserver.name, "crawler")
+    result = run_stream(job(tapserver, memcached, WANTED))
+    assert result.ok and result.kind == "tap", result.error
+    assert f"source {tapserver.name} no longer answers meta commands" in caplog.text
+    assert source.cached_kind(tapserver.name) == "tap" and tapserver.text_stats == 0
+    assert set(mc_get_many(memcached, keys)) == set(keys)
+
+
 def test_two_hundred_thousand_records_keep_rss_flat():
     """Flow control: 200k x 1 KiB (~210 MB) through the stream; RSS must not grow with it."""
     count, size = 200_000, 1024

@@ -159,6 +159,8 @@ def open_source(server: str, vbuckets, kind: str = AUTO, *, connect_timeout: flo
         return src
     if known is None:
         log.info("source %s speaks TAP (no meta commands): streaming its dump", server)
+    elif known == CRAWLER:
+        log.info("source %s no longer answers meta commands: streaming its dump over TAP", server)
     _remember(server, TAP)
     return src
 

@@ -9,7 +9,7 @@ from cpython.buffer cimport PyBuffer_Release
 
 cdef extern from "_md5.h" nogil:
     uint32_t astaire_md5_first32(const unsigned char *data, size_t n)
-    void astaire_md5_first32_x8(const unsigned char *const *p, const size_t *n, uint32_t *out)
+    void astaire_md5_first32_lanes(const unsigned char *const *p, const size_t *n, uint32_t *out)
     enum: ASTAIRE_MD5_MAX_SHORT
 
 cdef extern from *:
@@ -264,8 +264,8 @@ cdef inline int tap_frame(const uint8_t *p, size_t avail, uint64_t max_body, Tap
 
 # TAP_MUTATIONs are scanned eight at a time so that their keys are hashed side by side.
 cdef enum:
-    LANES = 8
-    MIN_LANES_FOR_X8 = 3  # below this many short keys, one at a time is cheaper
+    LANES = 16
+    MIN_LANES_FOR_BATCH = 4  # below this many short keys, one at a time is cheaper
 
 
 cdef struct TapBatch:

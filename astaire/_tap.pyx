@@ -248,10 +248,10 @@ cdef int scan_batch(const uint8_t *p, size_t n, size_t *pos, uint64_t max_body, 
         else:
             keys[i] = p
             lens[i] = 0
-    if short_keys >= MIN_LANES_FOR_X8:
-        astaire_md5_first32_x8(keys, lens, tb.hash)
+    if short_keys >= MIN_LANES_FOR_BATCH:
+        astaire_md5_first32_lanes(keys, lens, tb.hash)
     for i in range(tb.n):
-        if short_keys < MIN_LANES_FOR_X8 or tb.info[i].keylen > ASTAIRE_MD5_MAX_SHORT:
+        if short_keys < MIN_LANES_FOR_BATCH or tb.info[i].keylen > ASTAIRE_MD5_MAX_SHORT:
             tb.hash[i] = astaire_md5_first32(p + tb.start[i] + tb.info[i].keyoff, tb.info[i].keylen)
     if r < 0:
         return r

@@ -1364,10 +1364,10 @@ cdef class Writer:
             else:
                 keys[i] = <const unsigned char *>self._mdkeys
                 lens[i] = 0
-        if short_keys >= MIN_LANES_FOR_X8:
-            astaire_md5_first32_x8(keys, lens, hashes)
+        if short_keys >= MIN_LANES_FOR_BATCH:
+            astaire_md5_first32_lanes(keys, lens, hashes)
         for i in range(n):
-            if short_keys < MIN_LANES_FOR_X8 or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
+            if short_keys < MIN_LANES_FOR_BATCH or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
                 hashes[i] = astaire_md5_first32(<const unsigned char *>self._mdkeys + i * C_MAX_KEY, self._mdlen[i])
         if self._fq_keys.slots != NULL:  # the duplicate check's slots, fetched together
             for i in range(n):

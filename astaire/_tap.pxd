@@ -11,6 +11,7 @@ cdef extern from "_md5.h" nogil:
     uint32_t astaire_md5_first32(const unsigned char *data, size_t n)
     void astaire_md5_first32_lanes(const unsigned char *const *p, const size_t *n, uint32_t *out)
     enum: ASTAIRE_MD5_MAX_SHORT
+    enum: ASTAIRE_MD5_LANES
 
 cdef extern from *:
     """
@@ -262,9 +263,10 @@ cdef inline int tap_frame(const uint8_t *p, size_t avail, uint64_t max_body, Tap
     return E_UNEXPECTED
 
 
-# TAP_MUTATIONs are scanned eight at a time so that their keys are hashed side by side.
+# TAP_MUTATIONs (and listed keys) are taken LANES at a time so that their keys are hashed
+# side by side by astaire_md5_first32_lanes (the number is _md5.h's).
 cdef enum:
-    LANES = 16
+    LANES = ASTAIRE_MD5_LANES
     MIN_LANES_FOR_BATCH = 4  # below this many short keys, one at a time is cheaper
 
 

@@ -39,20 +39,13 @@ cdef extern from *:
     #endif
         return w;
     }
-    static inline uint64_t astaire_le32(const unsigned char *p) {
-        uint32_t w;
-        memcpy(&w, p, 4);
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        w = __builtin_bswap32(w);
-    #endif
-        return w;
-    }
     /* 1 to 7 bytes as a little-endian word, zero-padded, from loads that stay inside them
+       (astaire_md5_le32 is _md5.h's, included above)
        and overlap (the same byte lands in the same place twice): no byte-wise copy through
        memory, whose wide re-read stalls on store forwarding. */
     static inline uint64_t astaire_le_tail(const unsigned char *p, size_t k) {
         if (k >= 4)
-            return astaire_le32(p) | (astaire_le32(p + k - 4) << (8 * (k - 4)));
+            return (uint64_t)astaire_md5_le32(p) | ((uint64_t)astaire_md5_le32(p + k - 4) << (8 * (k - 4)));
         return (uint64_t)p[0] | ((uint64_t)p[k >> 1] << (8 * (k >> 1))) | ((uint64_t)p[k - 1] << (8 * (k - 1)));
     }
     static inline uint64_t astaire_key_hash64(const char *key, size_t n) {
@@ -1473,8 +1466,9 @@ cdef class Writer:
         cdef const char *rest = lend
         cdef int hi, lo
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
-            # Fields are a few bytes each: scanned inline (a memchr call per field cost more
-            # than the scan).
+            # The key (tens of bytes) ends at the first space, found with memchr; the fields
+            # after it are a few bytes each and are scanned inline (a memchr call per field
+            # cost more than the scan).
             sp = <const char *>memchr(line + 4, CH_SP, n - 4)
             if sp == NULL:
                 sp = lend

@@ -165,16 +165,21 @@ def open_source(server: str, vbuckets, kind: str = AUTO, *, connect_timeout: flo
     return src
 
 
+def _connect(server: str, timeout: float) -> socket.socket:
+    """A connection to the source ``server``; SourceError, saying why, if there is none."""
+    try:
+        return connect(server, timeout)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
+
+
 def open_tap(server: str, vbuckets, *, connect_timeout: float = 5.0, probe_wait: float = 0.5) -> TapSource:
     """Send TAP_CONNECT (DUMP, LIST_VBUCKETS) and wait until the server shows it speaks TAP.
 
     Returns the stream with whatever was read so far; raises NoTap if the server answered
     with a response (it has no TAP), SourceError for anything else.
     """
-    try:
-        sock = connect(server, connect_timeout)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
+    sock = _connect(server, connect_timeout)
     ok = False
     try:
         request = codec.encode_tap_connect(codec.TAP_FLAG_DUMP, vbuckets=list(vbuckets))
@@ -233,11 +238,8 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
     """
     socks: list[socket.socket] = []
     try:
-        try:
-            fetch = connect(server, connect_timeout)
-            socks.append(fetch)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
+        fetch = _connect(server, connect_timeout)
+        socks.append(fetch)
         # Before anything else is sent: the metadump connection's first command, text
         # ``stats``, crashes the Clearwater fork, which has no meta commands.
         version = _hello(server, fetch, connect_timeout)
@@ -245,11 +247,8 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
         if parsed is not None and parsed < MIN_CRAWLER_VERSION:
             log.warning("source %s runs memcached %s, older than %s: trying its LRU crawler anyway",
                         server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
-        try:
-            dump = connect(server, connect_timeout)
-            socks.append(dump)
-        except (OSError, ValueError) as e:
-            raise SourceError(f"cannot connect to source {server}: {reason(e)}") from e
+        dump = _connect(server, connect_timeout)
+        socks.append(dump)
         first = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
         src = CrawlerSource(server, dump, fetch, first, version)
         socks.clear()

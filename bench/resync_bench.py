@@ -229,6 +229,11 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
         with open(settings, "w") as f:
             f.write(f"servers={a},{b}\nnew_servers={a},{b},{c}\n")
         runs = []
+        # This process holds the workload, millions of objects. Frozen, they are never walked by
+        # the collections that the sampler thread's allocations trigger: under perf, that thread
+        # took 2% of the machine from the run it measured, most of it in the collector.
+        gc.collect()
+        gc.freeze()
         try:
             for i in range(max(1, repeat)):
                 # A fresh memcached on the same port, as a joining node is and as the
@@ -260,11 +265,6 @@ RUN_SUMMARY = ("seconds", "cpu_seconds_per_million_placed", "sources_cpu_seconds
 
 
 def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, source_pids, target_pid) -> dict:
-    # This process holds the workload, millions of objects. Frozen, they are never walked by
-    # the collections that the sampler thread's allocations trigger: under perf, that thread
-    # took 2% of the machine from the run it measured, most of it in the collector.
-    gc.collect()
-    gc.freeze()
     sampler = None
     throttler = None
     mark: dict = {}

@@ -52,6 +52,24 @@ def test_a_local_node_in_neither_list_warns_with_event_7009_and_wait_sync_exits_
     assert "neither server list" in r.stderr
 
 
+def test_wait_sync_does_not_take_a_stale_not_in_cluster_for_the_edited_settings(servers, daemons):
+    """The node joins: its daemon ran with the local node in neither list, the settings now
+    name it. Until the daemon takes them in (astaire reload), its statistics still say "not
+    in the cluster", about the old file: wait-sync must wait for the new one, not exit 5."""
+    a, b = servers(2)
+    d = daemons(b.name, [a.name], source="crawler")
+    wait_for(lambda: d.snapshot()["resyncs_completed"] >= 1, 20, what="the first resync")
+    assert d.snapshot()["local_in_cluster"] is False
+    d.write_settings([a.name], [a.name, b.name])  # edited, not yet reloaded
+    r = astaire("wait-sync", "--pidfile", str(d.pidfile), "--timeout-without-progress", "1")
+    assert r.returncode != 5 and "neither server list" not in r.stderr, r.stderr
+    assert "run 'astaire reload'" in r.stderr, r.stderr
+    d.signal(signal.SIGHUP)
+    r = astaire("wait-sync", "--pidfile", str(d.pidfile), "--timeout-without-progress", "20")
+    assert r.returncode == 0, r.stderr
+    assert d.snapshot()["local_in_cluster"] is True
+
+
 def test_wait_sync_and_status_find_the_daemons_settings_file_through_the_pidfile_alone(servers, daemons):
     a, b = servers(2)
     d = daemons(a.name, [a.name, b.name], source="crawler")

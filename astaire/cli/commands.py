@@ -319,7 +319,10 @@ def cmd_wait_sync(args) -> int:
         digest = settings_digest(settings_file)
         now = time.monotonic()
         if snap is not None:
-            if _synced(snap, digest) or not snap.get("local_in_cluster", True):
+            # "Not in the cluster" is about the settings the daemon took in: it answers only
+            # when those are the file's (edited and not yet reloaded, the file may name it).
+            if _synced(snap, digest) or (not snap.get("local_in_cluster", True)
+                                         and snap["settings_digest"] == digest):
                 say(_progress_line(snap, 30 if tty else 0) if snap["buckets_resynchronized"] else "in sync")
                 finish_line()
                 return _sync_verdict(args, snap, settings_file)

@@ -3,7 +3,9 @@
 
 In one run:
   * astaire   - N MemcachedStore-layout records loaded into a 2-node cluster, resized to 3;
-                the Astaire daemon for the new node is timed from start to sync.
+                the Astaire daemon for the new node, running on the old view, is told
+                with 'astaire reload' and timed from the reload to sync (--start cold:
+                from the daemon's start).
   * ceiling   - a fresh memcached ingesting the records the new node received, as
                 pre-encoded pipelined binary ADDQ frames on one connection.
   * per-record- the original pattern: GET then ADD, one round trip each, per record
@@ -71,6 +73,11 @@ class ProcessSampler(threading.Thread):
         self.stop_event = threading.Event()
         self.procs: list[psutil.Process] = []
         self.samples = 0
+        # CPU the tree had used when sampling began (a daemon started earlier, resized by
+        # reload): subtracted, so the figures are the resync's own.
+        self.sample(refresh=True)
+        self.base = dict(self.cpu)
+        self.base_sys = dict(self.sys)
 
     def sample(self, refresh: bool = False):
         if refresh or self.samples < self.REFRESH or self.samples % self.REFRESH == 0:
@@ -101,7 +108,14 @@ class ProcessSampler(threading.Thread):
         self.sample(refresh=True)
         self.stop_event.set()
         self.join()
-        return sum(self.cpu.values())
+        return sum(self.used().values())
+
+    def used(self) -> dict[int, float]:
+        """CPU seconds (user + system) each process used since sampling began."""
+        return {p: c - self.base.get(p, 0.0) for p, c in self.cpu.items()}
+
+    def used_sys(self) -> dict[int, float]:
+        return {p: c - self.base_sys.get(p, 0.0) for p, c in self.sys.items()}
 
 
 def _cpu(pids) -> float:
@@ -201,7 +215,8 @@ def flush(name: str) -> None:
     time.sleep(1.1)
 
 
-def run_astaire(records, value_size, workers, source, throttle: float | None = None, repeat: int = 1) -> dict:
+def run_astaire(records, value_size, workers, source, throttle: float | None = None, repeat: int = 1,
+                start: str = "reload") -> dict:
     """Load the records, then time the new node's resync ``repeat`` times (the new node a fresh
     memcached each run). Returns the run with the median Astaire CPU per record placed (with every
     run's main figures under ``runs``) and the records the new node must hold."""
@@ -246,7 +261,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
                 os.mkdir(rundir)
                 shutil.copy(os.path.join(workdir, "config"), rundir)
                 runs.append(_one_resync(nodes, c, moved, settings, rundir, source, workers, throttle,
-                                        source_pids, target_pid))
+                                        source_pids, target_pid, start, f"servers={a},{b}\n"))
                 runs[-1]["load_seconds"] = round(load_s, 2)
         finally:
             if replay is not None:
@@ -260,22 +275,27 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
     return chosen, moved
 
 
-RUN_SUMMARY = ("seconds", "cpu_seconds_per_million_placed", "sources_cpu_seconds_per_million_placed",
+RUN_SUMMARY = ("seconds", "cpu_seconds_per_million_placed", "startup_cpu_seconds", "sources_cpu_seconds_per_million_placed",
                "target_cpu_seconds_per_million_placed", "peak_rss_mb", "result", "placement_ok", "target_pid")
 
 
-def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, source_pids, target_pid) -> dict:
+def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, source_pids, target_pid,
+                start: str = "reload", before: str = "") -> dict:
     sampler = None
     throttler = None
     mark: dict = {}
 
-    def start_sampling(pid: int) -> None:
-        nonlocal sampler, throttler
-        mark["sources"], mark["target"] = _cpu(source_pids), _cpu([target_pid])
-        sampler = ProcessSampler(pid)
-        sampler.start()
+    def running(pid: int) -> None:
+        nonlocal throttler
         if throttle is not None:
             throttler = start_throttle(throttle, workdir, os.path.join(workdir, "astaire.pid"))
+
+    def start_sampling(pid: int) -> None:
+        nonlocal sampler
+        mark["sources"], mark["target"] = _cpu(source_pids), _cpu([target_pid])
+        sampler = ProcessSampler(pid)
+        mark["startup"] = sum(sampler.base.values()) if start == "reload" else None
+        sampler.start()
 
     cpu = 0.0
 
@@ -290,7 +310,8 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
         # The time reported is the daemon's own (its status says how long the resync took), so
         # wait-sync polls at its default interval: polling faster only took CPU from the run.
         sync = run_until_synced(c, settings, workdir, daemon_source, workers, poll_interval=0.2,
-                                on_started=start_sampling, on_synced=stop_sampling)
+                                on_started=start_sampling, on_synced=stop_sampling, on_running=running,
+                                before_settings=before if start == "reload" else None)
     finally:
         if throttler is not None:
             throttler.terminate()
@@ -340,7 +361,11 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
             "peak_rss_mb_by_process": [round(sampler.peak_by_process[p] / (1 << 20), 1)
                                        for p in sampler.peak_by_process],
             # [user + system, system] CPU seconds of each Astaire process (the supervisor first)
-            "cpu_by_process": [[round(sampler.cpu[p], 2), round(sampler.sys[p], 2)] for p in sampler.cpu],
+            "cpu_by_process": [[round(c, 2), round(sampler.used_sys()[p], 2)] for p, c in sampler.used().items()],
+            # the daemon's own start (interpreter, imports, forking the workers, its first
+            # resync of nothing), before the reload that resized it: paid once per daemon life
+            "startup_cpu_seconds": None if mark.get("startup") is None else round(mark["startup"], 2),
+            "start": start,
             "result": last["result"], "placement_ok": placement_ok,
             "target_pid": target_pid}  # the fresh memcached this run wrote into
 
@@ -449,19 +474,27 @@ def main(argv=None) -> int:
                    help="time the resync and the ceiling this many times on the same loaded cluster (the new "
                         "node a fresh memcached each run) and report the run with the median Astaire CPU and the "
                         "median ceiling, with every run's figures under 'runs': a shared machine is noisy")
+    p.add_argument("--start", default="reload", choices=("reload", "cold"),
+                   help="reload (default): the new node's daemon runs first on the old view, idle, and the "
+                        "resize reaches it with 'astaire reload', as on a node; its CPU and time are counted "
+                        "from the reload, and its start-up CPU is reported apart (startup_cpu_seconds). "
+                        "cold: the daemon is started on the resized view, and its start-up counts in the "
+                        "resync's CPU and time (the bench's figures until December 2026)")
     p.add_argument("--json-out", help="also write the JSON report to this file")
     args = p.parse_args(argv)
 
     byte_compile()
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
-    astaire, moved = run_astaire(records, args.value_size, args.workers, args.source, repeat=args.repeat)
+    astaire, moved = run_astaire(records, args.value_size, args.workers, args.source, repeat=args.repeat,
+                                 start=args.start)
     nodes = Nodes(args.source if args.source == "tap" else "stock")
     ceiling = run_ceiling(moved, args.value_size, nodes, repeat=args.repeat)
     per_record = run_per_record(moved, args.per_record_sample, args.value_size, nodes)
     throttled = None
     if args.throttle is not None:
         n = args.throttle_records or args.records
-        throttled, _ = run_astaire(records[:n], args.value_size, args.workers, args.source, args.throttle)
+        throttled, _ = run_astaire(records[:n], args.value_size, args.workers, args.source, args.throttle,
+                                   start=args.start)
         throttled["percent"] = args.throttle
     report = {
         "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION,

@@ -8,13 +8,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.daemon_helpers import REPO
 
 
-def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path):
+@pytest.mark.parametrize("start", ["reload", "cold"])
+def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path, start):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench/resync_bench.py", "--records", "3000", "--repeat", "2",
-                        "--workers", "2", "--per-record-sample", "50", "--json-out", str(out)],
+                        "--workers", "2", "--per-record-sample", "50", "--start", start, "--json-out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -29,3 +32,10 @@ def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path):
     assert a["records_for_new_node"] > 0 and a["entries"] >= a["records_for_new_node"]
     assert report["ceiling_addq"]["errors"] == 0 and report["ratio_to_ceiling"] > 0
     assert "ratio to ceiling" in r.stdout
+    assert a["start"] == start
+    if start == "reload":
+        # the daemon ran (interpreter, imports, workers forked) before the reload: that CPU is
+        # reported apart, and the resync's own figures start from the reload
+        assert all(run["startup_cpu_seconds"] > 0 for run in a["runs"]), a["runs"]
+    else:
+        assert all(run["startup_cpu_seconds"] is None for run in a["runs"]), a["runs"]

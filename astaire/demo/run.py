@@ -46,37 +46,69 @@ class SyncRun:
     ok: bool
     error: str          # wait-sync's message and the daemon's stderr when not ok
     status: dict
-    seconds: float      # from starting the daemon to wait-sync returning
+    seconds: float      # from starting the daemon (or from the reload) to wait-sync returning
 
 
 def run_until_synced(local: str, settings_file: str, workdir: str, source: str = "auto",
                      workers: int | None = None, poll_interval: float = 0.2,
                      on_started: Callable[[int], None] | None = None,
-                     on_synced: Callable[[], None] | None = None) -> SyncRun:
+                     on_synced: Callable[[], None] | None = None,
+                     before_settings: str | None = None,
+                     on_running: Callable[[int], None] | None = None) -> SyncRun:
     """Start ``astaire run`` for ``local`` (pidfile, stats and log in ``workdir``), wait for
     sync, read its status, and stop it. ``on_started(pid)`` / ``on_synced()`` bracket the
-    wait (the benchmark samples the daemon's CPU and memory there)."""
+    wait (the benchmark samples the daemon's CPU and memory there).
+
+    With ``before_settings`` (the text of a cluster_settings file), the resize is made as on
+    a node: the daemon starts on ``before_settings``, settles (its first resync done, idle),
+    and only then is ``settings_file``'s text written back and the daemon told with ``astaire
+    reload``; ``on_started`` runs just before the reload, and ``seconds`` counts from the
+    reload. ``on_running(pid)`` runs as soon as the daemon holds its pidfile (in both modes)."""
     pidfile = os.path.join(workdir, "astaire.pid")
     run_args = ["run", "--local-name", local, "--cluster-settings-file", settings_file,
                 "--pidfile", pidfile, "--log-file", workdir, "--source", source,
                 "--config", os.path.join(workdir, "config")]
     if workers:
         run_args += ["--workers", str(workers)]
+    after_settings = None
+    if before_settings is not None:
+        with open(settings_file) as f:
+            after_settings = f.read()
+        with open(settings_file, "w") as f:
+            f.write(before_settings)
     t_start = time.monotonic()
     daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", *run_args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     status: dict = {}
+    started = False
     try:
-        if on_started:
+        if after_settings is None and on_started:
             on_started(daemon.pid)
+            started = True
+        wait_error = ""
         if not wait_until_running(pidfile, daemon):
             wait_error = "the Astaire daemon did not start"
         else:
+            if on_running:
+                on_running(daemon.pid)
+            if after_settings is not None:
+                wait_error = _settle(pidfile, daemon)
+                if not wait_error:
+                    if on_started:
+                        on_started(daemon.pid)
+                        started = True
+                    t_start = time.monotonic()
+                    with open(settings_file, "w") as f:
+                        f.write(after_settings)
+                    reload = _astaire("reload", "--pidfile", pidfile, timeout=30)
+                    if reload.returncode:
+                        wait_error = f"astaire reload failed: {reload.stderr.strip()}"
+        if not wait_error:
             wait = _astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings_file,
                             "--quiet", "--poll-interval", str(poll_interval), timeout=3600)
             wait_error = "" if wait.returncode == 0 else (wait.stderr.strip() or wait.stdout.strip())
         seconds = time.monotonic() - t_start
-        if on_synced:
+        if on_synced and started:
             on_synced()
         if not wait_error:
             status = json.loads(_astaire("status", "--json", "--pidfile", pidfile).stdout)
@@ -89,6 +121,25 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
             _, err = daemon.communicate()
     error = "\n".join(x for x in (wait_error, "" if not wait_error else (err or "").strip()) if x)
     return SyncRun(not wait_error, error, status, seconds)
+
+
+def _settle(pidfile: str, daemon: subprocess.Popen, timeout: float = 30.0, quiet: float = 0.5) -> str:
+    """Wait until the daemon is idle after its first resync, its workers booted ("" on
+    success, else what went wrong)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            return f"the Astaire daemon exited ({daemon.returncode}) before the resize"
+        r = _astaire("status", "--json", "--pidfile", pidfile, timeout=30)
+        try:
+            snap = json.loads(r.stdout)
+        except ValueError:
+            snap = {}
+        if snap.get("state") == "idle" and snap.get("resyncs_completed", 0) >= 1:
+            time.sleep(quiet)  # the workers' boot (each says ready once)
+            return ""
+        time.sleep(0.1)
+    return f"the Astaire daemon did not settle within {timeout:.0f} s before the resize"
 
 
 def run(args) -> int:

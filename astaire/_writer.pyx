@@ -374,9 +374,15 @@ cdef inline void fq_pop(FetchQ *q) noexcept nogil:
         q.len = 0
 
 
-# A slot holds the entry's hash beside its sequence number, so that probing and the
-# shifting on removal compare hashes without touching the queue entries (a cache miss
-# each: they are 260-byte records).
+# A slot holds the entry's hash beside its sequence number, so that probing compares hashes
+# without touching the queue entries (a cache miss each: they are 260-byte records).
+#
+# Nothing is removed when a fetch is sent: a slot whose sequence number is below ``live``
+# (the first unsent fetch) is dead, skipped by lookups and reused by inserts. Removing at
+# send time (a probe and a backward shift per fetch, on slots long out of the cache) was
+# the largest single cost of a crawler stream's process. Dead slots are dropped when the
+# table is rebuilt: when half its slots are taken, it is rebuilt at four times the live
+# count (at least), so a rebuild comes at most every quarter table of inserts.
 cdef struct KSlot:
     uint64_t seq1       # sequence number + 1 of a queued Fetch; 0 = empty
     uint32_t hash
@@ -385,7 +391,7 @@ cdef struct KSlot:
 cdef struct KeySet:
     KSlot *slots
     size_t mask
-    size_t count
+    size_t used         # slots not empty (live or dead)
     int bits
 
 
@@ -394,14 +400,15 @@ cdef inline size_t ks_home(KeySet *ks, uint32_t h) noexcept nogil:
     return <size_t>(<uint32_t>(h * 2654435769u) >> (32 - ks.bits))
 
 
-cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t klen) noexcept nogil:
+cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t klen, uint64_t live) noexcept nogil:
+    """Whether an unsent fetch (sequence number ``live`` on) is queued for ``key``."""
     cdef size_t i
     cdef Fetch *e
     if ks.slots == NULL:
         return False
     i = ks_home(ks, h)
     while ks.slots[i].seq1:
-        if ks.slots[i].hash == h:
+        if ks.slots[i].hash == h and ks.slots[i].seq1 > live:
             e = fq_at(q, ks.slots[i].seq1 - 1)
             if e.klen == klen and same_bytes(e.key, key, klen):
                 return True
@@ -409,62 +416,46 @@ cdef bint ks_find(KeySet *ks, FetchQ *q, uint32_t h, const char *key, size_t kle
     return False
 
 
-cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
+cdef inline void ks_put(KeySet *ks, uint64_t seq, uint32_t h, uint64_t live) noexcept nogil:
+    """Into the first empty or dead slot of the probe (the key is known to be absent)."""
     cdef size_t i = ks_home(ks, h)
-    while ks.slots[i].seq1:
+    while ks.slots[i].seq1 > live:
         i = (i + 1) & ks.mask
+    if ks.slots[i].seq1 == 0:
+        ks.used += 1
     ks.slots[i].seq1 = seq + 1
     ks.slots[i].hash = h
-    ks.count += 1
 
 
-cdef int ks_add(KeySet *ks, FetchQ *q, uint64_t seq, uint32_t h, uint64_t since) noexcept nogil:
-    """Add the queued Fetch ``seq`` (already pushed); the set holds the entries of ``q`` from
-    ``since`` on. Grows by rebuilding from the queue."""
-    cdef int bits
-    cdef uint64_t s
+cdef int ks_add(KeySet *ks, uint64_t seq, uint32_t h, uint64_t live) noexcept nogil:
+    """Add the queued Fetch ``seq`` (already pushed; absent from the set); fetches before
+    ``live`` have been sent. Rebuilt from its own live slots when half full."""
+    cdef int bits = 6
+    cdef size_t i, n = 0, old_size
+    cdef KSlot *old = ks.slots
     cdef KSlot *slots
-    if ks.slots != NULL and (ks.count + 1) * 2 <= ks.mask + 1:
-        ks_put(ks, seq, h)
+    if old != NULL and (ks.used + 1) * 2 <= ks.mask + 1:
+        ks_put(ks, seq, h, live)
         return 0
-    bits = ks.bits + 1 if ks.slots != NULL else 6
-    while (<size_t>1 << bits) < (<size_t>(q.first + fq_count(q) - since) + 1) * 2:
+    old_size = ks.mask + 1 if old != NULL else 0
+    for i in range(old_size):
+        if old[i].seq1 > live:
+            n += 1
+    while (<size_t>1 << bits) < (n + 1) * 4:
         bits += 1
     slots = <KSlot *>calloc(<size_t>1 << bits, sizeof(KSlot))
     if slots == NULL:
         return -1
-    free(ks.slots)
     ks.slots = slots
     ks.bits = bits
     ks.mask = (<size_t>1 << bits) - 1
-    ks.count = 0
-    for s in range(since, q.first + fq_count(q)):
-        ks_put(ks, s, fq_at(q, s).hash)
+    ks.used = 0
+    for i in range(old_size):
+        if old[i].seq1 > live:
+            ks_put(ks, old[i].seq1 - 1, old[i].hash, live)
+    free(old)
+    ks_put(ks, seq, h, live)
     return 0
-
-
-cdef void ks_remove(KeySet *ks, uint64_t seq, uint32_t h) noexcept nogil:
-    """Remove ``seq``, shifting later probes back (no tombstones)."""
-    cdef size_t i, j, k
-    if ks.slots == NULL:
-        return
-    i = ks_home(ks, h)
-    while ks.slots[i].seq1 != seq + 1:
-        if ks.slots[i].seq1 == 0:
-            return
-        i = (i + 1) & ks.mask
-    j = i
-    while True:
-        j = (j + 1) & ks.mask
-        if ks.slots[j].seq1 == 0:
-            break
-        k = ks_home(ks, ks.slots[j].hash)
-        if (i < k <= j) if i <= j else (i < k or k <= j):
-            continue  # its home lies after the hole: it stays
-        ks.slots[i] = ks.slots[j]
-        i = j
-    ks.slots[i].seq1 = 0
-    ks.count -= 1
 
 
 # -- input without a copy -----------------------------------------------------------------
@@ -1377,7 +1368,7 @@ cdef class Writer:
             if not self._table[vb]:
                 self.skipped_unwanted += 1
                 continue
-            if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
+            if ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 continue
             self._listed += 1
@@ -1413,7 +1404,7 @@ cdef class Writer:
         e.answered = 0
         e.flags_only = flags_only
         memcpy(e.key, key, dlen)
-        if ks_add(&self._fq_keys, &self._fq, self._fq.first + fq_count(&self._fq) - 1, h,
+        if ks_add(&self._fq_keys, self._fq.first + fq_count(&self._fq) - 1, h,
                   self._fq.first + self._fq_sent) < 0:
             raise MemoryError()
         return 0
@@ -1422,7 +1413,7 @@ cdef class Writer:
                             uint64_t kh, bint flags_only) except -1:
         """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
         was listed again meanwhile: the one queued fetch then reads the latest copy."""
-        if ks_find(&self._fq_keys, &self._fq, h, key, dlen):
+        if ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
             self.duplicates += 1
             return 0
         return self._list_fetch(key, dlen, exp, vb, h, kh, flags_only)
@@ -1584,7 +1575,6 @@ cdef class Writer:
                     prefetch(e)
                     prefetch(<char *>e + 64)
                 e = fq_at(&self._fq, seq + j)
-                ks_remove(&self._fq_keys, seq + j, e.hash)
                 if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq, e.flags_only) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK

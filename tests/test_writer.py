@@ -400,6 +400,38 @@ def test_meta_get_answers_cut_anywhere_and_refusals(tap):
     assert w.failed == 1 and "CLIENT_ERROR bad key" in w.last_error and w.fetch_backlog == 0
 
 
+WELL_FORMED_VA = (b"VA 1 f7 t-1 O0", b"VA 1 O0 t-1 f7", b"VA 1 t5 O0 f7", b"VA 1 f7  t-1 O0", b"VA 1 f7 t-1 O0 ",
+                  b"VA 1 f7 t-1 O0 k", b"VA 1 f7 t-1 O0 s100", b"VA 1 f07 t0 O00", b"VA 1 f4294967295 t-1 O0")
+MALFORMED_VA = (b"VA 1 f t-1 O0", b"VA 1 fx t-1 O0", b"VA 1 f7x t-1 O0", b"VA 1 f7 t-2 O0", b"VA 1 f7 t- O0",
+                b"VA 1 f7 t-1x O0", b"VA 1 f4294967296 t-1 O0", b"VA 1 f7 t-1", b"VA 1 f7 O0", b"VA x f7 t-1 O0",
+                b"VA  1 f7 t-1 O0", b"VA -1 f7 t-1 O0", b"VA 1 f-7 t-1 O0", b"VA 1 f7 t-1 O-0",
+                b"VA 1 f7 t99999999999999 O0")
+
+
+@pytest.mark.parametrize("head", WELL_FORMED_VA + MALFORMED_VA)
+def test_meta_get_answer_tokens_are_read_alike_in_both_builds(tap, head):
+    """A value's answer line, well formed or not: both builds take it (same flags and
+    expiry) or refuse it as malformed."""
+    def run(mod):
+        w = mod.Writer(ALL, window=16)
+        w.feed_metadump(b"key=a exp=0\nEND\r\n")
+        w.fetch_requests()
+        try:
+            w.feed_fetch(head + b"\r\nx\r\nMN\r\n")
+        except Exception as e:  # noqa: BLE001 (the type is compared)
+            return type(e).__name__
+        return [(f.key, f.value, f.extras) for f in frames_of(w.target_requests()) if f.key]
+
+    got = run(tap)
+    assert got == run(_tap_py)
+    if head in WELL_FORMED_VA:
+        ((key, value, extras),) = got
+        flags = next(int(t[1:]) for t in head.split(b" ") if t[:1] == b"f")
+        assert (key, value, extras[:4]) == (b"a", b"x", flags.to_bytes(4, "big")), got
+    else:
+        assert got == "MalformedFrame"
+
+
 def test_fetches_in_flight_are_bounded_by_the_window(tap):
     w = tap.Writer(ALL, window=8)
     w.feed_metadump(b"".join(b"key=k%d exp=0\n" % i for i in range(30)))

@@ -132,7 +132,8 @@ def register(sub) -> None:
                        "no bucket needs resync, showing progress. Exit 0 then; 1 if the daemon is not running "
                        "or stops; 2 if the cluster settings file cannot be read; 4 after "
                        "--timeout-without-progress seconds without progress; 5 if the local node is in neither "
-                       "server list (a typo in local_ip must not look like a finished resync); 6 if the last "
+                       "server list of the settings the daemon took in (a typo in local_ip must not look like a "
+                       "finished resync; a file edited but not yet reloaded is waited for); 6 if the last "
                        "resync ended with vbuckets no source could serve, or was refused (local memcached "
                        "without CAS).")
     _add_pidfile(p)

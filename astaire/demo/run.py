@@ -81,6 +81,9 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     status: dict = {}
     started = False
+    wait_cmd = [sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", pidfile, "--cluster-settings-file",
+                settings_file, "--quiet", "--poll-interval", str(poll_interval)]
+    waiter = None
     try:
         if after_settings is None and on_started:
             on_started(daemon.pid)
@@ -94,25 +97,34 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
             if after_settings is not None:
                 wait_error = _settle(pidfile, daemon)
                 if not wait_error:
+                    with open(settings_file, "w") as f:
+                        f.write(after_settings)
+                    # wait-sync first, as an operator might in another terminal: it waits for
+                    # the daemon to take the edited file in, so its own start-up (an
+                    # interpreter and imports) is over before the resize begins.
+                    waiter = subprocess.Popen(wait_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    _until_idle(waiter)
                     if on_started:
                         on_started(daemon.pid)
                         started = True
                     t_start = time.monotonic()
-                    with open(settings_file, "w") as f:
-                        f.write(after_settings)
                     reload = _astaire("reload", "--pidfile", pidfile, timeout=30)
                     if reload.returncode:
                         wait_error = f"astaire reload failed: {reload.stderr.strip()}"
         if not wait_error:
-            wait = _astaire("wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings_file,
-                            "--quiet", "--poll-interval", str(poll_interval), timeout=3600)
-            wait_error = "" if wait.returncode == 0 else (wait.stderr.strip() or wait.stdout.strip())
+            if waiter is None:
+                waiter = subprocess.Popen(wait_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = waiter.communicate(timeout=3600)
+            wait_error = "" if waiter.returncode == 0 else (err.strip() or out.strip())
         seconds = time.monotonic() - t_start
         if on_synced and started:
             on_synced()
         if not wait_error:
             status = json.loads(_astaire("status", "--json", "--pidfile", pidfile).stdout)
     finally:
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
         daemon.send_signal(signal.SIGTERM)
         try:
             _, err = daemon.communicate(timeout=10)
@@ -121,6 +133,24 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
             _, err = daemon.communicate()
     error = "\n".join(x for x in (wait_error, "" if not wait_error else (err or "").strip()) if x)
     return SyncRun(not wait_error, error, status, seconds)
+
+
+def _until_idle(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Return once ``proc`` has used no CPU for 50 ms (it sleeps in its loop), or has exited,
+    or after ``timeout`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            t = psutil.Process(proc.pid).cpu_times()
+        except psutil.Error:
+            return
+        if last is not None and t.user + t.system == last:
+            return
+        last = t.user + t.system
+        time.sleep(0.05)
 
 
 def _settle(pidfile: str, daemon: subprocess.Popen, timeout: float = 30.0, quiet: float = 0.5) -> str:

@@ -1777,24 +1777,22 @@ cdef int meta_tokens(const char *p, const char *end, MetaHit *hit) noexcept nogi
         if p == end:
             break
         c = p[0]
-        if c == CH_f:
+        if c == CH_f or c == CH_O:  # 32-bit unsigned: the flags, the opaque
             p = scan_num(p + 1, end, False, &v)
             if p == NULL or v > <int64_t>0xFFFFFFFFu:
                 return -1
-            hit.flags = <uint32_t>v
-            seen |= 1
+            if c == CH_f:
+                hit.flags = <uint32_t>v
+                seen |= 1
+            else:
+                hit.opaque = <uint32_t>v
+                seen |= 4
         elif c == CH_t:
             p = scan_num(p + 1, end, True, &v)
             if p == NULL or v < -1:
                 return -1
             hit.ttl = v
             seen |= 2
-        elif c == CH_O:
-            p = scan_num(p + 1, end, False, &v)
-            if p == NULL or v > <int64_t>0xFFFFFFFFu:
-                return -1
-            hit.opaque = <uint32_t>v
-            seen |= 4
         else:
             while p < end and p[0] != CH_SP:  # a flag not asked for, or an empty token
                 p += 1

@@ -155,17 +155,21 @@ def _until_idle(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 def _settle(pidfile: str, daemon: subprocess.Popen, timeout: float = 30.0, quiet: float = 0.5) -> str:
     """Wait until the daemon is idle after its first resync, its workers booted ("" on
-    success, else what went wrong)."""
+    success, else what went wrong). Its statistics are read here, as ``astaire status``
+    reads them, without starting a Python process per look."""
+    from astaire.cli.commands import stats_path_for
+    from astaire.stats import StatsReader, StatsUnavailable
+
+    reader = StatsReader(stats_path_for(pidfile))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
             return f"the Astaire daemon exited ({daemon.returncode}) before the resize"
-        r = _astaire("status", "--json", "--pidfile", pidfile, timeout=30)
         try:
-            snap = json.loads(r.stdout)
-        except ValueError:
+            snap = reader.snapshot()
+        except StatsUnavailable:  # not published yet
             snap = {}
-        if snap.get("state") == "idle" and snap.get("resyncs_completed", 0) >= 1:
+        if snap.get("pid") == daemon.pid and snap.get("state") == "idle" and snap.get("resyncs_completed", 0) >= 1:
             time.sleep(quiet)  # the workers' boot (each says ready once)
             return ""
         time.sleep(0.1)

@@ -110,12 +110,10 @@ class ProcessSampler(threading.Thread):
         self.join()
         return sum(self.used().values())
 
-    def used(self) -> dict[int, float]:
-        """CPU seconds (user + system) each process used since sampling began."""
-        return {p: c - self.base.get(p, 0.0) for p, c in self.cpu.items()}
-
-    def used_sys(self) -> dict[int, float]:
-        return {p: c - self.base_sys.get(p, 0.0) for p, c in self.sys.items()}
+    def used(self, system_only: bool = False) -> dict[int, float]:
+        """CPU seconds (user + system, or system alone) each process used since sampling began."""
+        now, base = (self.sys, self.base_sys) if system_only else (self.cpu, self.base)
+        return {p: c - base.get(p, 0.0) for p, c in now.items()}
 
 
 def _cpu(pids) -> float:
@@ -343,6 +341,7 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
     entries, data = int(last["entries"]), int(last["bytes"])
     secs = float(last.get("seconds") or wall)
     placed = len(moved)
+    used_sys = sampler.used(system_only=True)
     return {"records_for_new_node": placed, "entries": entries,
             "bytes": data, "seconds": round(secs, 3), "wall_seconds_to_sync": round(wall, 3),
             # The new node must end up holding len(moved) records; it streams each of its vbuckets
@@ -361,7 +360,7 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
             "peak_rss_mb_by_process": [round(sampler.peak_by_process[p] / (1 << 20), 1)
                                        for p in sampler.peak_by_process],
             # [user + system, system] CPU seconds of each Astaire process (the supervisor first)
-            "cpu_by_process": [[round(c, 2), round(sampler.used_sys()[p], 2)] for p, c in sampler.used().items()],
+            "cpu_by_process": [[round(c, 2), round(used_sys[p], 2)] for p, c in sampler.used().items()],
             # the daemon's own start (interpreter, imports, forking the workers, its first
             # resync of nothing), before the reload that resized it: paid once per daemon life
             "startup_cpu_seconds": None if mark.get("startup") is None else round(mark["startup"], 2),

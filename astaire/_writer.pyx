@@ -1743,8 +1743,9 @@ cdef inline uint32_t ttl_expiry(int64_t ttl, time_t now) noexcept nogil:
 
 
 cdef inline const char *scan_num(const char *p, const char *end, bint signed, int64_t *out) noexcept nogil:
-    """The number (decimal digits, after a ``-`` if ``signed``; at most 2^40-ish) from ``p``
-    to the next space or ``end``: the pointer after it, or NULL when it is not a number.
+    """The number (decimal digits, after a ``-`` if ``signed``; a digit after the value
+    passed 0xFFFFFFFFFF is refused) from ``p`` to the next space or ``end``: the pointer
+    after it, or NULL when it is not a number.
     One pass: a token is a few bytes, and finding its end with memchr first cost more than
     reading its digits."""
     cdef bint neg = False

@@ -1134,6 +1134,12 @@ class Writer:
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
                 if state == _ST_ADDQ:
                     self._probed(True)
+                if self._settled is not None and self._known(rec.hash, rec.flags):
+                    # Noted meanwhile (the other old replica's stream wrote this key first,
+                    # usually the copy this ADD ran into): no read needed.
+                    self.deduplicated += 1
+                    self._settle(slot, 2)
+                elif state == _ST_ADDQ:
                     self._send(slot, rec, _ST_GETK)   # the normal path when the key is present
                 else:
                     self._retry(slot, rec, _ST_GETK)

@@ -1256,6 +1256,13 @@ cdef class Writer:
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
                 if state == ST_ADDQ:
                     self._probed(True)
+                if self._settled != NULL and self._known(s.hash, s.flags):
+                    # Noted meanwhile (the other old replica's stream wrote this key first,
+                    # usually the copy this ADD ran into): no read needed.
+                    self.deduplicated += 1
+                    self._settle(slot, OUT_KEPT)
+                    return 0
+                if state == ST_ADDQ:
                     if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
                         raise MemoryError()
                     return 0

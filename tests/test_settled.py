@@ -74,6 +74,31 @@ def test_a_newer_copy_goes_to_the_target_and_a_kept_copy_notes_the_local_flags(t
     assert second.deduplicated == 1
 
 
+def test_a_copy_whose_add_finds_the_key_noted_meanwhile_is_kept_without_a_read(tap):
+    """Both old replicas' streams send their copy of a key at about the same time: one ADD
+    wins, and by the time the other learns that its ADD found the key present, the winner
+    has noted it. Reading the local copy back (GETK, value and all) would tell nothing new."""
+    t = table()
+    gen = t.next_generation()
+    first, second = writer(tap, t, gen), writer(tap, t, gen)
+    first.feed_tap(mutation(tap, b"t\\\\a", b"A", flags=NOW_MS) + mutation(tap, b"t\\\\b", b"B", flags=NOW_MS))
+    second.feed_tap(mutation(tap, b"t\\\\a", b"A", flags=NOW_MS)           # equal to the note: kept
+                    + mutation(tap, b"t\\\\b", b"B2", flags=NOW_MS + 1))   # newer than the note: read
+    first_out, second_out = first.target_requests(), second.target_requests()
+    assert ops(second_out) == [(0x12, 0), (0x12, 1), (0x0A, FENCE)]  # neither noted yet: both ADDs go
+    first.feed_target(ack_fences(first_out))  # the first stream's ADDs won: noted
+    second.feed_target(response(0x12, 2, opaque=0) + response(0x12, 2, opaque=1))  # both present
+    assert ops(second.target_requests()) == [(0x0C, 1)]  # only the newer copy is read
+    assert (second.kept, second.deduplicated) == (1, 1)
+    second.feed_target(response(0x0A, opaque=FENCE)
+                       + response(0x0C, 0, b"t\\\\b", b"B", NOW_MS.to_bytes(4, "big"), opaque=1, cas=5))
+    assert [(f.opcode, f.opaque, f.cas) for f in frames_of(second.target_requests())] == [(0x01, 1, 5)]
+    second.feed_target(response(0x01, opaque=1))
+    second.finish()
+    assert second.done and (second.kept, second.replaced, second.deduplicated) == (1, 1, 1)
+    assert second.stats()["deduplicated"] == 1
+
+
 def test_notes_of_another_generation_or_another_table_count_for_nothing(tap):
     t = table()
     gen = t.next_generation()

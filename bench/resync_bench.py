@@ -214,11 +214,30 @@ def flush(name: str) -> None:
 
 
 def run_astaire(records, value_size, workers, source, throttle: float | None = None, repeat: int = 1,
-                start: str = "reload") -> dict:
+                start: str = "reload", keep_workdir: bool = False) -> dict:
     """Load the records, then time the new node's resync ``repeat`` times (the new node a fresh
     memcached each run). Returns the run with the median Astaire CPU per record placed (with every
-    run's main figures under ``runs``) and the records the new node must hold."""
+    run's main figures under ``runs``) and the records the new node must hold.
+
+    The work directory (settings, config, each run's daemon log) is removed afterwards, unless
+    ``keep_workdir`` or the runs failed: then its path is printed to stderr."""
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
+    kept = keep_workdir
+    try:
+        result = _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start)
+        kept = kept or result[0]["result"] != "ok" or not result[0]["placement_ok"]
+    except BaseException:
+        kept = True
+        raise
+    finally:
+        if kept:
+            print(f"resync_bench: work directory (daemon logs) kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start):
     settings = os.path.join(workdir, "cluster_settings")
     with open(os.path.join(workdir, "config"), "w") as f:
         f.write(f"astaire_cpu_limit_percentage={throttle if throttle is not None else 5}\nlog_level={os.environ.get('ASTAIRE_BENCH_LOG_LEVEL', 2)}\n")
@@ -480,12 +499,16 @@ def main(argv=None) -> int:
                         "cold: the daemon is started on the resized view, and its start-up counts in the "
                         "resync's CPU and time (the bench's figures until December 2026)")
     p.add_argument("--json-out", help="also write the JSON report to this file")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="keep the work directory (cluster settings, config, each run's daemon log; its "
+                        "path is printed) instead of removing it; it is always kept when a run fails. Set "
+                        "ASTAIRE_BENCH_LOG_LEVEL=5 for each stream's summary in the logs")
     args = p.parse_args(argv)
 
     byte_compile()
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
     astaire, moved = run_astaire(records, args.value_size, args.workers, args.source, repeat=args.repeat,
-                                 start=args.start)
+                                 start=args.start, keep_workdir=args.keep_workdir)
     nodes = Nodes(args.source if args.source == "tap" else "stock")
     ceiling = run_ceiling(moved, args.value_size, nodes, repeat=args.repeat)
     per_record = run_per_record(moved, args.per_record_sample, args.value_size, nodes)
@@ -493,7 +516,7 @@ def main(argv=None) -> int:
     if args.throttle is not None:
         n = args.throttle_records or args.records
         throttled, _ = run_astaire(records[:n], args.value_size, args.workers, args.source, args.throttle,
-                                   start=args.start)
+                                   start=args.start, keep_workdir=args.keep_workdir)
         throttled["percent"] = args.throttle
     report = {
         "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION,

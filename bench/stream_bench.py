@@ -30,6 +30,23 @@ def _cpu(pid: int) -> tuple[float, float]:
     return t.user, t.system
 
 
+def _runs(args, sources, wanted, c, replay, source_pids, target_pid, placed) -> dict:
+    """Every run, by settled mode (``--settled``): the target flushed between runs."""
+    from bench.resync_bench import flush  # noqa: E402
+    table = settled.create()
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.settled]
+    runs: dict[bool, list] = {m: [] for m in modes}
+    first = True
+    for _ in range(max(1, args.repeat)):
+        for m in modes:
+            if not first:
+                flush(c)
+            first = False
+            gen = table.next_generation() if m else 0
+            runs[m].append(_one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, gen))
+    return runs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=300_000)
@@ -54,7 +71,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
     mem = max(256, len(records) * (args.value_size + 150) * 2 // (1 << 20))
-    from bench.resync_bench import Nodes, flush  # noqa: E402
+    from bench.resync_bench import Nodes  # noqa: E402
     nodes = Nodes(args.source)
     with nodes.cluster(3, mem) as cluster:
         a, b, c = cluster.names
@@ -64,7 +81,8 @@ def main(argv=None) -> int:
         if args.source == "tap-replay":
             from bench.resync_bench import Replay  # noqa: E402
             import tempfile
-            replay = Replay(records, tempfile.mkdtemp(prefix="astaire-stream-bench-"))
+            replay_dir = tempfile.TemporaryDirectory(prefix="astaire-stream-bench-")
+            replay = Replay(records, replay_dir.name)
             sources = replay.names
             source_pids = [pr.pid for pr in replay.procs]
         else:
@@ -73,25 +91,19 @@ def main(argv=None) -> int:
             source_pids = [s.proc.pid for s in cluster.servers[:2]]
         target_pid = cluster.servers[2].proc.pid
         placed = sum(1 for r in records if vbucket_for_key(r.key) in set(wanted))
-        table = settled.create()
-        modes = {"on": [True], "off": [False], "both": [True, False]}[args.settled]
-        runs: dict[bool, list] = {m: [] for m in modes}
-        first = True
-        for _ in range(max(1, args.repeat)):
-            for m in modes:
-                if not first:
-                    flush(c)
-                first = False
-                gen = table.next_generation() if m else 0
-                runs[m].append(_one_run(args, sources, wanted, c, replay, source_pids, target_pid, placed, gen))
-        if replay:
-            replay.stop()
+        try:
+            runs = _runs(args, sources, wanted, c, replay, source_pids, target_pid, placed)
+        finally:
+            if replay:
+                replay.stop()
+                replay_dir.cleanup()
 
     def summary(rs):
         return rs[-1] if len(rs) == 1 else {
             "runs": rs, **{k: statistics.median(r[k] for r in rs)
                            for k in ("seconds", "astaire_per_M_placed", "sources_per_M_placed", "target_per_M_placed")},
             "ok": all(r["ok"] for r in rs), "max_rss_mb": rs[-1]["max_rss_mb"]}
+    modes = list(runs)
     report = (summary(runs[modes[0]]) if len(modes) == 1
               else {"settled_on": summary(runs[True]), "settled_off": summary(runs[False]),
                     "ok": all(r["ok"] for rs in runs.values() for r in rs)})

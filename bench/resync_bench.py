@@ -214,7 +214,7 @@ def flush(name: str) -> None:
 
 
 def run_astaire(records, value_size, workers, source, throttle: float | None = None, repeat: int = 1,
-                start: str = "reload", keep_workdir: bool = False) -> dict:
+                start: str = "reload", keep_workdir: bool = False) -> tuple[dict, list]:
     """Load the records, then time the new node's resync ``repeat`` times (the new node a fresh
     memcached each run). Returns the run with the median Astaire CPU per record placed (with every
     run's main figures under ``runs``) and the records the new node must hold.

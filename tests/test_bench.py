@@ -5,6 +5,7 @@ workers. Speed itself is never asserted here: the bench measures it, as ratios."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,10 +17,20 @@ from tests.daemon_helpers import REPO
 @pytest.mark.parametrize("start", ["reload", "cold"])
 def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path, start):
     out = tmp_path / "bench.json"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    keep = ["--keep-workdir"] if start == "cold" else []  # one case each way: kept on request, else removed
     r = subprocess.run([sys.executable, "bench/resync_bench.py", "--records", "3000", "--repeat", "2",
-                        "--workers", "2", "--per-record-sample", "50", "--start", start, "--json-out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--workers", "2", "--per-record-sample", "50", "--start", start, "--json-out", str(out)]
+                       + keep, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TMPDIR=str(tmp)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    left = list(tmp.glob("astaire-bench-*"))
+    if keep:
+        assert len(left) == 1 and f"kept in {left[0]}" in r.stderr, (left, r.stderr[-2000:])
+        assert sorted(p.name for p in left[0].glob("run*/astaire*.log")) == ["astaire_current.log"] * 2
+    else:
+        assert left == [], "the bench left its work directory behind"
     report = json.loads(out.read_text())
     a = report["astaire"]
     assert a["placement_ok"] and a["result"] == "ok", a

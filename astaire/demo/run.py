@@ -35,9 +35,11 @@ def wait_until_running(pidfile: str, proc: subprocess.Popen, timeout: float = 30
     return False
 
 
+CLI = [sys.executable, "-m", "astaire.cli"]  # the astaire command, in this interpreter
+
+
 def _astaire(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "astaire.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass
@@ -77,13 +79,16 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
         with open(settings_file, "w") as f:
             f.write(before_settings)
     t_start = time.monotonic()
-    daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", *run_args],
+    daemon = subprocess.Popen([*CLI, *run_args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     status: dict = {}
     started = False
-    wait_cmd = [sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", pidfile, "--cluster-settings-file",
-                settings_file, "--quiet", "--poll-interval", str(poll_interval)]
     waiter = None
+
+    def start_waiter() -> subprocess.Popen:
+        return subprocess.Popen([*CLI, "wait-sync", "--pidfile", pidfile, "--cluster-settings-file", settings_file,
+                                 "--quiet", "--poll-interval", str(poll_interval)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if after_settings is None and on_started:
             on_started(daemon.pid)
@@ -102,7 +107,7 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
                     # wait-sync first, as an operator might in another terminal: it waits for
                     # the daemon to take the edited file in, so its own start-up (an
                     # interpreter and imports) is over before the resize begins.
-                    waiter = subprocess.Popen(wait_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    waiter = start_waiter()
                     _until_idle(waiter)
                     if on_started:
                         on_started(daemon.pid)
@@ -113,7 +118,7 @@ def run_until_synced(local: str, settings_file: str, workdir: str, source: str =
                         wait_error = f"astaire reload failed: {reload.stderr.strip()}"
         if not wait_error:
             if waiter is None:
-                waiter = subprocess.Popen(wait_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                waiter = start_waiter()
             out, err = waiter.communicate(timeout=3600)
             wait_error = "" if waiter.returncode == 0 else (err.strip() or out.strip())
         seconds = time.monotonic() - t_start

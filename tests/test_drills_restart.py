@@ -23,7 +23,7 @@ from tests.drills import (Model, events, load, reach, set_tag, settle, sources_b
 # one run of each on a loaded machine went from under 75% to the end between two progress
 # reports ("the resync ended before 75% could be reached"; stock: 12,906 entries wanted).
 # Twice the records halve what one burst can take.
-RECORDS = {"stock": 40000, "fork": 40000}
+RECORDS = 40000  # both kinds: stock and fork
 
 
 def scale_down(kind, nodes, daemons, count, start=True, **daemon_kw):
@@ -46,7 +46,7 @@ def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, dr
     if when == "before":
         # The daemons run idle on the stable view, tag seen; a restarts; the resize is
         # announced before the next tag check (1 s): the resync starts believing a is intact.
-        a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS[kind], start=False)
+        a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS, start=False)
         for d in (da, db):
             d.write_settings(before.servers)
             d.start()
@@ -58,7 +58,7 @@ def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, dr
             d.write_settings(before.servers, after.new_servers)
             d.signal(signal.SIGHUP)
     else:
-        a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS[kind], start=False)
+        a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS, start=False)
         db.start()
         da.start(wait=False)
         workers = freezers(lambda: [w.pid for w in da.children()])  # a's workers, frozen at birth
@@ -97,7 +97,7 @@ def test_local_memcached_restarts_empty(kind, when, nodes, daemons, freezers, dr
 def test_local_memcached_down_5s_during_a_stream(kind, nodes, daemons, freezers, drill):
     """Drill 2: a is killed mid-stream and comes back (empty) 5 s later; no record is lost,
     b and c are never blamed, and status/wait-sync say Astaire waits for the local node."""
-    a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS[kind], start=False)
+    a, b, c, before, after, model, da, db = scale_down(kind, nodes, daemons, RECORDS, start=False)
     db.start()
     da.start(wait=False)
     workers = freezers(lambda: [w.pid for w in da.children()])

@@ -663,28 +663,103 @@ def reach_stream(d, frozen: Freezer, port: int, want: int, share: float = 0.0, l
         time.sleep(0.12)
 
 
-def reach(d, frozen: Freezer, share: float, want: int, burst: float = 0.0005, limit: float = 90) -> float:
+class Placed:
+    """A resync's progress read off the local memcached itself: the records it has added there
+    (``curr_items`` over binary STAT, which the fork answers too) as a share of ``records``.
+    The daemon's own statistics lag: a worker reports at most every 0.25 s of its clock, so a
+    report can show the state of one or two bursts ago. This does not lag."""
+
+    def __init__(self, name: str, records: int):
+        assert records > 0, "the resync adds nothing to the local node: nothing to reach"
+        self.name = name
+        self.records = records
+        self.base = self.items()  # before the resync writes anything
+
+    def items(self) -> int:
+        with Mc(self.name) as c:
+            return int(c.stats()["curr_items"])
+
+    def __call__(self) -> float:
+        return (self.items() - self.base) / self.records
+
+
+def new_records(model: Model, view: ClusterView, local: str) -> int:
+    """Records the local node's view resync adds to it: keys of the vbuckets it pulls, once each."""
+    from astaire.cluster.worklist import Worklist
+
+    wl = Worklist(view, local)
+    return sum(1 for k in model.keys() if wl.sources.get(vbucket_for_key(k, view.vbuckets)))
+
+
+def reach(d, frozen: Freezer, share: float, want: int, burst: float = 0.0005, limit: float = 90,
+          placed: Placed | None = None) -> float:
     """Let ``d``'s frozen workers run in bursts of well under a millisecond of CPU until its
-    resync has brought in ``share`` of ``want`` entries; they are frozen again (mid-stream) when
-    this returns the share reached. (A worker reports progress at most every 0.25 s of its own
-    clock, so after a freeze each burst ends with a report.)"""
+    resync has brought in ``share`` of ``want`` entries (by the daemon's statistics), or, with
+    ``placed``, until that share of the records it adds is in the local memcached; they are
+    frozen again (mid-stream) when this returns the share reached. A burst lasts what the
+    scheduler gives it, often milliseconds: the fork's whole resync here is some 20 ms of CPU.
+    Hence ``placed`` where the share must not be overshot: with the daemon's lagging figures, a
+    resync went from "under 75%" to its end between two looks."""
     t0 = time.monotonic()
     while True:
         try:
             s = d.snapshot()
         except Exception:  # noqa: BLE001 (statistics not published yet)
             s = None
+        got = None
         if s is not None:
             assert s["resyncs_completed"] == 0, \
                 f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
-            if s["state"] == "resyncing" and s["entries_resynchronized"] >= share * want:
-                return s["entries_resynchronized"] / want
+            if s["state"] == "resyncing":
+                got = placed() if placed is not None else s["entries_resynchronized"] / want
+                if got >= share:
+                    return got
         assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
         # Near the share, bursts are short: the compiled Pump moves a few thousand small
-        # records per millisecond, and a worker reports only every other burst or so.
-        close = share < 0.5 or (s is not None and s["entries_resynchronized"] >= (share - 0.2) * want)
+        # records per millisecond.
+        close = share < 0.5 or (got is not None and got >= share - 0.2)
         frozen.burst(burst / 8 if close else burst)
         time.sleep(0.12)
+
+
+def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, want: int = 0,
+                 limit: float = 90) -> float:
+    """Let ``d``'s frozen workers run, held to 1% of one CPU by the real cgroup v1 cpu controller
+    (in the cgroup ``group``, the drill's own), until ``placed`` says ``share`` of the records
+    are in; they are frozen again (SIGSTOP) and the cap is lifted when this returns the share
+    reached. A SIGCONT burst lasts what the scheduler gives it: 1-5 ms measured on a busy 2-core
+    machine, up to a third of the fork's resync here, so bursts could carry a resync from "under
+    75%" to its end. The kernel meters the CPU instead: 1 ms per 100 ms period. Without a
+    writable v1 cpu hierarchy, falls back to bursts (``reach``)."""
+    from tests.throttle_helpers import V1_ROOT, v1_writable
+
+    if not v1_writable():
+        return reach(d, frozen, share, want, placed=placed, limit=limit)
+    from astaire_throttle.cgroup import CgroupV1Limiter
+
+    limiter = CgroupV1Limiter(V1_ROOT, group, cpus=1)
+    limiter.set_percentage(1)  # the kernel's minimum quota, 1 ms per 100 ms period
+    try:
+        limiter.attach(frozen.refresh())
+        frozen.release()
+        t0 = time.monotonic()
+        while True:
+            try:
+                s = d.snapshot()
+            except Exception:  # noqa: BLE001 (statistics not published yet)
+                s = None
+            if s is not None:
+                assert s["resyncs_completed"] == 0, \
+                    f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
+                if s["state"] == "resyncing":
+                    got = placed()
+                    if got >= share:
+                        return got  # frozen again below
+            assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
+            time.sleep(0.02)
+    finally:
+        frozen.hold()
+        limiter.release()  # quota -1; the group itself goes with the drill's group_name fixture
 
 
 # -- network namespaces ----------------------------------------------------------------------------

@@ -23,11 +23,11 @@ V2_ROOT = find_v2_root(MOUNTS)
 CPUS = os.cpu_count()
 
 
-def _v1_writable() -> bool:
+def v1_writable() -> bool:
     return bool(V1_ROOT) and os.access(os.path.join(V1_ROOT, "cgroup.procs"), os.W_OK)
 
 
-needs_v1 = pytest.mark.skipif(not _v1_writable(), reason="no writable cgroup v1 cpu hierarchy")
+needs_v1 = pytest.mark.skipif(not v1_writable(), reason="no writable cgroup v1 cpu hierarchy")
 
 
 def fake_cgroup2(root: Path, child: str, subtree_control: str = "") -> Path:

@@ -10,6 +10,10 @@ In one run:
                 pre-encoded pipelined binary ADDQ frames on one connection.
   * per-record- the original pattern: GET then ADD, one round trip each, per record
                 (on a sample of --per-record-sample records, rate extrapolated).
+  * baseline  - (crawler path) the requests no stream can do without, asked of the same
+                loaded sources by a plain client: per old replica, one listing, then one
+                meta get per wanted record; the sources' CPU in the resync is reported
+                against it.
 Reports records/s (records the new node ends up holding, per second), entries/s (Astaire
 streams every vbucket from both old replicas, so it receives about twice as many), MB/s,
 the ratio to the ceiling (ceiling time / Astaire time for the same records), Astaire's CPU
@@ -214,17 +218,18 @@ def flush(name: str) -> None:
 
 
 def run_astaire(records, value_size, workers, source, throttle: float | None = None, repeat: int = 1,
-                start: str = "reload", keep_workdir: bool = False) -> tuple[dict, list]:
+                start: str = "reload", keep_workdir: bool = False, baseline: bool = False) -> tuple[dict, list]:
     """Load the records, then time the new node's resync ``repeat`` times (the new node a fresh
     memcached each run). Returns the run with the median Astaire CPU per record placed (with every
-    run's main figures under ``runs``) and the records the new node must hold.
+    run's main figures under ``runs``) and the records the new node must hold. With ``baseline``, on
+    the crawler path, the run also carries the sources' baseline (``sources_baseline``).
 
     The work directory (settings, config, each run's daemon log) is removed afterwards, unless
     ``keep_workdir`` or the runs failed: then its path is printed to stderr."""
     workdir = tempfile.mkdtemp(prefix="astaire-bench-")
     kept = keep_workdir
     try:
-        result = _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start)
+        result = _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start, baseline)
         kept = kept or result[0]["result"] != "ok" or not result[0]["placement_ok"]
     except BaseException:
         kept = True
@@ -237,7 +242,7 @@ def run_astaire(records, value_size, workers, source, throttle: float | None = N
     return result
 
 
-def _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start):
+def _run_astaire(workdir, records, value_size, workers, source, throttle, repeat, start, baseline):
     settings = os.path.join(workdir, "cluster_settings")
     with open(os.path.join(workdir, "config"), "w") as f:
         f.write(f"astaire_cpu_limit_percentage={throttle if throttle is not None else 5}\nlog_level={os.environ.get('ASTAIRE_BENCH_LOG_LEVEL', 2)}\n")
@@ -261,6 +266,7 @@ def _run_astaire(workdir, records, value_size, workers, source, throttle, repeat
         with open(settings, "w") as f:
             f.write(f"servers={a},{b}\nnew_servers={a},{b},{c}\n")
         runs = []
+        baseline_figures = None
         # This process holds the workload, millions of objects. Frozen, they are never walked by
         # the collections that the sampler thread's allocations trigger: under perf, that thread
         # took 2% of the machine from the run it measured, most of it in the collector.
@@ -280,10 +286,14 @@ def _run_astaire(workdir, records, value_size, workers, source, throttle, repeat
                 runs.append(_one_resync(nodes, c, moved, settings, rundir, source, workers, throttle,
                                         source_pids, target_pid, start, f"servers={a},{b}\n"))
                 runs[-1]["load_seconds"] = round(load_s, 2)
+            if baseline and source in ("auto", "crawler"):
+                baseline_figures = sources_baseline(cluster.servers[:2], after, moved, repeat)
         finally:
             if replay is not None:
                 replay.stop()
     chosen = sorted(runs, key=lambda r: r["cpu_seconds_per_million_placed"])[len(runs) // 2]
+    if baseline_figures is not None:
+        chosen = dict(chosen, sources_baseline=baseline_figures)
     if len(runs) > 1:
         chosen = dict(chosen, runs=[{k: r[k] for k in RUN_SUMMARY} for r in runs])
         # Every run must have been right, not only the one reported.
@@ -386,6 +396,28 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
             "start": start,
             "result": last["result"], "placement_ok": placement_ok,
             "target_pid": target_pid}  # the fresh memcached this run wrote into
+
+
+def sources_baseline(sources: list[MemcachedServer], view: ClusterView, moved, repeat: int = 1) -> dict:
+    """The requests the crawler path cannot do without, asked of the same loaded sources by a
+    plain client: per source, one listing, then one meta get per wanted record it holds
+    (``source_fetch_bench.stream_baseline``). The sources' CPU of a run is read against this:
+    what they spent beyond these requests' own cost. ``repeat`` times; the median total."""
+    from bench.source_fetch_bench import stream_baseline
+
+    runs = []
+    for _ in range(max(1, repeat)):
+        parts = {"listing": 0.0, "fetches": 0.0, "total": 0.0}
+        for server in sources:
+            keys = [r.key for r in moved if server.name in view.current[vbucket_for_key(r.key)]]
+            for k, v in stream_baseline(server, keys).items():
+                parts[k] += v
+        runs.append(parts)
+    chosen = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
+    return {"cpu_seconds": round(chosen["total"], 2),
+            "cpu_seconds_per_million_placed": per_million(chosen["total"], len(moved)),
+            "listing_cpu_seconds": round(chosen["listing"], 2), "fetches_cpu_seconds": round(chosen["fetches"], 2),
+            "runs_cpu_seconds": [round(r["total"], 2) for r in runs]}
 
 
 def run_ceiling(moved, value_size, nodes: "Nodes", repeat: int = 1) -> dict:
@@ -508,7 +540,7 @@ def main(argv=None) -> int:
     byte_compile()
     records = list(workload.make_records(args.records, args.value_size, table="bench"))
     astaire, moved = run_astaire(records, args.value_size, args.workers, args.source, repeat=args.repeat,
-                                 start=args.start, keep_workdir=args.keep_workdir)
+                                 start=args.start, keep_workdir=args.keep_workdir, baseline=True)
     nodes = Nodes(args.source if args.source == "tap" else "stock")
     ceiling = run_ceiling(moved, args.value_size, nodes, repeat=args.repeat)
     per_record = run_per_record(moved, args.per_record_sample, args.value_size, nodes)
@@ -529,6 +561,10 @@ def main(argv=None) -> int:
         "target_cpu_ratio_to_ceiling": round(astaire["target_cpu_seconds_per_million_placed"]
                                              / max(ceiling["target_cpu_seconds_per_million"], 1e-9), 2),
     }
+    if "sources_baseline" in astaire:
+        # The sources' CPU against what the same requests cost them from a plain client.
+        report["sources_cpu_ratio_to_baseline"] = round(astaire["sources_cpu_seconds"]
+                                                        / max(astaire["sources_baseline"]["cpu_seconds"], 1e-9), 2)
     if throttled is not None:
         report["throttled"] = throttled
     print(json.dumps(report, indent=2))
@@ -548,6 +584,11 @@ def main(argv=None) -> int:
     print(f"CPU s per million records placed: Astaire {astaire['cpu_seconds_per_million_placed']}, sources "
           f"{astaire['sources_cpu_seconds_per_million_placed']}, target {astaire['target_cpu_seconds_per_million_placed']}"
           f" (ceiling's target {ceiling['target_cpu_seconds_per_million']}: x{report['target_cpu_ratio_to_ceiling']})")
+    if "sources_baseline" in astaire:
+        f = astaire["sources_baseline"]
+        print(f"sources' baseline (per source, a listing then a meta get per wanted record, from a plain client): "
+              f"{f['cpu_seconds_per_million_placed']} CPU s per million placed (listing {f['listing_cpu_seconds']} s, "
+              f"fetches {f['fetches_cpu_seconds']} s); the run's sources x{report['sources_cpu_ratio_to_baseline']}")
     ok = astaire["placement_ok"] and astaire["result"] == "ok"
     if throttled is not None:
         print(f"under astaire-throttle {args.throttle:g}%: {throttled['records_for_new_node']:,} records placed in "

@@ -31,6 +31,7 @@ import psutil
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from astaire.demo.localcluster import MemcachedServer  # noqa: E402
+from astaire.resync.source import METADUMP_HASH  # noqa: E402
 
 SENTINEL = b"mg astaire-bench-no-such-key v\r\n"  # answered "EN": everything before it is answered
 
@@ -50,6 +51,28 @@ def _pipe(server: MemcachedServer, chunks: list[bytes], until: bytes) -> None:
         for chunk in chunks:
             s.sendall(chunk)
         reader.join()
+
+
+def _process_cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def stream_baseline(server: MemcachedServer, keys: list[bytes], batch: int = 1024) -> dict:
+    """The requests one stream of the crawler path cannot do without, asked of its source by a
+    plain client, one after the other: one listing of everything (``lru_crawler metadump
+    hash``, as a stream asks), then one meta get per wanted key (``mg <key> v f t q O<n>`` in
+    ``mn``-closed batches of ``batch``: the Writer's form, and its batch at the default
+    window). Returns the source process's CPU seconds for each part and their sum."""
+    pid = server.proc.pid
+    c0 = _process_cpu(pid)
+    _pipe(server, [METADUMP_HASH], b"END\r\n")
+    c1 = _process_cpu(pid)
+    mg = [b"mg %s v f t q O%d\r\n" % (k, i) for i, k in enumerate(keys)]
+    _pipe(server, [b"".join(mg[i:i + batch]) + b"mn\r\n" for i in range(0, len(mg), batch)] + [SENTINEL],
+          b"EN\r\n")
+    c2 = _process_cpu(pid)
+    return {"listing": c1 - c0, "fetches": c2 - c1, "total": c2 - c0}
 
 
 def main(argv=None) -> int:

@@ -50,3 +50,33 @@ def test_the_bench_reports_every_run_on_a_fresh_target(tmp_path, start):
         assert all(run["startup_cpu_seconds"] > 0 for run in a["runs"]), a["runs"]
     else:
         assert all(run["startup_cpu_seconds"] is None for run in a["runs"]), a["runs"]
+    # the crawler path's requests are also asked of the sources by a plain client, as a baseline
+    baseline = a["sources_baseline"]
+    assert len(baseline["runs_cpu_seconds"]) == 2 and baseline["cpu_seconds"] >= 0, baseline
+    assert report["sources_cpu_ratio_to_baseline"] >= 0 and "sources' baseline" in r.stdout
+
+
+def test_the_sources_baseline_asks_one_listing_and_one_meta_get_per_key(monkeypatch):
+    from pymemcache.client.base import Client
+
+    import bench.source_fetch_bench as sfb
+    from astaire.demo.localcluster import MemcachedServer
+    from astaire.resync.source import METADUMP_HASH
+
+    sent = []
+    real_pipe = sfb._pipe
+    monkeypatch.setattr(sfb, "_pipe", lambda server, chunks, until: (sent.append(b"".join(chunks)),
+                                                                     real_pipe(server, chunks, until)))
+    keys = [b"bench\\\\key-%d" % i for i in range(500)]
+    with MemcachedServer(memory_mb=64) as server:
+        client = Client((server.host, server.port))
+        client.set_many({k: b"v" * 100 for k in keys}, noreply=False)
+        before = client.stats()
+        parts = sfb.stream_baseline(server, keys[:300], batch=64)
+        after = client.stats()
+        client.close()
+    assert sent[0] == METADUMP_HASH  # the listing a stream asks for, read to its END
+    assert sent[1].count(b"mg ") == 301 and sent[1].count(b"mn\r\n") == 5  # 300 in batches of 64, the sentinel
+    assert after[b"get_hits"] - before[b"get_hits"] == 300
+    assert after[b"get_misses"] - before[b"get_misses"] == 1  # the sentinel that ends the pipe
+    assert parts["total"] == pytest.approx(parts["listing"] + parts["fetches"]) and parts["total"] >= 0

@@ -231,6 +231,7 @@ cdef enum:
     HOLD_WINDOWS = 4               # a record is held for this many windows of entries
     SLOT_KEEP = 65536
     FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
+    FENCE_PREFETCH = 8   # records ahead, in a returned fence's batch, whose table entry is fetched early
 
 
 cdef inline int push_record(Buf *b, const void *head, size_t head_size, const char *key, uint32_t klen,
@@ -1201,6 +1202,11 @@ cdef class Writer:
                 entry = self._fifo.data[self._fifo.head]
                 if <uint32_t>entry != seq:
                     break
+                if self._settled != NULL and self._fifo.head + FENCE_PREFETCH < self._fifo.len:
+                    # the table entry this batch notes FENCE_PREFETCH records on: a cache miss
+                    # in the shared table, started early
+                    prefetch(self._entry(self._slots[<uint32_t>(
+                        self._fifo.data[self._fifo.head + FENCE_PREFETCH] >> 32)].hash))
                 q_pop(&self._fifo)
                 slot = <uint32_t>(entry >> 32)
                 s = &self._slots[slot]

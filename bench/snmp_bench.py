@@ -27,6 +27,7 @@ from astaire.demo.localcluster import MemcachedServer  # noqa: E402
 from astaire.snmp.mib import ASTAIRE  # noqa: E402
 from astaire.stats import StatsReader, StatsUnavailable  # noqa: E402
 from astaire.cluster.view import ClusterView  # noqa: E402
+from astaire.demo.run import CLI  # noqa: E402
 
 A = ".".join(map(str, ASTAIRE))
 
@@ -81,7 +82,7 @@ def main() -> int:
                         "the agent").group(1))
         for s in (a, b):
             os.kill(s.proc.pid, signal.SIGSTOP)
-        daemon = subprocess.Popen([sys.executable, "-m", "astaire.cli", "run", "--local-name", n.name,
+        daemon = subprocess.Popen([*CLI, "run", "--local-name", n.name,
                                    "--cluster-settings-file", settings, "--config", os.devnull, "--log-file", tmp,
                                    "--pidfile", pidfile, "--workers", "2", "--source", "crawler"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from astaire.cluster.settings import settings_digest
 from astaire.demo.localcluster import MemcachedServer
 from astaire.stats import StatsReader, StatsUnavailable
 from astaire.cluster.view import ClusterView, vbucket_for_key
+from astaire.demo.run import CLI
 from tests.tapserver import TapServer
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -48,7 +48,7 @@ def gone(proc: "psutil.Process | int") -> bool:
 
 
 def astaire(*args: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "astaire.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
 
 
@@ -83,7 +83,7 @@ class Daemon:
 
     def start(self, wait: bool = True) -> "Daemon":
         self.out = open(self.dir / "daemon.out", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", *self.args()], cwd=REPO,
+        self.proc = subprocess.Popen([*CLI, *self.args()], cwd=REPO,
                                      stdout=self.out, stderr=subprocess.STDOUT)
         self.known.add(self.proc.pid)
         if wait:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 
@@ -18,6 +17,7 @@ from astaire.resync import target
 from astaire.demo.localcluster import free_port
 from astaire.cluster.view import ClusterView, vbucket_for_key
 from astaire.cluster.worklist import Worklist
+from astaire.demo.run import CLI
 from tests.daemon_helpers import REPO, astaire, gone, load_mixed, wait_for
 from tests.tapserver import TapServer
 
@@ -234,7 +234,7 @@ def test_local_name_comes_from_local_ip_in_the_node_config(servers, daemons):
     args = d.args()
     i = args.index("--local-name")
     del args[i:i + 2]
-    proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     d.proc = proc
     d.out = open(os.devnull, "wb")

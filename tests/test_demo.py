@@ -1,11 +1,12 @@
 """The README's main job, `astaire demo`, runs end to end and reports a correct resize."""
 import json
 import subprocess
-import sys
+
+from astaire.demo.run import CLI
 
 
 def test_demo_resizes_2_to_3_and_every_record_ends_where_the_view_says():
-    r = subprocess.run([sys.executable, "-m", "astaire.cli", "demo", "--records", "3000", "--json"],
+    r = subprocess.run([*CLI, "demo", "--records", "3000", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -17,6 +18,6 @@ def test_demo_resizes_2_to_3_and_every_record_ends_where_the_view_says():
 
 
 def test_demo_rejects_impossible_sizes():
-    r = subprocess.run([sys.executable, "-m", "astaire.cli", "demo", "--records", "0"],
+    r = subprocess.run([*CLI, "demo", "--records", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--records must be at least 1" in r.stderr

@@ -17,12 +17,12 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 
 import pytest
 
 from astaire.cluster.view import ClusterView
+from astaire.demo.run import CLI
 from tests.daemon_helpers import REPO, astaire, wait_for
 from tests.drills import Model, load, settle, status
 
@@ -49,7 +49,7 @@ def scale_up(nodes, daemons, count=3000, start=True, **kw):
 def run_briefly(args: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess:
     """``astaire ARGS`` that must exit by itself: still running after ``timeout`` s, it and its
     workers are killed and the returncode is None."""
-    proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -16,6 +16,7 @@ import psutil
 from astaire.cli import commands as ops
 from astaire.demo import workload
 from astaire.cluster.view import ClusterView
+from astaire.demo.run import CLI
 from tests.daemon_helpers import REPO, astaire, gone, wait_for
 
 
@@ -125,7 +126,7 @@ def test_wait_sync_shows_progress_and_returns_0_once_in_sync(tap_resize):
 def test_wait_sync_draws_a_progress_bar_on_a_terminal(tap_resize):
     d = tap_resize("tty", 800, tap={"delay_per_frame": 0.002}).d
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", str(d.pidfile),
+    proc = subprocess.Popen([*CLI, "wait-sync", "--pidfile", str(d.pidfile),
                              "--cluster-settings-file", str(d.settings)], cwd=REPO, stdout=slave,
                             stderr=subprocess.DEVNULL)
     os.close(slave)
@@ -171,7 +172,7 @@ def test_wait_sync_fails_when_the_daemon_stops_while_waiting(servers, daemons):
     d = daemons(a.name, [a.name], source="crawler")
     d.wait_sync()
     d.settings.write_text(d.settings.read_text() + "# not reloaded: wait-sync waits\n")
-    proc = subprocess.Popen([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", str(d.pidfile),
+    proc = subprocess.Popen([*CLI, "wait-sync", "--pidfile", str(d.pidfile),
                              "--cluster-settings-file", str(d.settings)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

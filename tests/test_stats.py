@@ -7,6 +7,7 @@ import pytest
 
 from astaire import stats
 from astaire.stats import Bandwidth, Connection, StatsReader, StatsUnavailable, StatsWriter
+from astaire.demo.run import CLI
 
 
 @pytest.fixture
@@ -177,7 +178,6 @@ def test_a_damaged_file_is_a_clear_error_never_a_traceback_or_a_made_up_number(p
 
 def test_status_and_wait_sync_report_a_damaged_file_clearly(tmp_path):
     import subprocess
-    import sys
 
     pidfile = tmp_path / "astaire.pid"
     stats_file = tmp_path / "astaire.stats"
@@ -191,10 +191,10 @@ def test_status_and_wait_sync_report_a_damaged_file_clearly(tmp_path):
     pf.write(os.getpid())
     stats_file.write_bytes(b"ASTSTATS" + b"\xff" * 500)
     try:
-        r = subprocess.run([sys.executable, "-m", "astaire.cli", "status", "--pidfile", str(pidfile),
+        r = subprocess.run([*CLI, "status", "--pidfile", str(pidfile),
                             "--cluster-settings-file", str(settings)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "cannot be read" in r.stdout and "Traceback" not in r.stderr
-        r = subprocess.run([sys.executable, "-m", "astaire.cli", "wait-sync", "--pidfile", str(pidfile),
+        r = subprocess.run([*CLI, "wait-sync", "--pidfile", str(pidfile),
                             "--cluster-settings-file", str(settings), "--timeout-without-progress", "0.5"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 4 and "no usable statistics" in r.stderr and "Traceback" not in r.stderr

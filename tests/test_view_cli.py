@@ -1,15 +1,15 @@
 """``astaire view`` prints the table, the summary and views.jsonl-shaped JSON."""
 import json
 import subprocess
-import sys
 
 from astaire.cluster.view import ClusterView
+from astaire.demo.run import CLI
 
 A, B, C = "10.0.0.1:11211", "10.0.0.2:11211", "10.0.0.3:11211"
 
 
 def astaire(*args):
-    return subprocess.run([sys.executable, "-m", "astaire.cli", *args], capture_output=True, text=True)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True)
 
 
 def test_view_json_matches_the_library():

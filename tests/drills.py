@@ -649,18 +649,20 @@ def streaming_from(snapshot: dict, port: int) -> int:
     return -1
 
 
-def reach_stream(d, frozen: Freezer, port: int, want: int, share: float = 0.0, limit: float = 90) -> float:
-    """Like ``reach``, but until the stream from the source on ``port`` is running and has
-    brought in some records: a fault then lands in the middle of that very stream."""
-    t0 = time.monotonic()
-    while True:
-        s = d.snapshot()
-        assert s["resyncs_completed"] == 0, f"the resync ended first: make the drill slower ({s['last_resync']})"
+def reach_stream(d, frozen: Freezer, port: int, want: int, group: str, share: float = 0.0,
+                 limit: float = 90) -> float:
+    """Run ``d``'s frozen workers capped (``run_capped``, in the cgroup ``group``) until the
+    stream from the source on ``port`` is running and has brought in some records (and
+    ``share`` of ``want`` entries are in): a fault then lands in the middle of that very
+    stream. The daemon's statistics can show a stream that has just ended (a worker reports
+    every 0.25 s), so a worker's TCP connection to ``port`` is checked too, once the workers
+    are frozen."""
+    def ready(s):
         if s["state"] == "resyncing" and streaming_from(s, port) > 0 and s["entries_resynchronized"] >= share * want:
             return s["entries_resynchronized"] / want
-        assert time.monotonic() - t0 < limit, f"no stream from port {port} under way after {limit} s: {s}"
-        frozen.burst(0.0003)
-        time.sleep(0.12)
+        return None
+
+    return run_capped(d, frozen, group, ready, lambda: worker_streaming_from(d, port) is not None, limit=limit)
 
 
 class Placed:
@@ -691,57 +693,27 @@ def new_records(model: Model, view: ClusterView, local: str) -> int:
     return sum(1 for k in model.keys() if wl.sources.get(vbucket_for_key(k, view.vbuckets)))
 
 
-def reach(d, frozen: Freezer, share: float, want: int, burst: float = 0.0005, limit: float = 90,
-          placed: Placed | None = None) -> float:
-    """Let ``d``'s frozen workers run in bursts of well under a millisecond of CPU until its
-    resync has brought in ``share`` of ``want`` entries (by the daemon's statistics), or, with
-    ``placed``, until that share of the records it adds is in the local memcached; they are
-    frozen again (mid-stream) when this returns the share reached. A burst lasts what the
-    scheduler gives it, often milliseconds: the fork's whole resync here is some 20 ms of CPU.
-    Hence ``placed`` where the share must not be overshot: with the daemon's lagging figures, a
-    resync went from "under 75%" to its end between two looks."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            s = d.snapshot()
-        except Exception:  # noqa: BLE001 (statistics not published yet)
-            s = None
-        got = None
-        if s is not None:
-            assert s["resyncs_completed"] == 0, \
-                f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
-            if s["state"] == "resyncing":
-                got = placed() if placed is not None else s["entries_resynchronized"] / want
-                if got >= share:
-                    return got
-        assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
-        # Near the share, bursts are short: the compiled Pump moves a few thousand small
-        # records per millisecond.
-        close = share < 0.5 or (got is not None and got >= share - 0.2)
-        frozen.burst(burst / 8 if close else burst)
-        time.sleep(0.12)
-
-
-def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, want: int = 0,
-                 limit: float = 90) -> float:
+def run_capped(d, frozen: Freezer, group: str, ready, confirm=lambda: True, limit: float = 90):
     """Let ``d``'s frozen workers run, held to 1% of one CPU by the real cgroup v1 cpu controller
-    (in the cgroup ``group``, the drill's own), until ``placed`` says ``share`` of the records
-    are in; they are frozen again (SIGSTOP) and the cap is lifted when this returns the share
-    reached. A SIGCONT burst lasts what the scheduler gives it: 1-5 ms measured on a busy 2-core
-    machine, up to a third of the fork's resync here, so bursts could carry a resync from "under
-    75%" to its end. The kernel meters the CPU instead: 1 ms per 100 ms period. Without a
-    writable v1 cpu hierarchy, falls back to bursts (``reach``)."""
+    (in the cgroup ``group``, the drill's own), until ``ready(snapshot)`` gives a result and,
+    with the workers frozen again (SIGSTOP), ``confirm()`` agrees; returns that result, the
+    workers frozen and the cap lifted. A SIGCONT burst lasts what the scheduler gives it: 0.6-6
+    ms measured on a busy 2-core machine against 0.06-0.5 ms asked, up to a third of a small
+    resync, so bursts could carry a resync from "under 75%" to its end, or a stream to its end
+    unseen. The kernel meters the CPU instead: 1 ms per 100 ms period. Without a writable v1
+    cpu hierarchy the workers run in bursts instead, ``ready`` checked between them."""
     from tests.throttle_helpers import V1_ROOT, v1_writable
 
-    if not v1_writable():
-        return reach(d, frozen, share, want, placed=placed, limit=limit)
-    from astaire_throttle.cgroup import CgroupV1Limiter
+    limiter = None
+    if v1_writable():
+        from astaire_throttle.cgroup import CgroupV1Limiter
 
-    limiter = CgroupV1Limiter(V1_ROOT, group, cpus=1)
-    limiter.set_percentage(1)  # the kernel's minimum quota, 1 ms per 100 ms period
+        limiter = CgroupV1Limiter(V1_ROOT, group, cpus=1)
+        limiter.set_percentage(1)  # the kernel's minimum quota, 1 ms per 100 ms period
     try:
-        limiter.attach(frozen.refresh())
-        frozen.release()
+        if limiter is not None:
+            limiter.attach(frozen.refresh())
+            frozen.release()
         t0 = time.monotonic()
         while True:
             try:
@@ -750,16 +722,37 @@ def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, w
                 s = None
             if s is not None:
                 assert s["resyncs_completed"] == 0, \
-                    f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
-                if s["state"] == "resyncing":
-                    got = placed()
-                    if got >= share:
-                        return got  # frozen again below
-            assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
-            time.sleep(0.02)
+                    f"the resync ended before the drill's point: make the drill slower ({s['last_resync']})"
+                got = ready(s)
+                if got is not None:
+                    frozen.hold()
+                    if confirm():
+                        return got
+                    if limiter is not None:
+                        frozen.release()
+            assert time.monotonic() - t0 < limit, f"the drill's point not reached after {limit} s: {s}"
+            if limiter is None:
+                frozen.burst(0.0003)
+                time.sleep(0.12)
+            else:
+                time.sleep(0.02)
     finally:
         frozen.hold()
-        limiter.release()  # quota -1; the group itself goes with the drill's group_name fixture
+        if limiter is not None:
+            limiter.release()  # quota -1; the group itself goes with the drill's group_name fixture
+
+
+def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, limit: float = 90) -> float:
+    """Run ``d``'s frozen workers capped (``run_capped``) until ``placed`` says ``share`` of the
+    records are in the local memcached; they are frozen again when this returns the share."""
+    def ready(s):
+        if s["state"] == "resyncing":
+            got = placed()
+            if got >= share:
+                return got
+        return None
+
+    return run_capped(d, frozen, group, ready, limit=limit)
 
 
 # -- network namespaces ----------------------------------------------------------------------------

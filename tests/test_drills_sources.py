@@ -49,12 +49,12 @@ def check_served_by_the_other_replica(d, n, a, model, after, drill, problems, no
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill):
+def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill, group_name):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
     before, after, model, d = scale_up(kind, a, b, n, daemons)
     workers = start_frozen(d, freezers)
-    drill.extra["killed_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
+    drill.extra["killed_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
     a.down()  # SIGKILL: its connections are reset
     workers.release()
     problems: list[str] = []
@@ -63,13 +63,13 @@ def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill):
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemons, freezers, drill):
+def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemons, freezers, drill, group_name):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
     before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
                                        extra=("--stall-timeout", str(STALL)))
     workers = start_frozen(d, freezers)
-    drill.extra["frozen_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
+    drill.extra["frozen_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
     os.kill(a.pid, signal.SIGSTOP)  # the nodes fixture sends SIGCONT before it kills
     try:
         workers.release()
@@ -89,7 +89,7 @@ def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemo
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill):
+def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill, group_name):
     ns = netns()
     a = Node(kind, host=ns.ns_ip, netns=ns.name)
     try:
@@ -99,7 +99,7 @@ def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill)
         before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
                                            extra=("--stall-timeout", str(STALL)))
         workers = start_frozen(d, freezers)
-        drill.extra["cut_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
+        drill.extra["cut_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
         drill.extra["cut_with"] = ns.cut()
         try:
             workers.release()

@@ -10,6 +10,11 @@ key of a model on every node of the new view, Jepsen-style:
   missing, what is older than the newest acknowledged write ("stale"), and what is not a
   write anybody made ("wrong"); a tombstone (empty value) must be there, empty.
 
+A fault lands at a chosen point of a resync: the daemon's workers are frozen at birth
+(``start_frozen``), then run held to 1% of a CPU by the real cgroup cpu controller until the
+point is reached (``run_capped``: a share of the records in the local memcached, or a stream
+from a given source under way), and are frozen again while the fault is injected.
+
 The memcached client here is a few lines of ``struct``, independent of ``astaire.codec``, so
 that the check does not share the code under test. Only the binary protocol is used (the
 fork crashes on text ``stats``).
@@ -467,9 +472,10 @@ class Clients:
 
 class Freezer:
     """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
-    let a resync advance in bursts of a few milliseconds and stop it at a chosen point. The pid
-    list is looked up (slow: psutil scans /proc) only while everything is frozen, so a burst
-    lasts what it says."""
+    stop a resync at a chosen point: ``run_capped`` lets them run under a 1% cgroup cpu cap
+    between freezes, or, without cgroup v1, in bursts (``burst``). The pid list is looked up
+    (slow: psutil scans /proc) only while everything is frozen, so that a burst lasts no longer
+    than the scheduler makes it (on a busy 2-core machine, milliseconds for 0.06-0.5 ms asked)."""
 
     def __init__(self, pids):
         self.pids = pids

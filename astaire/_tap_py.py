@@ -1150,7 +1150,13 @@ class Writer:
                 self._settle(slot, 1)
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
-                self._retry(slot, rec, _ST_GETK)
+                if self._settled is not None and self._known(rec.hash, rec.flags):
+                    # The local copy changed under the CAS, and the table now notes it not
+                    # older than this copy (the other stream replaced it first): no re-read.
+                    self.deduplicated += 1
+                    self._settle(slot, 2)
+                else:
+                    self._retry(slot, rec, _ST_GETK)
                 return
             if status == STATUS_KEY_ENOENT:
                 self._retry(slot, rec, _ST_ADD)

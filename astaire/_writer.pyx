@@ -1279,6 +1279,12 @@ cdef class Writer:
                 self._settle(slot, OUT_REPLACED)
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
+                if self._settled != NULL and self._known(s.hash, s.flags):
+                    # The local copy changed under the CAS, and the table now notes it not
+                    # older than this copy (the other stream replaced it first): no re-read.
+                    self.deduplicated += 1
+                    self._settle(slot, OUT_KEPT)
+                    return 0
                 return self._retry(slot, ST_GETK)
             if status == C_ST_ENOENT:
                 return self._retry(slot, ST_ADD)

@@ -99,6 +99,34 @@ def test_a_copy_whose_add_finds_the_key_noted_meanwhile_is_kept_without_a_read(t
     assert second.stats()["deduplicated"] == 1
 
 
+def test_a_copy_whose_cas_replace_loses_to_a_noted_key_is_kept_without_a_read(tap):
+    """Both streams found the same older local copy and sent their CAS replace; the other
+    stream's won and noted the key. The loser's SET comes back EXISTS: if the note is not
+    older than its copy, there is nothing left to read; if it is older, the rule runs again."""
+    t = table()
+    gen = t.next_generation()
+    first, second = writer(tap, t, gen), writer(tap, t, gen)
+    second.feed_tap(mutation(tap, b"t\\\\c", b"C1", flags=NOW_MS + 1) + mutation(tap, b"t\\\\d", b"D1", flags=NOW_MS + 1))
+    assert ops(second.target_requests()) == [(0x12, 0), (0x12, 1), (0x0A, FENCE)]
+    second.feed_target(response(0x12, 2, opaque=0) + response(0x12, 2, opaque=1))  # both present
+    assert ops(second.target_requests()) == [(0x0C, 0), (0x0C, 1)]
+    second.feed_target(response(0x0A, opaque=FENCE)
+                       + response(0x0C, 0, b"t\\\\c", b"C0", NOW_MS.to_bytes(4, "big"), opaque=0, cas=5)
+                       + response(0x0C, 0, b"t\\\\d", b"D0", NOW_MS.to_bytes(4, "big"), opaque=1, cas=6))
+    assert [(f.opcode, f.opaque, f.cas) for f in frames_of(second.target_requests())] == [(0x01, 0, 5), (0x01, 1, 6)]
+    first.feed_tap(mutation(tap, b"t\\\\c", b"C1", flags=NOW_MS + 1)    # the same copy: noted, equal
+                   + mutation(tap, b"t\\\\d", b"D9", flags=NOW_MS))       # noted, older than second's
+    first.feed_target(ack_fences(first.target_requests()))
+    second.feed_target(response(0x01, 2, opaque=0) + response(0x01, 2, opaque=1))  # both CAS lost
+    assert ops(second.target_requests()) == [(0x0C, 1)]  # only d is read again
+    assert (second.kept, second.deduplicated, second.retries) == (1, 1, 1)
+    second.feed_target(response(0x0C, 0, b"t\\\\d", b"D9", NOW_MS.to_bytes(4, "big"), opaque=1, cas=7))
+    assert [(f.opcode, f.opaque, f.cas) for f in frames_of(second.target_requests())] == [(0x01, 1, 7)]
+    second.feed_target(response(0x01, opaque=1))
+    second.finish()
+    assert second.done and (second.kept, second.replaced, second.deduplicated) == (1, 1, 1)
+
+
 def test_notes_of_another_generation_or_another_table_count_for_nothing(tap):
     t = table()
     gen = t.next_generation()

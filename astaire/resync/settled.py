@@ -9,8 +9,10 @@ settles in the target (added, replaced by CAS, or kept because the local copy is
 the Writer notes the key and the flags the target then held; a copy of that key arriving
 later in the same resync with flags that are not newer is settled as kept without touching
 the target. A copy that raced the first (both sent before either settled) meets the note
-one step later: when its ADD comes back "present" and the key is noted by then with flags
-not older, it is settled as kept without reading the local copy back (GETK, value and all).
+one step later: when its ADD comes back "present", or its CAS replace of an older local copy
+comes back "exists" (the other copy replaced it first), and the key is noted by then with
+flags not older, it is settled as kept without reading the local copy back (GETK, value and
+all).
 Such copies are counted in ``kept`` and in ``deduplicated``.
 
 Why the outcome is the conflict rule's: the rule's result does not depend on the order in

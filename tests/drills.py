@@ -11,9 +11,10 @@ key of a model on every node of the new view, Jepsen-style:
   write anybody made ("wrong"); a tombstone (empty value) must be there, empty.
 
 A fault lands at a chosen point of a resync: the daemon's workers are frozen at birth
-(``start_frozen``), then run held to 1% of a CPU by the real cgroup cpu controller until the
-point is reached (``run_capped``: a share of the records in the local memcached, or a stream
-from a given source under way), and are frozen again while the fault is injected.
+(``start_frozen``), run until the point is reached, and are frozen again while the fault is
+injected. To land at a share of the records placed (``reach_capped``) they run held to 1% of a
+CPU by the real cgroup cpu controller, and the share is read off the local memcached; to land
+early in the stream from a given source (``reach_stream``) they run in short SIGCONT bursts.
 
 The memcached client here is a few lines of ``struct``, independent of ``astaire.codec``, so
 that the check does not share the code under test. Only the binary protocol is used (the
@@ -473,7 +474,7 @@ class Clients:
 class Freezer:
     """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
     stop a resync at a chosen point: ``run_capped`` lets them run under a 1% cgroup cpu cap
-    between freezes, or, without cgroup v1, in bursts (``burst``). The pid list is looked up
+    between freezes, ``reach_stream`` in bursts (``burst``). The pid list is looked up
     (slow: psutil scans /proc) only while everything is frozen, so that a burst lasts no longer
     than the scheduler makes it (on a busy 2-core machine, milliseconds for 0.06-0.5 ms asked)."""
 
@@ -655,20 +656,25 @@ def streaming_from(snapshot: dict, port: int) -> int:
     return -1
 
 
-def reach_stream(d, frozen: Freezer, port: int, want: int, group: str, share: float = 0.0,
-                 limit: float = 90) -> float:
-    """Run ``d``'s frozen workers capped (``run_capped``, in the cgroup ``group``) until the
-    stream from the source on ``port`` is running and has brought in some records (and
-    ``share`` of ``want`` entries are in): a fault then lands in the middle of that very
-    stream. The daemon's statistics can show a stream that has just ended (a worker reports
-    every 0.25 s), so a worker's TCP connection to ``port`` is checked too, once the workers
-    are frozen."""
-    def ready(s):
-        if s["state"] == "resyncing" and streaming_from(s, port) > 0 and s["entries_resynchronized"] >= share * want:
+def reach_stream(d, frozen: Freezer, port: int, want: int, share: float = 0.0, limit: float = 90) -> float:
+    """Let ``d``'s frozen workers run in bursts until the stream from the source on ``port`` is
+    running and has brought in some records (and ``share`` of ``want`` entries are in): a fault
+    then lands in the middle of that very stream. The daemon's statistics can show a stream
+    that a burst has just carried to its end (a worker reports every 0.25 s), so a frozen
+    worker must also still hold a TCP connection to ``port``. Bursts, not the 1% cap of
+    ``run_capped``: at 1% a worker reports so seldom that its first report of a stream can
+    come a third of the way in, and the source drills need their fault early in the stream
+    (the fork's dump must outsize the socket buffers after the fault, or it never stalls)."""
+    t0 = time.monotonic()
+    while True:
+        s = d.snapshot()
+        assert s["resyncs_completed"] == 0, f"the resync ended first: make the drill slower ({s['last_resync']})"
+        if (s["state"] == "resyncing" and streaming_from(s, port) > 0 and s["entries_resynchronized"] >= share * want
+                and worker_streaming_from(d, port) is not None):
             return s["entries_resynchronized"] / want
-        return None
-
-    return run_capped(d, frozen, group, ready, lambda: worker_streaming_from(d, port) is not None, limit=limit)
+        assert time.monotonic() - t0 < limit, f"no stream from port {port} under way after {limit} s: {s}"
+        frozen.burst(0.0003)
+        time.sleep(0.12)
 
 
 class Placed:

@@ -18,9 +18,13 @@ from tests.drills import Model, Node, load, reach_stream, settle, start_frozen, 
 
 RECORDS = 12000
 STALL = 3  # --stall-timeout for the frozen and partitioned sources
-# The fork sends its whole dump as fast as the socket takes it: to be cut mid-stream, a dump
-# must be larger than loopback's socket buffers (a few MB), or it arrives whole and never stalls.
-BIG = {"stock": 60, "fork": 1500}
+# The fork sends its whole dump as fast as the socket takes it: to be cut mid-stream, what is
+# left of a dump after the fault must be larger than the socket buffers between the fork and
+# the worker, or it arrives whole and never stalls. Those can hold about 10 MB (the receiver's
+# up to 6 MB, the sender's up to 4 MB, Linux's defaults). With 1,500-byte values (a 12 MB
+# dump) a cut at 18% of the resync left too little, and the partition drill failed twice;
+# 3,000-byte values make it 24 MB.
+BIG = {"stock": 60, "fork": 3000}
 # A crawler stream asks for values a window (4,096 fetches) at a time, and its answers are
 # small: with RECORDS the source's stream wants ~7,900, so a freeze or a cut that lands after
 # the last window was asked for finds every answer already in the socket buffers, and the
@@ -49,12 +53,12 @@ def check_served_by_the_other_replica(d, n, a, model, after, drill, problems, no
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill, group_name):
+def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
     before, after, model, d = scale_up(kind, a, b, n, daemons)
     workers = start_frozen(d, freezers)
-    drill.extra["killed_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+    drill.extra["killed_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     a.down()  # SIGKILL: its connections are reset
     workers.release()
     problems: list[str] = []
@@ -63,13 +67,13 @@ def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill, group
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemons, freezers, drill, group_name):
+def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemons, freezers, drill):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
     before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
                                        extra=("--stall-timeout", str(STALL)))
     workers = start_frozen(d, freezers)
-    drill.extra["frozen_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+    drill.extra["frozen_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     os.kill(a.pid, signal.SIGSTOP)  # the nodes fixture sends SIGCONT before it kills
     try:
         workers.release()
@@ -89,7 +93,7 @@ def test_a_source_frozen_with_sigstop_hits_the_stall_deadline(kind, nodes, daemo
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill, group_name):
+def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill):
     ns = netns()
     a = Node(kind, host=ns.ns_ip, netns=ns.name)
     try:
@@ -99,7 +103,7 @@ def test_a_source_partitioned_away(kind, nodes, daemons, freezers, netns, drill,
         before, after, model, d = scale_up(kind, a, b, n, daemons, BIG[kind], STALLED_RECORDS[kind],
                                            extra=("--stall-timeout", str(STALL)))
         workers = start_frozen(d, freezers)
-        drill.extra["cut_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+        drill.extra["cut_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
         drill.extra["cut_with"] = ns.cut()
         try:
             workers.release()

@@ -40,11 +40,11 @@ def scale_up(kind, nodes, daemons, count=RECORDS, value_size=60, **kw):
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, daemons, freezers, drill, group_name):
+def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, daemons, freezers, drill):
     a, b, n, before, after, model, d = scale_up("stock", nodes, daemons,
                                                 extra=("--worker-timeout", str(WORKER_TIMEOUT)))
     workers = start_frozen(d, freezers)
-    drill.extra["at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+    drill.extra["at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     victim = worker_streaming_from(d, a.port)
     assert victim is not None, "no worker streams from a"
     if how == "SIGKILL":
@@ -80,12 +80,12 @@ def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, da
 
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
-def test_sighup_with_a_changed_view_mid_resync(kind, nodes, daemons, freezers, drill, group_name):
+def test_sighup_with_a_changed_view_mid_resync(kind, nodes, daemons, freezers, drill):
     a, b, n, before, after, model, d = scale_up(kind, nodes, daemons, source="auto")
     (x,) = nodes(1, "stock")
     final = ClusterView(before.servers, [a.name, b.name, n.name, x.name])
     workers = start_frozen(d, freezers)
-    drill.extra["hup_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+    drill.extra["hup_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     d.write_settings(final.servers, final.new_servers)
     d.signal(signal.SIGHUP)
     workers.release()
@@ -133,10 +133,10 @@ def test_sigterm_mid_tap_stream_drains_it_to_the_servers_close(nodes, daemons, t
     assert not problems, problems
 
 
-def test_sigterm_mid_stream_from_the_real_fork_leaves_it_serving(tap_fork, nodes, daemons, freezers, drill, group_name):
+def test_sigterm_mid_stream_from_the_real_fork_leaves_it_serving(tap_fork, nodes, daemons, freezers, drill):
     a, b, n, before, after, model, d = scale_up("fork", nodes, daemons, value_size=1500, source="tap")
     workers = start_frozen(d, freezers)
-    drill.extra["term_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name), group_name):.0%}"
+    drill.extra["term_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     d.signal(signal.SIGTERM)
     workers.release()
     t0 = time.monotonic()

@@ -473,7 +473,7 @@ class Clients:
 
 class Freezer:
     """SIGSTOP/SIGCONT for a set of processes (``pids``: a callable giving the current pids), to
-    stop a resync at a chosen point: ``run_capped`` lets them run under a 1% cgroup cpu cap
+    stop a resync at a chosen point: ``reach_capped`` lets them run under a 1% cgroup cpu cap
     between freezes, ``reach_stream`` in bursts (``burst``). The pid list is looked up
     (slow: psutil scans /proc) only while everything is frozen, so that a burst lasts no longer
     than the scheduler makes it (on a busy 2-core machine, milliseconds for 0.06-0.5 ms asked)."""
@@ -662,7 +662,7 @@ def reach_stream(d, frozen: Freezer, port: int, want: int, share: float = 0.0, l
     then lands in the middle of that very stream. The daemon's statistics can show a stream
     that a burst has just carried to its end (a worker reports every 0.25 s), so a frozen
     worker must also still hold a TCP connection to ``port``. Bursts, not the 1% cap of
-    ``run_capped``: at 1% a worker reports so seldom that its first report of a stream can
+    ``reach_capped``: at 1% a worker reports so seldom that its first report of a stream can
     come a third of the way in, and the source drills need their fault early in the stream
     (the fork's dump must outsize the socket buffers after the fault, or it never stalls)."""
     t0 = time.monotonic()
@@ -705,15 +705,14 @@ def new_records(model: Model, view: ClusterView, local: str) -> int:
     return sum(1 for k in model.keys() if wl.sources.get(vbucket_for_key(k, view.vbuckets)))
 
 
-def run_capped(d, frozen: Freezer, group: str, ready, confirm=lambda: True, limit: float = 90):
+def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, limit: float = 90) -> float:
     """Let ``d``'s frozen workers run, held to 1% of one CPU by the real cgroup v1 cpu controller
-    (in the cgroup ``group``, the drill's own), until ``ready(snapshot)`` gives a result and,
-    with the workers frozen again (SIGSTOP), ``confirm()`` agrees; returns that result, the
-    workers frozen and the cap lifted. A SIGCONT burst lasts what the scheduler gives it: 0.6-6
-    ms measured on a busy 2-core machine against 0.06-0.5 ms asked, up to a third of a small
-    resync, so bursts could carry a resync from "under 75%" to its end, or a stream to its end
-    unseen. The kernel meters the CPU instead: 1 ms per 100 ms period. Without a writable v1
-    cpu hierarchy the workers run in bursts instead, ``ready`` checked between them."""
+    (in the cgroup ``group``, the drill's own), until ``placed`` says ``share`` of the records
+    are in the local memcached; returns the share, the workers frozen again (SIGSTOP) and the
+    cap lifted. A SIGCONT burst lasts what the scheduler gives it: 0.6-6 ms measured on a busy
+    2-core machine against 0.06-0.5 ms asked, up to a third of a small resync, so bursts could
+    carry a resync from "under 75%" to its end. The kernel meters the CPU instead: 1 ms per
+    100 ms period. Without a writable v1 cpu hierarchy the workers run in bursts instead."""
     from tests.throttle_helpers import V1_ROOT, v1_writable
 
     limiter = None
@@ -734,15 +733,12 @@ def run_capped(d, frozen: Freezer, group: str, ready, confirm=lambda: True, limi
                 s = None
             if s is not None:
                 assert s["resyncs_completed"] == 0, \
-                    f"the resync ended before the drill's point: make the drill slower ({s['last_resync']})"
-                got = ready(s)
-                if got is not None:
-                    frozen.hold()
-                    if confirm():
-                        return got
-                    if limiter is not None:
-                        frozen.release()
-            assert time.monotonic() - t0 < limit, f"the drill's point not reached after {limit} s: {s}"
+                    f"the resync ended before {share:.0%} could be reached: make the drill slower ({s['last_resync']})"
+                if s["state"] == "resyncing":
+                    got = placed()
+                    if got >= share:
+                        return got  # frozen again below
+            assert time.monotonic() - t0 < limit, f"no {share:.0%} of the resync after {limit} s: {s}"
             if limiter is None:
                 frozen.burst(0.0003)
                 time.sleep(0.12)
@@ -752,19 +748,6 @@ def run_capped(d, frozen: Freezer, group: str, ready, confirm=lambda: True, limi
         frozen.hold()
         if limiter is not None:
             limiter.release()  # quota -1; the group itself goes with the drill's group_name fixture
-
-
-def reach_capped(d, frozen: Freezer, share: float, placed: Placed, group: str, limit: float = 90) -> float:
-    """Run ``d``'s frozen workers capped (``run_capped``) until ``placed`` says ``share`` of the
-    records are in the local memcached; they are frozen again when this returns the share."""
-    def ready(s):
-        if s["state"] == "resyncing":
-            got = placed()
-            if got >= share:
-                return got
-        return None
-
-    return run_capped(d, frozen, group, ready, limit=limit)
 
 
 # -- network namespaces ----------------------------------------------------------------------------

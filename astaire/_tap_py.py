@@ -1014,6 +1014,17 @@ class Writer:
         self._settled[i] = rec.hash
         self._settled[i + 1] = ((rec.hash & 0xFFFFFF) << 40) | self._settled_gen | held
 
+    def _kept_as_noted(self, slot, rec) -> bool:
+        """A write that lost to the key being there (an ADD that found it present, a CAS
+        replace that found it changed): if the table notes the key meanwhile with flags not
+        older than this copy (the other old replica's stream wrote it first, usually the very
+        copy this write ran into), the copy is settled as kept and nothing is read back."""
+        if self._settled is not None and self._known(rec.hash, rec.flags):
+            self.deduplicated += 1
+            self._settle(slot, 2)
+            return True
+        return False
+
     def _settle(self, slot, outcome):
         rec = self._slots[slot]
         self._backlog_bytes -= len(rec.key) + len(rec.value)
@@ -1134,12 +1145,9 @@ class Writer:
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
                 if state == _ST_ADDQ:
                     self._probed(True)
-                if self._settled is not None and self._known(rec.hash, rec.flags):
-                    # Noted meanwhile (the other old replica's stream wrote this key first,
-                    # usually the copy this ADD ran into): no read needed.
-                    self.deduplicated += 1
-                    self._settle(slot, 2)
-                elif state == _ST_ADDQ:
+                if self._kept_as_noted(slot, rec):
+                    return
+                if state == _ST_ADDQ:
                     self._send(slot, rec, _ST_GETK)   # the normal path when the key is present
                 else:
                     self._retry(slot, rec, _ST_GETK)
@@ -1150,12 +1158,7 @@ class Writer:
                 self._settle(slot, 1)
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
-                if self._settled is not None and self._known(rec.hash, rec.flags):
-                    # The local copy changed under the CAS, and the table now notes it not
-                    # older than this copy (the other stream replaced it first): no re-read.
-                    self.deduplicated += 1
-                    self._settle(slot, 2)
-                else:
+                if not self._kept_as_noted(slot, rec):
                     self._retry(slot, rec, _ST_GETK)
                 return
             if status == STATUS_KEY_ENOENT:

@@ -999,6 +999,17 @@ cdef class Writer:
         store64(e, s.hash)
         store64(e + 1, ((s.hash & 0xFFFFFFu) << 40) | self._settled_gen | held)
 
+    cdef inline bint _kept_as_noted(self, uint32_t slot, Slot *s) noexcept nogil:
+        """A write that lost to the key being there (an ADD that found it present, a CAS
+        replace that found it changed): if the table notes the key meanwhile with flags not
+        older than this copy (the other old replica's stream wrote it first, usually the very
+        copy this write ran into), the copy is settled as kept and nothing is read back."""
+        if self._settled != NULL and self._known(s.hash, s.flags):
+            self.deduplicated += 1
+            self._settle(slot, OUT_KEPT)
+            return True
+        return False
+
     cdef void _settle(self, uint32_t slot, int outcome) noexcept nogil:
         cdef Slot *s = &self._slots[slot]
         s.state = ST_FREE
@@ -1262,11 +1273,7 @@ cdef class Writer:
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
                 if state == ST_ADDQ:
                     self._probed(True)
-                if self._settled != NULL and self._known(s.hash, s.flags):
-                    # Noted meanwhile (the other old replica's stream wrote this key first,
-                    # usually the copy this ADD ran into): no read needed.
-                    self.deduplicated += 1
-                    self._settle(slot, OUT_KEPT)
+                if self._kept_as_noted(slot, s):
                     return 0
                 if state == ST_ADDQ:
                     if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
@@ -1279,11 +1286,7 @@ cdef class Writer:
                 self._settle(slot, OUT_REPLACED)
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
-                if self._settled != NULL and self._known(s.hash, s.flags):
-                    # The local copy changed under the CAS, and the table now notes it not
-                    # older than this copy (the other stream replaced it first): no re-read.
-                    self.deduplicated += 1
-                    self._settle(slot, OUT_KEPT)
+                if self._kept_as_noted(slot, s):
                     return 0
                 return self._retry(slot, ST_GETK)
             if status == C_ST_ENOENT:

@@ -58,6 +58,13 @@ def _process_cpu(pid: int) -> float:
     return t.user + t.system
 
 
+def meta_gets(keys: list[bytes], batch: int) -> list[bytes]:
+    """The Writer's fetches of ``keys``: ``mg <key> v f t q O<n>``, ``batch`` to a chunk closed
+    by ``mn``, then the sentinel that ends the pipe."""
+    mg = [b"mg %s v f t q O%d\r\n" % (k, i) for i, k in enumerate(keys)]
+    return [b"".join(mg[i:i + batch]) + b"mn\r\n" for i in range(0, len(mg), batch)] + [SENTINEL]
+
+
 def stream_baseline(server: MemcachedServer, keys: list[bytes], batch: int = 1024) -> dict:
     """The requests one stream of the crawler path cannot do without, asked of its source by a
     plain client, one after the other: one listing of everything (``lru_crawler metadump
@@ -68,9 +75,7 @@ def stream_baseline(server: MemcachedServer, keys: list[bytes], batch: int = 102
     c0 = _process_cpu(pid)
     _pipe(server, [METADUMP_HASH], b"END\r\n")
     c1 = _process_cpu(pid)
-    mg = [b"mg %s v f t q O%d\r\n" % (k, i) for i, k in enumerate(keys)]
-    _pipe(server, [b"".join(mg[i:i + batch]) + b"mn\r\n" for i in range(0, len(mg), batch)] + [SENTINEL],
-          b"EN\r\n")
+    _pipe(server, meta_gets(keys, batch), b"EN\r\n")
     c2 = _process_cpu(pid)
     return {"listing": c1 - c0, "fetches": c2 - c1, "total": c2 - c0}
 
@@ -84,12 +89,6 @@ def main(argv=None) -> int:
     server = MemcachedServer(memory_mb=max(256, args.records * 300 >> 20), extra_args=tuple(shlex.split(args.extra_args)))
     server.start()
     try:
-        proc = psutil.Process(server.proc.pid)
-
-        def cpu() -> float:
-            t = proc.cpu_times()
-            return t.user + t.system
-
         keys = [b"bench\\\\key%09d" % i for i in range(args.records)]
         value = b"x" * 100
         sets = [b"set %s 1234 0 100 noreply\r\n%s\r\n" % (k, value) for k in keys]
@@ -99,15 +98,14 @@ def main(argv=None) -> int:
                   "memcached_args": args.extra_args, "cpu_seconds": {}, "seconds": {}}
 
         def measure(name: str, chunks: list[bytes], until: bytes) -> None:
-            c0, t0 = cpu(), time.monotonic()
+            c0, t0 = _process_cpu(server.proc.pid), time.monotonic()
             _pipe(server, chunks, until)
-            report["cpu_seconds"][name] = round(cpu() - c0, 3)
+            report["cpu_seconds"][name] = round(_process_cpu(server.proc.pid) - c0, 3)
             report["seconds"][name] = round(time.monotonic() - t0, 3)
 
-        measure("metadump_hash", [b"lru_crawler metadump hash\r\n"], b"END\r\n")
+        measure("metadump_hash", [METADUMP_HASH], b"END\r\n")
         b = args.batch
-        mg = [b"mg %s v f t q O%d\r\n" % (k, i) for i, k in enumerate(moved)]
-        measure("mg", [b"".join(mg[i:i + b]) + b"mn\r\n" for i in range(0, len(mg), b)] + [SENTINEL], b"EN\r\n")
+        measure("mg", meta_gets(moved, b), b"EN\r\n")
         measure("gets", [b"gets " + b" ".join(moved[i:i + b]) + b"\r\n" for i in range(0, len(moved), b)]
                 + [SENTINEL], b"EN\r\n")
     finally:

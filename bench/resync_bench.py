@@ -405,11 +405,12 @@ def sources_baseline(sources: list[MemcachedServer], view: ClusterView, moved, r
     what they spent beyond these requests' own cost. ``repeat`` times; the median total."""
     from bench.source_fetch_bench import stream_baseline
 
+    held = [(server, [r.key for r in moved if server.name in view.current[vbucket_for_key(r.key)]])
+            for server in sources]
     runs = []
     for _ in range(max(1, repeat)):
         parts = {"listing": 0.0, "fetches": 0.0, "total": 0.0}
-        for server in sources:
-            keys = [r.key for r in moved if server.name in view.current[vbucket_for_key(r.key)]]
+        for server, keys in held:
             for k, v in stream_baseline(server, keys).items():
                 parts[k] += v
         runs.append(parts)

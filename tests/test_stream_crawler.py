@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from astaire.resync import settled, source
+from astaire.resync import settled, source, stream
 from astaire.resync.stream import StreamJob, run_stream
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
                                    vbucket)
@@ -163,15 +163,31 @@ def test_live_reads_on_the_source_do_not_hide_records_from_the_crawl(pair):
     assert stat(target, b"curr_items") == len(records)
 
 
-def test_metadump_is_read_at_once_even_when_the_fetches_lag(pair):
+@pytest.mark.parametrize("ring", ["default", "64 KiB"])
+def test_metadump_is_read_at_once_even_when_the_fetches_lag(pair, monkeypatch, ring):
     """A metadump hash left unread blocks the crawler inside an item lock, and our own GETs
-    of keys under that lock then hang: the listing must be read at once and spooled."""
+    of keys under that lock then hang: the listing must be read at once and spooled. With a
+    64 KiB ring the backlog (megabytes of listing) goes on through the spool's file."""
     src, target = pair
+    spools = []
+
+    class Recorded(stream._Spool):
+        def __init__(self):
+            super().__init__()
+            spools.append(self)
+
+    monkeypatch.setattr(stream, "_Spool", Recorded)
+    if ring != "default":
+        monkeypatch.setattr(stream, "SPOOL_IN_MEMORY", 64 * 1024)
     records = {k + b"x" * 200: (b"v", 1, 0) for k in keys_in(range(128), b"lag\\\\k", 40000)}
     load(src, records)
     result = run_stream(job(src, target, range(128), window=16, idle_timeout=10))
     assert result.ok, result.error
     assert result.stats["entries"] == len(records)
+    assert stat(target, b"curr_items") == len(records)
+    assert len(spools) == 1
+    if ring != "default":
+        assert spools[0].spilled > 1 << 20
 
 
 def test_conflict_rule_through_the_crawler(pair):

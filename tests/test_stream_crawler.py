@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import tempfile
 import threading
 import time
 
@@ -188,6 +189,26 @@ def test_metadump_is_read_at_once_even_when_the_fetches_lag(pair, monkeypatch, r
     assert len(spools) == 1
     if ring != "default":
         assert spools[0].spilled > 1 << 20
+
+
+def test_a_spool_file_that_cannot_be_made_fails_the_stream_readably(pair, monkeypatch, tmp_path):
+    """A listing backlog past the ring needs a temporary file; when the temporary directory is
+    gone the stream fails and says why (the worker does not crash), and the source's crawler
+    is left free: the same stream then succeeds with a usable directory."""
+    src, target = pair
+    records = {k + b"x" * 200: (b"v", 1, 0) for k in keys_in(range(128), b"nodir\\\\k", 20000)}
+    load(src, records)
+    monkeypatch.setattr(stream, "SPOOL_IN_MEMORY", 64 * 1024)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    result = run_stream(job(src, target, range(128), window=16, idle_timeout=10))
+    assert not result.ok
+    assert "cannot hold the metadump backlog" in result.error and "gone" in result.error, result.error
+    assert not result.target_failed
+    assert healthy(src)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = run_stream(job(src, target, range(128), window=16, idle_timeout=10))
+    assert result.ok, result.error
+    assert stat(target, b"curr_items") == len(records) + 1  # and healthy()'s own key
 
 
 def test_conflict_rule_through_the_crawler(pair):

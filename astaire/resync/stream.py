@@ -469,14 +469,27 @@ class _Stream:
         if not self.spool and self.writer.fetch_backlog < self.job.window:
             self._feed_source(data)
         else:
-            self.spool.append(data)
+            try:
+                self.spool.append(data)
+            except OSError as e:
+                raise self._spool_failed(e) from e
 
     def _feed_spool(self) -> None:
         w = self.writer
         while self.spool and not self.source_ended and w.fetch_backlog < self.job.window:
-            self._feed_source(self.spool.take(CHUNK))
+            try:
+                data = self.spool.take(CHUNK)
+            except OSError as e:
+                raise self._spool_failed(e) from e
+            self._feed_source(data)
         if self.dump_eof and not self.spool and not self.source_ended:
             raise _Failure(f"source {self.job.source} closed the metadump before END{self._so_far()}", True)
+
+    def _spool_failed(self, e: OSError) -> _Failure:
+        """The spool's file (a backlog past SPOOL_IN_MEMORY) failed: a local problem, such as
+        a full or missing temporary directory; neither the source nor the target is at fault."""
+        return _Failure(f"cannot hold the metadump backlog of source {self.job.source} in a temporary file "
+                        f"({tempfile.gettempdir()}): {reason(e)}{self._so_far()}")
 
     def _source_eof(self) -> None:
         try:

@@ -297,6 +297,9 @@ def _key_text(key):
 # the sent ones, in opaque order, until their batch's MN comes back; behind them the listed
 # ones that fetch_requests has not sent yet. An entry stays where it was written (it was
 # copied into a second FIFO when sent: a 280-byte copy, and twice the memory in the cache).
+# The FIFO is a ring (a power-of-two array): an entry is never moved while it is queued.
+# (Compacting a flat array moved the live queue, megabytes of 280-byte entries, every time
+# the array filled: about 2% of a crawler worker's samples, in memmove.)
 # A small open-addressing set over the unsent entries finds a key listed again while its
 # fetch is still queued.
 
@@ -313,30 +316,24 @@ cdef struct Fetch:
 
 cdef struct FetchQ:
     Fetch *data
-    size_t head
-    size_t len
-    size_t cap
-    uint64_t first      # sequence number of data[head]
+    size_t head         # index of the oldest entry
+    size_t n            # entries queued
+    size_t cap          # 0 or a power of two
+    uint64_t first      # sequence number of the oldest entry
 
 
 cdef inline size_t fq_count(FetchQ *q) noexcept nogil:
-    return q.len - q.head
+    return q.n
 
 
 cdef inline Fetch *fq_at(FetchQ *q, uint64_t seq) noexcept nogil:
-    return &q.data[q.head + <size_t>(seq - q.first)]
+    return &q.data[(q.head + <size_t>(seq - q.first)) & (q.cap - 1)]
 
 
-# Both FIFOs make room the same way: compact when at least half the array is consumed,
-# else double. (Compacting whenever anything was consumed moved the whole live queue for
-# every few entries popped: a crawler's fetch queue near its window spent more time in
-# memmove than in anything else.)
-ctypedef fused Fifo:
-    U64Q
-    FetchQ
-
-
-cdef inline int fifo_room(Fifo *q) noexcept nogil:
+# The U64Q FIFO makes room by compacting when at least half the array is consumed, else
+# doubling. (Compacting whenever anything was consumed moved the whole live queue for every
+# few entries popped.)
+cdef inline int fifo_room(U64Q *q) noexcept nogil:
     """Room for one more entry at q.data[q.len]; -1 when out of memory."""
     cdef size_t cap
     cdef void *d
@@ -351,28 +348,33 @@ cdef inline int fifo_room(Fifo *q) noexcept nogil:
         d = realloc(q.data, cap * sizeof(q.data[0]))
         if d == NULL:
             return -1
-        if Fifo is U64Q:
-            q.data = <uint64_t *>d
-        else:
-            q.data = <Fetch *>d
+        q.data = <uint64_t *>d
         q.cap = cap
     return 0
 
 
 cdef Fetch *fq_push(FetchQ *q) noexcept nogil:
     """Room for one more entry at the tail (sequence number q.first + count), or NULL."""
-    if fifo_room(q) < 0:
-        return NULL
-    q.len += 1
-    return &q.data[q.len - 1]
+    cdef size_t cap, wrapped
+    cdef Fetch *d
+    if q.n == q.cap:
+        cap = q.cap * 2 if q.cap else 64
+        d = <Fetch *>realloc(q.data, cap * sizeof(Fetch))
+        if d == NULL:
+            return NULL
+        wrapped = q.head + q.n - q.cap if q.n else 0   # entries that wrapped to the start
+        if wrapped:  # they follow the old end now (they fit: wrapped <= head <= the old cap)
+            memcpy(d + q.cap, d, wrapped * sizeof(Fetch))
+        q.data = d
+        q.cap = cap
+    q.n += 1
+    return &q.data[(q.head + q.n - 1) & (q.cap - 1)]
 
 
 cdef inline void fq_pop(FetchQ *q) noexcept nogil:
-    q.head += 1
+    q.n -= 1
     q.first += 1
-    if q.head == q.len:
-        q.head = 0
-        q.len = 0
+    q.head = 0 if q.n == 0 else (q.head + 1) & (q.cap - 1)
 
 
 # A slot holds the entry's hash beside its sequence number, so that probing compares hashes

@@ -1306,6 +1306,12 @@ class Writer:
             for _ in range(n):
                 key, exp, vb, flags_only = queue.popleft()
                 del queued[key]
+                if flags_only == _FETCH_WHOLE:  # a flags-only answer showed this copy newer
+                    flags_only = False
+                elif not flags_only and self._noted(key_hash64(key)):
+                    # The other replica's copy settled already: ask for the flags alone (as
+                    # for a deferred fetch); the value follows only if this copy is newer.
+                    flags_only = True
                 opaque = self._fetch_seq
                 self._fetch_seq = (opaque + 1) & _FENCE_MASK
                 batch[opaque] = (key, exp, vb, flags_only)
@@ -1351,7 +1357,7 @@ class Writer:
             self.kept += 1
             return
         self.refetched += 1
-        self._requeue_fetch(key, listed, vb, False)
+        self._requeue_fetch(key, listed, vb, _FETCH_WHOLE)
 
     def _requeue_fetch(self, key, exp, vb, flags_only):
         """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
@@ -1418,6 +1424,7 @@ class Writer:
 
 
 _MAX_META_LINE = 2048
+_FETCH_WHOLE = 2  # a queued refetch's flags_only: sent whole even if the key is noted
 _RELATIVE_EXPIRY_MAX = 2592000  # memcached: an expiry up to 30 days is relative
 
 

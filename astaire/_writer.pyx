@@ -232,6 +232,7 @@ cdef enum:
     SLOT_KEEP = 65536
     FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
     FENCE_PREFETCH = 8   # records ahead, in a returned fence's batch, whose table entry is fetched early
+    FETCH_WHOLE = 2      # Fetch.flags_only of a queued refetch: sent whole even if the key is noted
 
 
 cdef inline int push_record(Buf *b, const void *head, size_t head_size, const char *key, uint32_t klen,
@@ -310,7 +311,8 @@ cdef struct Fetch:
     uint32_t hash       # vbucket_hash(key)
     uint16_t klen
     uint8_t answered
-    uint8_t flags_only  # ``mg <key> f q``: a deferred copy the table knew when released
+    uint8_t flags_only  # ``mg <key> f q``: a copy whose key the table knew when its fetch went out
+                        # (FETCH_WHOLE while queued: a refetch, whole whatever the table says)
     char key[C_MAX_KEY]
 
 
@@ -1416,7 +1418,7 @@ cdef class Writer:
         return 0
 
     cdef int _list_fetch(self, const char *key, size_t dlen, uint32_t exp, uint32_t vb, uint32_t h,
-                         uint64_t kh, bint flags_only) except -1:
+                         uint64_t kh, uint8_t flags_only) except -1:
         cdef Fetch *e = fq_push(&self._fq)
         if e == NULL:
             raise MemoryError()
@@ -1434,7 +1436,7 @@ cdef class Writer:
         return 0
 
     cdef int _requeue_fetch(self, const char *key, size_t dlen, uint32_t exp, uint32_t vb, uint32_t h,
-                            uint64_t kh, bint flags_only) except -1:
+                            uint64_t kh, uint8_t flags_only) except -1:
         """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
         was listed again meanwhile: the one queued fetch then reads the latest copy."""
         if ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
@@ -1598,7 +1600,15 @@ cdef class Writer:
                     e = fq_at(&self._fq, seq + j + FETCH_PREFETCH)
                     prefetch(e)
                     prefetch(<char *>e + 64)
+                if self._settled != NULL and j + FETCH_PREFETCH // 2 < n:  # and their table entries
+                    prefetch(self._entry(fq_at(&self._fq, seq + j + FETCH_PREFETCH // 2).key_hash))
                 e = fq_at(&self._fq, seq + j)
+                if e.flags_only == FETCH_WHOLE:  # a flags-only answer showed this copy newer
+                    e.flags_only = 0
+                elif not e.flags_only and self._noted(e.key_hash):
+                    # The other replica's copy settled already: ask for the flags alone (as
+                    # for a deferred fetch); the value follows only if this copy is newer.
+                    e.flags_only = 1
                 if emit_meta_get(&self._fetch_out, e.key, e.klen, self._fetch_seq, e.flags_only) < 0:
                     return -1
                 self._fetch_seq = (self._fetch_seq + 1) & C_FENCE_MASK
@@ -1713,7 +1723,7 @@ cdef class Writer:
             return 0
         self.refetched += 1
         memcpy(&f, e, sizeof(Fetch))  # the queue may move when it grows
-        return self._requeue_fetch(f.key, f.klen, f.exp, f.vb, f.hash, f.key_hash, False)
+        return self._requeue_fetch(f.key, f.klen, f.exp, f.vb, f.hash, f.key_hash, FETCH_WHOLE)
 
     cdef void _batch_ended(self) noexcept nogil:
         cdef size_t n = <size_t>(self._fetch_batches.data[self._fetch_batches.head] & 0xFFFFFFFFu)

@@ -48,6 +48,7 @@ CHUNK = 512 * 1024  # one recv_into a peer's preallocated buffer: few syscalls, 
 MAX_PENDING_OUT = 1024 * 1024  # bytes waiting for the target before the source is no longer read
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory (a ring) before it spills to a temporary file
 SPOOL_RING_START = 512 * 1024      # the ring's first size: it doubles as the backlog needs
+SPOOL_MIN_ROOM = 64 * 1024         # the least free space in one piece worth reading into directly
 
 
 @dataclass
@@ -158,6 +159,23 @@ class _Spool:
             ring[:n - first] = data[first:]
         self._held += n
 
+    def room(self) -> memoryview | None:
+        """The free space at the ring's tail, for a read straight into the spool (then
+        ``commit``): at least SPOOL_MIN_ROOM bytes, or None when there is not that much in
+        one piece or the file is in use (then read elsewhere and ``append``)."""
+        if self._write_pos != self._read_pos or self._held + SPOOL_MIN_ROOM > self.capacity:
+            return None
+        ring = self._ring_for(self._held + SPOOL_MIN_ROOM)
+        tail = (self._head + self._held) % self._size
+        end = self._head if tail < self._head or (tail == self._head and self._held) else self._size
+        if end - tail < SPOOL_MIN_ROOM:
+            return None
+        return ring[tail:end]
+
+    def commit(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last ``room``."""
+        self._held += n
+
     def take(self, n: int) -> memoryview:
         """Up to ``n`` of the oldest bytes, at least one if any are held (a view, valid until
         the next ``append``)."""
@@ -209,6 +227,17 @@ class _Peer:
         self._inview: memoryview | None = None
         self.reads = 0          # recv calls that returned data, and their bytes (the log's
         self.bytes_read = 0     # "reads" figures: many small reads mean many wake-ups)
+
+    def recv_into(self, buffer) -> int | None:
+        """Read into ``buffer``: the bytes read, 0 at EOF, None if nothing is ready."""
+        try:
+            n = self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if n:
+            self.reads += 1
+            self.bytes_read += n
+        return n
 
     def recv(self) -> memoryview | None:
         """Data (a view of this peer's read buffer, valid until the next recv), an empty
@@ -439,14 +468,23 @@ class _Stream:
 
     def _read_metadump(self) -> None:
         peer = self.src
+        # Text that will wait in the spool anyway is read straight into the spool's ring.
+        room = self.spool.room() if self.spool or self.writer.fetch_backlog >= self.job.window else None
         try:
-            data = peer.recv()
+            if room is not None:
+                n = peer.recv_into(room)
+                room.release()
+                data = None if n is None else b"" if n == 0 else True
+            else:
+                data = peer.recv()
         except OSError as e:
             raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", True) from e
         if data is None:
             return
         self.last_progress = time.monotonic()
-        if data:
+        if data is True:
+            self.spool.commit(n)
+        elif data:
             self._take_metadump(data)
         else:
             self.dump_eof = True

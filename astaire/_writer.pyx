@@ -1679,7 +1679,10 @@ cdef class Writer:
                     raise MalformedFrame("meta get value not followed by CRLF on the fetch connection", offset)
                 idx = <size_t>self._take_answer(hit.opaque, False, offset)
                 e = fq_at(&self._fq, self._fq.first + idx)
-                self._prefetch_answered(idx)
+                if idx + 2 * FETCH_PREFETCH < self._fq_sent:
+                    prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
+                if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
+                    prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
                 if self._accept(e.key, e.klen, line + total, hit.vlen, hit.flags, read_expiry(e.exp, hit.ttl, now),
                                 e.vb, need, e.key_hash) < 0:
                     raise MemoryError()
@@ -1689,7 +1692,10 @@ cdef class Writer:
                     raise MalformedFrame(f"bad meta get answer {_line_text(line, linelen)} on the fetch connection",
                                          offset)
                 idx = <size_t>self._take_answer(hit.opaque, True, offset)
-                self._prefetch_answered(idx)
+                if idx + 2 * FETCH_PREFETCH < self._fq_sent:
+                    prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
+                if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
+                    prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
                 self._flags_answer(fq_at(&self._fq, self._fq.first + idx), hit.flags, total)
             elif linelen >= 12 and (memcmp(line, b"CLIENT_ERROR", 12) == 0 or memcmp(line, b"SERVER_ERROR", 12) == 0):
                 self.failed += 1  # the fetch it answered stays unanswered: its batch's MN counts it
@@ -1702,16 +1708,6 @@ cdef class Writer:
             b.head += total
             self._fch_offset += total
         return 0
-
-    cdef inline void _prefetch_answered(self, size_t idx) noexcept nogil:
-        """Answers come in the order the fetches went out: fetch the entries of the ones a
-        few places behind answer ``idx`` early, and their settled-table entries (both are
-        cache misses when needed: the queue entries were written long ago, the table by
-        other workers too)."""
-        if idx + 2 * FETCH_PREFETCH < self._fq_sent:
-            prefetch(fq_at(&self._fq, self._fq.first + idx + 2 * FETCH_PREFETCH))
-        if self._settled != NULL and idx + FETCH_PREFETCH < self._fq_sent:
-            prefetch(self._entry(fq_at(&self._fq, self._fq.first + idx + FETCH_PREFETCH).key_hash))
 
     cdef inline Py_ssize_t _take_answer(self, uint32_t opaque, bint flags_only, uint64_t offset) except -1:
         """The in-flight fetch an answer with ``opaque`` is for (its index from the front),

@@ -1482,7 +1482,6 @@ cdef class Writer:
         cdef int64_t exp = 0
         cdef const char *rest = lend
         cdef int hi, lo
-        cdef uint64_t word
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # The key (tens of bytes) ends at the first space, found with memchr; the fields
             # after it are a few bytes each and are scanned inline (a memchr call per field
@@ -1531,15 +1530,6 @@ cdef class Writer:
             dlen = 0
             i = 0
             while i < rawlen:
-                if i + 8 <= rawlen:
-                    # Eight bytes at a time while there is no escape among them (dst has
-                    # room: dlen <= i, and dst holds rawlen bytes).
-                    memcpy(&word, raw + i, 8)
-                    if not has_pct(word):
-                        memcpy(dst + dlen, &word, 8)
-                        i += 8
-                        dlen += 8
-                        continue
                 if raw[i] == CH_PCT:
                     if i + 2 >= rawlen:
                         raise CrawlerError("bad %-escape in metadump key", offset)
@@ -1952,12 +1942,6 @@ cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, 
     p += 2
     out.len = <size_t>(p - out.data)
     return 0
-
-
-cdef inline bint has_pct(uint64_t w) noexcept nogil:
-    """Whether any of the eight bytes of ``w`` is '%' (the classic zero-byte test on w ^ '%'s)."""
-    cdef uint64_t x = w ^ 0x2525252525252525u
-    return ((x - 0x0101010101010101u) & ~x & 0x8080808080808080u) != 0
 
 
 cdef inline int _hexval(unsigned char c) noexcept nogil:

@@ -36,21 +36,65 @@ from astaire.resync.source import METADUMP_HASH  # noqa: E402
 SENTINEL = b"mg astaire-bench-no-such-key v\r\n"  # answered "EN": everything before it is answered
 
 
-def _pipe(server: MemcachedServer, chunks: list[bytes], until: bytes) -> None:
-    """Send ``chunks`` on one connection while a thread reads until the answer ends ``until``."""
-    with socket.create_connection((server.host, server.port)) as s:
+BUSY = b"BUSY"  # "BUSY currently processing crawler request": the crawler is in use (its own background crawl)
+
+
+def _pipe(server: MemcachedServer, chunks: list[bytes], until: bytes, timeout: float = 120.0) -> bytes:
+    """Send ``chunks`` on one connection while a thread reads until the answer ends ``until``
+    (or is a one-line ``BUSY`` answer to a crawler request). Returns the answer's first bytes.
+    A silent or closed server raises instead of leaving the bench waiting."""
+    failure: list[BaseException] = []
+    head = bytearray()
+    with socket.create_connection((server.host, server.port), timeout=timeout) as s:
         def read():
             tail = b""
-            while not tail.endswith(until):
-                data = s.recv(1 << 20)
-                if not data:
-                    raise RuntimeError("memcached closed the connection")
-                tail = (tail + data)[-16:]
+            try:
+                while not tail.endswith(until):
+                    data = s.recv(1 << 20)
+                    if not data:
+                        raise RuntimeError("memcached closed the connection")
+                    if len(head) < 64:
+                        head.extend(data[:64 - len(head)])
+                    tail = (tail + data)[-16:]
+                    if head.startswith(BUSY) and b"\r\n" in head:
+                        return
+            except BaseException as e:  # noqa: BLE001 (re-raised by the caller)
+                failure.append(e)
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         for chunk in chunks:
             s.sendall(chunk)
         reader.join()
+    if failure:
+        raise RuntimeError(f"memcached {server.host}:{server.port}: {failure[0]!r}") from failure[0]
+    return bytes(head)
+
+
+def _crawler_running(server: MemcachedServer) -> bool:
+    """memcached's ``lru_crawler_running`` stat (its own background crawl counts)."""
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(b"stats\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            more = s.recv(65536)
+            if not more:
+                raise RuntimeError(f"memcached {server.host}:{server.port} closed the connection")
+            data += more
+    return b"STAT lru_crawler_running 1\r\n" in data
+
+
+def _listing(server: MemcachedServer, tries: int = 12) -> None:
+    """One whole ``lru_crawler metadump hash``, asked once no crawl runs (a request made
+    during another crawl can wait in memcached until that crawl ends, or be answered BUSY),
+    and asked again (0.1 s, doubling to 2 s) while the crawler is busy, as a stream does."""
+    delay = 0.1
+    for _ in range(tries):
+        if not _crawler_running(server):
+            if not _pipe(server, [METADUMP_HASH], b"END\r\n").startswith(BUSY):
+                return
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
+    raise RuntimeError(f"memcached {server.host}:{server.port}: the LRU crawler stayed busy")
 
 
 def _process_cpu(pid: int) -> float:
@@ -73,7 +117,7 @@ def stream_baseline(server: MemcachedServer, keys: list[bytes], batch: int = 102
     window). Returns the source process's CPU seconds for each part and their sum."""
     pid = server.proc.pid
     c0 = _process_cpu(pid)
-    _pipe(server, [METADUMP_HASH], b"END\r\n")
+    _listing(server)
     c1 = _process_cpu(pid)
     _pipe(server, meta_gets(keys, batch), b"EN\r\n")
     c2 = _process_cpu(pid)

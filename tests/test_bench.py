@@ -66,7 +66,7 @@ def test_the_sources_baseline_asks_one_listing_and_one_meta_get_per_key(monkeypa
     sent = []
     real_pipe = sfb._pipe
     monkeypatch.setattr(sfb, "_pipe", lambda server, chunks, until: (sent.append(b"".join(chunks)),
-                                                                     real_pipe(server, chunks, until)))
+                                                                     real_pipe(server, chunks, until))[1])
     keys = [b"bench\\\\key-%d" % i for i in range(500)]
     with MemcachedServer(memory_mb=64) as server:
         client = Client((server.host, server.port))
@@ -80,3 +80,40 @@ def test_the_sources_baseline_asks_one_listing_and_one_meta_get_per_key(monkeypa
     assert after[b"get_hits"] - before[b"get_hits"] == 300
     assert after[b"get_misses"] - before[b"get_misses"] == 1  # the sentinel that ends the pipe
     assert parts["total"] == pytest.approx(parts["listing"] + parts["fetches"]) and parts["total"] >= 0
+
+
+def test_the_sources_baseline_waits_for_a_running_crawl_before_listing():
+    """memcached holds a crawl request made during another crawl (or answers BUSY): the
+    baseline's listing waits until no crawl runs, and gives up with an error when the crawl
+    stays, instead of waiting on an answer that may not come. Another client's stalled
+    metadump keeps the crawler running."""
+    import threading
+    import time
+
+    import bench.source_fetch_bench as sfb
+    from astaire.demo.localcluster import MemcachedServer
+    from tests.test_stream_crawler import MetadumpHog, busy_records, load
+
+    with MemcachedServer(memory_mb=64) as server:
+        load(server, busy_records())
+        hog = MetadumpHog(server)
+        deadline = time.monotonic() + 10
+        while not sfb._crawler_running(server):
+            assert time.monotonic() < deadline, "the hog's crawl never showed as running"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="stayed busy"):
+            sfb._listing(server, tries=3)
+        assert time.monotonic() - t0 < 5
+        released = []
+        timer = threading.Timer(0.5, lambda: (released.append(time.monotonic()), hog.release()))
+        timer.start()
+        try:
+            sfb._listing(server)
+            done = time.monotonic()
+        finally:
+            timer.cancel()
+            if not released:
+                hog.release()
+        assert released and done >= released[0]  # listed only once the other crawl was gone
+        assert not sfb._crawler_running(server)

@@ -42,6 +42,15 @@ def stat(server, name: bytes) -> int:
     raise KeyError(name)
 
 
+def assert_holds(target, expected: dict) -> None:
+    """The target holds exactly ``expected``'s keys, each with its value, flags and TTL."""
+    got = mc_get_many(target, expected)
+    assert set(got) == set(expected)
+    for k, (value, flags, exp) in expected.items():
+        assert got[k][:2] == (value, flags), k
+        assert_ttl(got[k][2], exp)
+
+
 def healthy(server) -> bool:
     with socket.create_connection((server.host, server.port), timeout=2) as s:
         s.sendall(b"set health 0 0 2\r\nok\r\nget health\r\n")
@@ -453,12 +462,7 @@ def test_a_small_copy_whose_key_the_table_knows_is_asked_for_its_flags_alone(clu
     gen = settled.create().next_generation()
     results = [run_stream(job(src, target, settled_generation=gen)) for src in (a, b)]
     assert all(r.ok for r in results), [r.error for r in results]
-    expected = {**both, **only_b, **newer_b}
-    got = mc_get_many(target, expected)
-    assert set(got) == set(expected)
-    for k, (value, flags, exp) in expected.items():
-        assert got[k][:2] == (value, flags), k
-        assert_ttl(got[k][2], exp)
+    assert_holds(target, {**both, **only_b, **newer_b})
     sb = results[1].stats
     assert sb["held"] == 0 and sb["failed"] == 0
     assert sb["replaced"] == len(newer_b) and sb["added"] == len(only_b)
@@ -492,12 +496,7 @@ def test_two_crawler_streams_deferring_opposite_halves_place_the_newest_copy_of_
     results = [run_stream(job(src, target, settled_generation=gen, hold=[[vb, bit] for vb in sorted(WANTED)]))
                for src, bit in ((a, 0), (b, 1))]
     assert all(r.ok for r in results), [r.error for r in results]
-    expected = {**both, **only_b, **newer_b}
-    got = mc_get_many(target, expected)
-    assert set(got) == set(expected)
-    for k, (value, flags, exp) in expected.items():
-        assert got[k][:2] == (value, flags), k
-        assert_ttl(got[k][2], exp)
+    assert_holds(target, {**both, **only_b, **newer_b})
     sa, sb = results[0].stats, results[1].stats
     assert sa["held"] > 100 and sb["held"] > 100  # both deferred their half of the large items
     assert sa["failed"] == sb["failed"] == 0

@@ -92,6 +92,16 @@ class _Failure(Exception):
         self.target = target
 
 
+def _unmap(view: memoryview, buf: mmap.mmap) -> None:
+    """Release ``view`` and close ``buf``, its anonymous memory; a view of it still held
+    elsewhere (the last read or take) keeps it until that view goes."""
+    view.release()
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 class _Spool:
     """FIFO of the metadump text read but not yet given to the Writer: a ring in anonymous
     memory, of up to ``capacity`` bytes, then a temporary file for what does not fit.
@@ -206,11 +216,7 @@ class _Spool:
             self.file.close()
             self.file = None
         if self._ring is not None:
-            self._view.release()
-            try:
-                self._ring.close()
-            except BufferError:  # a view of the last take is still held: freed with it
-                pass
+            _unmap(self._view, self._ring)
             self._ring = self._view = None
 
 
@@ -260,11 +266,7 @@ class _Peer:
             self.closed = True
             self.sock.close()
         if self._inview is not None:
-            self._inview.release()
-            try:
-                self._inbuf.close()
-            except BufferError:  # a view of the last read is still held: freed with it
-                pass
+            _unmap(self._inview, self._inbuf)
             self._inview = self._inbuf = None
 
 

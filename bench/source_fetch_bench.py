@@ -31,6 +31,7 @@ import psutil
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from astaire.demo.localcluster import MemcachedServer  # noqa: E402
+from astaire.resync import source  # noqa: E402
 from astaire.resync.source import METADUMP_HASH  # noqa: E402
 
 SENTINEL = b"mg astaire-bench-no-such-key v\r\n"  # answered "EN": everything before it is answered
@@ -71,16 +72,10 @@ def _pipe(server: MemcachedServer, chunks: list[bytes], until: bytes, timeout: f
 
 
 def _crawler_running(server: MemcachedServer) -> bool:
-    """memcached's ``lru_crawler_running`` stat (its own background crawl counts)."""
+    """memcached's ``lru_crawler_running`` stat (its own background crawl counts), read as a
+    stream reads it before it lists (``astaire.resync.source``)."""
     with socket.create_connection((server.host, server.port), timeout=10) as s:
-        s.sendall(b"stats\r\n")
-        data = b""
-        while not data.endswith(b"END\r\n"):
-            more = s.recv(65536)
-            if not more:
-                raise RuntimeError(f"memcached {server.host}:{server.port} closed the connection")
-            data += more
-    return b"STAT lru_crawler_running 1\r\n" in data
+        return source._crawler_running(server.name, s) is not None
 
 
 def _listing(server: MemcachedServer, tries: int = 12) -> None:

@@ -240,9 +240,8 @@ class _Peer:
             n = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
             return None
-        if n:
-            self.reads += 1
-            self.bytes_read += n
+        self.reads += 1
+        self.bytes_read += n
         return n
 
     def recv(self) -> memoryview | None:
@@ -253,13 +252,8 @@ class _Peer:
             # reach them (a bytearray is zeroed, all of it, at once).
             self._inbuf = mmap.mmap(-1, CHUNK)
             self._inview = memoryview(self._inbuf)
-        try:
-            n = self.sock.recv_into(self._inbuf)
-        except (BlockingIOError, InterruptedError):
-            return None
-        self.reads += 1
-        self.bytes_read += n
-        return self._inview[:n]
+        n = self.recv_into(self._inbuf)
+        return None if n is None else self._inview[:n]
 
     def close(self) -> None:
         if not self.closed:
@@ -471,26 +465,26 @@ class _Stream:
     def _read_metadump(self) -> None:
         peer = self.src
         # Text that will wait in the spool anyway is read straight into the spool's ring.
-        room = self.spool.room() if self.spool or self.writer.fetch_backlog >= self.job.window else None
+        room = self.spool.room() if self._spooling() else None
         try:
-            if room is not None:
-                n = peer.recv_into(room)
-                room.release()
-                data = None if n is None else b"" if n == 0 else True
-            else:
+            if room is None:
                 data = peer.recv()
+                n = None if data is None else len(data)
+            else:
+                with room:
+                    n = peer.recv_into(room)
         except OSError as e:
             raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", True) from e
-        if data is None:
+        if n is None:
             return
         self.last_progress = time.monotonic()
-        if data is True:
-            self.spool.commit(n)
-        elif data:
-            self._take_metadump(data)
-        else:
+        if n == 0:
             self.dump_eof = True
             self._feed_spool()
+        elif room is not None:
+            self.spool.commit(n)
+        else:
+            self._take_metadump(data)
 
     def _feed_source(self, data: bytes) -> None:
         w = self.writer
@@ -505,8 +499,13 @@ class _Stream:
         except ProtocolError as e:
             raise self._source_broke(e) from e
 
+    def _spooling(self) -> bool:
+        """Metadump text read now must wait in the spool: text waits there already, or the
+        Writer holds a window of fetches."""
+        return bool(self.spool) or self.writer.fetch_backlog >= self.job.window
+
     def _take_metadump(self, data: bytes) -> None:
-        if not self.spool and self.writer.fetch_backlog < self.job.window:
+        if not self._spooling():
             self._feed_source(data)
         else:
             try:

@@ -357,16 +357,15 @@ cdef inline int fifo_room(U64Q *q) noexcept nogil:
 
 cdef Fetch *fq_push(FetchQ *q) noexcept nogil:
     """Room for one more entry at the tail (sequence number q.first + count), or NULL."""
-    cdef size_t cap, wrapped
+    cdef size_t cap
     cdef Fetch *d
     if q.n == q.cap:
         cap = q.cap * 2 if q.cap else 64
         d = <Fetch *>realloc(q.data, cap * sizeof(Fetch))
         if d == NULL:
             return NULL
-        wrapped = q.head + q.n - q.cap if q.n else 0   # entries that wrapped to the start
-        if wrapped:  # they follow the old end now (they fit: wrapped <= head <= the old cap)
-            memcpy(d + q.cap, d, wrapped * sizeof(Fetch))
+        if q.head:  # full: the newest ``head`` entries wrapped to the start; they follow the old end now
+            memcpy(d + q.cap, d, q.head * sizeof(Fetch))
         q.data = d
         q.cap = cap
     q.n += 1

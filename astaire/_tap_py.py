@@ -698,6 +698,14 @@ class Writer:
             self._settled_mask = entries - 1
             self._settled_gen = generation << 32
         self._table = _wanted_table(wanted, vbuckets)
+        # Whether a listed key is checked against the fetches queued and not sent yet, so that
+        # a key listed again before its fetch went out is fetched once (``duplicates``). A walk
+        # of the LRUs (``lru_crawler metadump all``) lists an item again when live traffic
+        # moves it to another LRU; a walk of the hash table lists it again only when it was
+        # deleted and stored anew during the walk, and there the stream turns the check off:
+        # the check costs every listed key, and a key fetched twice is written by the conflict
+        # rule like any second copy. Set before the first listing text.
+        self.check_duplicates = True
         self._mask = len(self._table) - 1
         self._hold = _hold_table(hold, self._table) if hold and settled is not None else None
         self.vbuckets = len(self._table)
@@ -1245,8 +1253,7 @@ class Writer:
             if not self._table[vb]:
                 self.skipped_unwanted += 1
                 return False
-            queued = self._fetch_queued_keys
-            if key in queued:
+            if self.check_duplicates and key in self._fetch_queued_keys:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
             self._listed += 1
@@ -1258,7 +1265,8 @@ class Writer:
                 if self._deferred_bytes > DEFER_BYTES:
                     self._release_deferred(0)
                 return False
-            queued[key] = 1
+            if self.check_duplicates:
+                self._fetch_queued_keys[key] = 1
             self._fetch_queue.append((key, exp, vb, False))
             return False
         if line == b"END":
@@ -1305,7 +1313,7 @@ class Writer:
             batch = {}
             for _ in range(n):
                 key, exp, vb, flags_only = queue.popleft()
-                del queued[key]
+                queued.pop(key, None)
                 if flags_only == _FETCH_WHOLE:  # a flags-only answer showed this copy newer
                     flags_only = False
                 elif not flags_only and self._noted(key_hash64(key)):
@@ -1362,10 +1370,11 @@ class Writer:
     def _requeue_fetch(self, key, exp, vb, flags_only):
         """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
         was listed again meanwhile: the one queued fetch then reads the latest copy."""
-        if key in self._fetch_queued_keys:
-            self.duplicates += 1
-            return
-        self._fetch_queued_keys[key] = 1
+        if self.check_duplicates:
+            if key in self._fetch_queued_keys:
+                self.duplicates += 1
+                return
+            self._fetch_queued_keys[key] = 1
         self._fetch_queue.append((key, exp, vb, flags_only))
 
     def _take_answer(self, batch, opaque, flags_only, offset):

@@ -563,6 +563,9 @@ cdef class Writer:
     cdef readonly uint64_t other_tap
     cdef readonly uint64_t vanished
     cdef readonly uint64_t duplicates
+    # Whether a listed key is checked against the fetches queued and not sent yet (set before
+    # the first listing text; see the pure build's Writer.check_duplicates).
+    cdef public bint check_duplicates
     cdef readonly uint64_t read_first   # records whose first request was a read
     cdef readonly uint64_t deduplicated  # records settled as kept from the settled table (also in kept)
     cdef readonly uint64_t held          # records held back (hold): those found known then are in deduplicated
@@ -657,6 +660,7 @@ cdef class Writer:
         if self._table != NULL:
             raise RuntimeError("Writer.__init__ called twice")
         self.vbuckets = len(table)
+        self.check_duplicates = True
         self._mask = self.vbuckets - 1
         self.window = window
         self.max_body = max_body_arg(max_body)
@@ -1378,7 +1382,7 @@ cdef class Writer:
         for i in range(n):
             if short_keys < MIN_LANES_FOR_BATCH or self._mdlen[i] > ASTAIRE_MD5_MAX_SHORT:
                 hashes[i] = astaire_md5_first32(<const unsigned char *>self._mdkeys + i * C_MAX_KEY, self._mdlen[i])
-        if self._fq_keys.slots != NULL:  # the duplicate check's slots, fetched together
+        if self._fq_keys.slots != NULL and self.check_duplicates:  # the duplicate check's slots, fetched together
             for i in range(n):
                 if self._table[hashes[i] & self._mask]:
                     prefetch(&self._fq_keys.slots[ks_home(&self._fq_keys, hashes[i])])
@@ -1393,7 +1397,8 @@ cdef class Writer:
             if not self._table[vb]:
                 self.skipped_unwanted += 1
                 continue
-            if ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
+            if self.check_duplicates and ks_find(&self._fq_keys, &self._fq, h, key, dlen,
+                                                 self._fq.first + self._fq_sent):
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 continue
             self._listed += 1
@@ -1429,8 +1434,8 @@ cdef class Writer:
         e.answered = 0
         e.flags_only = flags_only
         memcpy(e.key, key, dlen)
-        if ks_add(&self._fq_keys, self._fq.first + fq_count(&self._fq) - 1, h,
-                  self._fq.first + self._fq_sent) < 0:
+        if self.check_duplicates and ks_add(&self._fq_keys, self._fq.first + fq_count(&self._fq) - 1, h,
+                                            self._fq.first + self._fq_sent) < 0:
             raise MemoryError()
         return 0
 
@@ -1438,7 +1443,7 @@ cdef class Writer:
                             uint64_t kh, uint8_t flags_only) except -1:
         """Queue again a fetch that waited (deferred, or asked for flags alone), unless its key
         was listed again meanwhile: the one queued fetch then reads the latest copy."""
-        if ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
+        if self.check_duplicates and ks_find(&self._fq_keys, &self._fq, h, key, dlen, self._fq.first + self._fq_sent):
             self.duplicates += 1
             return 0
         return self._list_fetch(key, dlen, exp, vb, h, kh, flags_only)

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from astaire import codec
 from astaire.resync import settled, source, stream
 from astaire.resync.stream import StreamJob, run_stream
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
@@ -333,12 +334,59 @@ def test_busy_answer_is_retried(monkeypatch):
 
     t = threading.Thread(target=server, daemon=True)
     t.start()
-    first = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
+    first, walk = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
     t.join(5)
     assert heard == [b"stats\r\n", b"lru_crawler metadump hash\r\n"] * 2
-    assert first.endswith(b"END\r\n")
+    assert first.endswith(b"END\r\n") and walk == source.WALK_HASH
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("refusal", [b"BADCLASS invalid class id", b"ERROR", b"CLIENT_ERROR bad command line format"])
+def test_a_server_refusing_the_hash_walk_is_listed_by_lru_and_says_so(refusal):
+    """A server without ``metadump hash`` (memcached before 1.6.x had only class ids and
+    ``all``) is asked for ``all`` on the same connection, and the source says which walk it
+    gives: the stream keeps the duplicate check for it (an LRU walk can list an item twice)."""
+    ours, theirs = socket.socketpair()
+    answers = [b"STAT lru_crawler_running 0\r\nEND\r\n", refusal + b"\r\n",
+               b"STAT lru_crawler_running 0\r\nEND\r\n", b"key=a exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n"]
+    heard = []
+
+    def server():
+        f = theirs.makefile("rb")
+        for a in answers:
+            heard.append(f.readline())
+            theirs.sendall(a)
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    first, walk = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
+    t.join(5)
+    assert heard == [b"stats\r\n", b"lru_crawler metadump hash\r\n", b"stats\r\n", b"lru_crawler metadump all\r\n"]
+    assert first.endswith(b"END\r\n") and walk == source.WALK_ALL
+    ours.close()
+    theirs.close()
+
+
+def test_a_hash_walk_stream_skips_the_duplicate_check(pair, monkeypatch):
+    """Against real memcached (whose listing is the hash walk), the stream turns the Writer's
+    duplicate check off, and every record still lands."""
+    src, target = pair
+    records = {k: (b"v:" + k, 40 + i, 0) for i, k in enumerate(keys_in(WANTED, b"data\\\\w", 300))}
+    load(src, records)
+    writers = []
+    real = codec.Writer
+
+    def spy(*args, **kwargs):
+        writers.append(real(*args, **kwargs))
+        return writers[-1]
+
+    monkeypatch.setattr(codec, "Writer", spy)
+    result = run_stream(job(src, target))
+    assert result.ok, result.error
+    assert [w.check_duplicates for w in writers] == [False]
+    assert result.stats["added"] == len(records) and result.stats["duplicates"] == 0
+    assert_holds(target, records)
 
 
 def test_keys_vanishing_between_listing_and_fetching_are_not_errors(pair):

@@ -840,6 +840,38 @@ def test_duplicate_listings_are_counted_in_bounded_memory_like_the_reference(tap
     assert (fetched, stats) == run(_tap_py)
 
 
+def test_without_the_duplicate_check_a_key_listed_twice_is_fetched_twice_and_written_once(tap):
+    """``check_duplicates`` off (a hash-table walk): a key listed again before its fetch went
+    out is fetched again, not counted as a duplicate; the target gets the first copy's ADD,
+    and the second copy, equal, costs a failed ADD and a read, as a second replica's copy
+    does. Both builds send the same requests."""
+    k = key_in_vbucket(5)
+    line = b"key=t%%5C%%5C%s exp=-1 la=1 cas=1 fetch=no cls=1 size=70\n" % k[3:]
+
+    def run(mod):
+        w = mod.Writer([5], window=16)
+        w.check_duplicates = False
+        assert w.feed_metadump(line + line + b"END\r\n")
+        req = w.fetch_requests()
+        w.feed_fetch(meta_answer(req, lambda i, key: (b"VALUE", 7, -1)))
+        return w, req
+
+    w, req = run(tap)
+    assert meta_gets(req) == [(k, 0), (k, 1), MN]
+    assert w.duplicates == 0 and w.entries == 2
+    assert [op for op, _ in ops(w.target_requests())] == [0x12, 0x12, 0x0A]  # ADDQ twice, the fence
+    assert req == run(_tap_py)[1]
+    w.feed_target(response(0x12, 2, opaque=1))  # the second ADD finds the first copy
+    assert [op for op, _ in ops(w.target_requests())] == [0x0C]  # GETK
+    w.feed_target(response(0x0A, opaque=FENCE) + response(0x0C, 0, k, b"VALUE", struct.pack(">I", 7), opaque=1, cas=3))
+    assert w.target_requests() == b""
+    assert (w.added, w.kept, w.replaced, w.backlog) == (1, 1, 0, 0)
+    on = tap.Writer([5], window=16)
+    assert on.check_duplicates is True  # the default: an LRU walk can list an item twice
+    on.feed_metadump(line + line + b"END\r\n")
+    assert meta_gets(on.fetch_requests()) == [(k, 0), MN] and on.duplicates == 1
+
+
 def test_a_frame_bigger_than_the_kept_buffers_passes_and_memory_is_given_back(tap):
     big = bytes(range(256)) * (80 * 1024)  # 20 MiB
     stream = mutation(tap, b"t\\\\big", big, flags=9) + mutation(tap, b"t\\\\small", b"s")

@@ -59,6 +59,8 @@ MIN_CRAWLER_VERSION = (1, 6, 18)
 # (measured on 1.6.18: ~1-14% of keys under concurrent gets, a few under concurrent sets).
 METADUMP_HASH = b"lru_crawler metadump hash\r\n"
 METADUMP_ALL = b"lru_crawler metadump all\r\n"
+WALK_HASH = "hash"   # CrawlerSource.walk: which listing the server gives
+WALK_ALL = "all"
 
 _kinds: dict[str, str] = {}  # server -> "tap" | "crawler", as this process found it
 _kinds_lock = threading.Lock()
@@ -95,6 +97,7 @@ class CrawlerSource:
     fetch_sock: socket.socket  # text: the Writer's meta gets (mg ... q) + mn
     initial: bytes = b""       # metadump bytes already read while checking for BUSY
     version: str = ""
+    walk: str = WALK_HASH      # WALK_HASH, or WALK_ALL where the server refused the hash walk
     kind: str = field(default=CRAWLER, init=False)
 
     def close(self) -> None:
@@ -249,8 +252,8 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
                         server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
         dump = _connect(server, connect_timeout)
         socks.append(dump)
-        first = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
-        src = CrawlerSource(server, dump, fetch, first, version)
+        first, walk = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
+        src = CrawlerSource(server, dump, fetch, first, version, walk)
         socks.clear()
         return src
     except OSError as e:
@@ -300,9 +303,9 @@ def _version_tuple(version: str) -> tuple[int, ...] | None:
 
 
 def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, idle_timeout: float, retries: int,
-                    backoff: float) -> bytes:
+                    backoff: float) -> tuple[bytes, str]:
     """Start ``lru_crawler metadump hash`` (``all`` where ``hash`` is refused) once no other
-    crawl runs; return the bytes read so far.
+    crawl runs; return the bytes read so far and the walk (WALK_HASH or WALK_ALL).
 
     memcached 1.6.18 answers BUSY only when the running crawl is moving: while another
     client's crawl is stalled (its reader not reading), a second crawl request blocks the
@@ -341,7 +344,7 @@ def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, id
                     raise SourceError(f"source {server} cannot run lru_crawler metadump: "
                                       f"{first.decode('ascii', 'replace')}")
                 if not first.startswith(b"BUSY"):
-                    return buf
+                    return buf, WALK_HASH if command == METADUMP_HASH else WALK_ALL
                 busy = first.decode("ascii", "replace")
         except socket.timeout as e:
             raise SourceError(f"source {server} did not answer {step} within {sock.gettimeout():g} s") from e

@@ -127,12 +127,15 @@ class _Spool:
         self._read_pos = 0
         self._write_pos = 0
         self.spilled = 0    # bytes that went through the file
+        self.passed = 0     # bytes that went through the spool, ring or file
+        self.peak = 0       # the largest backlog held at once
 
     def __len__(self) -> int:
         return self._held + self._write_pos - self._read_pos
 
     def append(self, data) -> None:
         n = len(data)
+        self._count(n)
         if self._write_pos == self._read_pos and self._held + n <= self.capacity:
             self._ring_put(memoryview(data))
             return
@@ -184,7 +187,13 @@ class _Spool:
 
     def commit(self, n: int) -> None:
         """``n`` bytes were written at the start of the last ``room``."""
+        self._count(n)
         self._held += n
+
+    def _count(self, n: int) -> None:
+        """``n`` more bytes are coming in: the log's spool figures."""
+        self.passed += n
+        self.peak = max(self.peak, len(self) + n)
 
     def take(self, n: int) -> memoryview:
         """Up to ``n`` of the oldest bytes, at least one if any are held (a view, valid until
@@ -343,11 +352,11 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept (%d of them known settled; %d held back, %d refetched) in %.2f s; reads: %s",
+                     "%d kept (%d of them known settled; %d held back, %d refetched) in %.2f s; reads: %s%s",
                      job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
                      stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"],
                      stats["refetched"], seconds,
-                     self._reads())
+                     self._reads(), self._spooled())
         else:
             source.forget_kind(job.source)
             log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,
@@ -379,6 +388,10 @@ class _Stream:
         else:
             self.src = self._add(src.dump_sock, f"source {job.source} (metadump)")
             self.fetch = self._add(src.fetch_sock, f"source {job.source} (fetch)")
+            # The hash walk lists a key twice only if it was deleted and stored anew during the
+            # walk: checking every listed key against the queued fetches would cost more than
+            # such a key's second fetch (Writer.check_duplicates).
+            self.writer.check_duplicates = src.walk != source.WALK_HASH
             if src.initial:
                 self._take_metadump(src.initial)
         try:
@@ -573,6 +586,14 @@ class _Stream:
                         return
                     self.drained += len(data)
                     last = time.monotonic()
+
+    def _spooled(self) -> str:
+        """The log's spool figures (crawler streams): how much of the listing waited for the
+        fetches, the most at once, and how much of it went through the temporary file."""
+        sp = self.spool
+        if not sp.passed:
+            return ""
+        return f"; spooled {sp.passed} bytes (at most {sp.peak} at once, {sp.spilled} through the file)"
 
     def _reads(self) -> str:
         """The log's "reads" figures, per connection: many small reads mean many wake-ups."""

@@ -701,10 +701,10 @@ class Writer:
         # Whether a listed key is checked against the fetches queued and not sent yet, so that
         # a key listed again before its fetch went out is fetched once (``duplicates``). A walk
         # of the LRUs (``lru_crawler metadump all``) lists an item again when live traffic
-        # moves it to another LRU; a walk of the hash table lists it again only when it was
-        # deleted and stored anew during the walk, and there the stream turns the check off:
-        # the check costs every listed key, and a key fetched twice is written by the conflict
-        # rule like any second copy. Set before the first listing text.
+        # moves it to another LRU; a walk of the hash table visits each key's bucket once and lists
+        # it once, and there the stream turns the check off: the check costs every listed key,
+        # and a key fetched twice would be written by the conflict rule like any second copy.
+        # Set before the first listing text.
         self.check_duplicates = True
         self._mask = len(self._table) - 1
         self._hold = _hold_table(hold, self._table) if hold and settled is not None else None

@@ -388,9 +388,8 @@ class _Stream:
         else:
             self.src = self._add(src.dump_sock, f"source {job.source} (metadump)")
             self.fetch = self._add(src.fetch_sock, f"source {job.source} (fetch)")
-            # The hash walk lists a key twice only if it was deleted and stored anew during the
-            # walk: checking every listed key against the queued fetches would cost more than
-            # such a key's second fetch (Writer.check_duplicates).
+            # The hash walk visits each key's bucket once, so it lists a key once: checking every
+            # listed key against the queued fetches is for the LRU walk (Writer.check_duplicates).
             self.writer.check_duplicates = src.walk != source.WALK_HASH
             if src.initial:
                 self._take_metadump(src.initial)

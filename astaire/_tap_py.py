@@ -101,7 +101,7 @@ HOLD_WINDOWS = 4   # a record is held for this many windows of entries
 DEFER_WINDOWS = 16             # a crawler fetch is deferred for this many windows of listed keys
 DEFER_BYTES = 4 * 1024 * 1024  # at most this many bytes of deferred fetches at once (32 + key each)
 DEFER_MIN_SIZE = 1024          # only fetches of items at least this large (metadump size=) are deferred
-_DEFER_REC = 32                # what a deferred fetch costs besides its key (the compiled build's DRec)
+_DEFER_REC = 40                # what a deferred fetch costs besides its key (the compiled build's DRec)
 # A metadump line longer than this (without a newline) is garbage, not a key listing.
 MAX_METADUMP_LINE = 8192
 
@@ -638,6 +638,19 @@ def _key_text(key) -> str:
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
+def _listed_flags(fields):
+    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on) in its ``fields``
+    after exp, or None: the last ``flags=`` counts, and only as ASCII digits up to
+    0xFFFFFFFF (anything else, or none, and the copy is fetched as without it)."""
+    for f in reversed(fields):
+        if f.startswith(b"flags="):
+            digits = f[6:]
+            if digits.isdigit() and len(digits) <= 10 and int(digits) <= 0xFFFFFFFF:
+                return int(digits)
+            return None
+    return None
+
+
 def _decode_uri(raw, offset):
     """memcached's uriencode reversed (%XX); strict about malformed escapes."""
     if b"%" not in raw:
@@ -738,6 +751,7 @@ class Writer:
         self.other_tap = 0
         self.vanished = 0
         self.duplicates = 0
+        self.kept_as_listed = 0    # copies listed with flags not newer than the note: kept unfetched
         self.read_first = 0       # records whose first request was a read
         self.deduplicated = 0     # records settled as kept from the settled table (also in kept)
         self.held = 0             # records held back (hold): those found known then are in deduplicated
@@ -771,7 +785,7 @@ class Writer:
         self._md_offset = 0
         self._md_ended = False
         self._defer = None                 # a crawler stream's hold: fetches deferred (see the class docstring)
-        self._deferred = deque()           # (due: listed count, key, exp, vb, key_hash64), oldest first
+        self._deferred = deque()           # (due: listed count, key, exp, vb, key_hash64, listed flags, line bytes), oldest first
         self._deferred_bytes = 0
         self._listed = 0                   # wanted keys listed so far (the deferral's clock)
         self._fetch_queue = deque()        # (key, exp, vb, flags only) not sent yet
@@ -814,7 +828,7 @@ class Writer:
             "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
-            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates, "kept_as_listed": self.kept_as_listed,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
@@ -1224,6 +1238,7 @@ class Writer:
             raw = line[4:] if sp < 0 else line[4:sp]
             exp = None
             size = 0
+            flags = None  # the listed flags (memcached 1.6.24 on): see _listed_flags
             if sp >= 0:
                 fields = line[sp + 1:].split(b" ")
                 for i, field in enumerate(fields):
@@ -1238,6 +1253,8 @@ class Writer:
                                     digits = re.match(rb"[0-9]*", f[5:]).group()
                                     size = min(int(digits or b"0"), 0xFFFFFFFF)
                                     break
+                        if self._settled is not None:
+                            flags = _listed_flags(fields[i + 1:])
                         break
             if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)
@@ -1257,9 +1274,14 @@ class Writer:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
             self._listed += 1
-            kh = key_hash64(key) if self._defer is not None else 0
+            kh = key_hash64(key) if self._settled is not None else 0
+            if flags is not None and self._known(kh, flags):
+                # Listed with flags (1.6.24 on) not newer than the note: kept, and not fetched.
+                self._listed_kept(vb, len(line) + 1)
+                return False
             if self._defer is not None and self._defer[vb] == 1 + (kh >> 63) and size >= DEFER_MIN_SIZE:
-                self._deferred.append((self._listed + DEFER_WINDOWS * self.window, key, exp, vb, kh))
+                self._deferred.append((self._listed + DEFER_WINDOWS * self.window, key, exp, vb, kh, flags,
+                                       len(line) + 1))
                 self._deferred_bytes += _DEFER_REC + len(key)
                 self.held += 1
                 if self._deferred_bytes > DEFER_BYTES:
@@ -1285,13 +1307,16 @@ class Writer:
         the room."""
         deferred = self._deferred
         while deferred:
-            due, key, exp, vb, kh = deferred[0]
+            due, key, exp, vb, kh, flags, size = deferred[0]
             if not (self._deferred_bytes > DEFER_BYTES
                     or (len(self._fetch_queue) < room
                         and (self._md_ended or self._finished or due <= self._listed))):
                 return
             deferred.popleft()
             self._deferred_bytes -= _DEFER_REC + len(key)
+            if flags is not None and self._known(kh, flags):
+                self._listed_kept(vb, size)
+                continue
             # Noted meanwhile: first ask the source for the flags alone; the value follows only
             # if this copy turns out newer than the note.
             self._requeue_fetch(key, exp, vb, self._noted(kh))
@@ -1355,6 +1380,14 @@ class Writer:
                 answers.offset += used
         finally:
             answers.head = pos
+
+    def _listed_kept(self, vb, size):
+        """A copy listed with flags not newer than the table's note is settled as kept without
+        a fetch (``size``: its listing line's bytes)."""
+        self._count_entry(vb, size)
+        self.deduplicated += 1
+        self.kept += 1
+        self.kept_as_listed += 1
 
     def _flags_answer(self, key, listed, vb, flags, size):
         """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as

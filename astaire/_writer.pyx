@@ -220,7 +220,10 @@ cdef struct DRec:
     uint32_t exp
     uint32_t vb
     uint32_t hash
-    uint32_t klen
+    uint32_t flags    # the listed flags, if has_flags
+    uint32_t size     # the listing line's bytes
+    uint16_t klen
+    uint8_t has_flags
 
 # Slot buffers above this size are given back when their record settles.
 cdef enum:
@@ -563,6 +566,7 @@ cdef class Writer:
     cdef readonly uint64_t other_tap
     cdef readonly uint64_t vanished
     cdef readonly uint64_t duplicates
+    cdef readonly uint64_t kept_as_listed  # copies listed with flags not newer than the note: kept unfetched
     # Whether a listed key is checked against the fetches queued and not sent yet (set before
     # the first listing text; see the pure build's Writer.check_duplicates).
     cdef public bint check_duplicates
@@ -614,6 +618,7 @@ cdef class Writer:
     cdef uint16_t _mdlen[LANES]
     cdef uint32_t _mdexp[LANES]
     cdef const char *_mdrest[LANES]   # the listed line after its exp field (valid until the lanes are
+    cdef uint16_t _mdlinelen[LANES]   # the listed line's bytes (newline included)
     cdef uint16_t _mdrestlen[LANES]   # flushed, within one _metadump_lines): size= is read there if needed
     cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef uint8_t *_defer       # a crawler stream's hold (by vbucket, as _hold): fetches deferred
@@ -769,7 +774,7 @@ cdef class Writer:
             "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
-            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates, "kept_as_listed": self.kept_as_listed,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
@@ -1365,6 +1370,8 @@ cdef class Writer:
         cdef size_t dlen
         cdef uint32_t h, vb
         cdef uint64_t kh
+        cdef uint32_t flags = 0
+        cdef bint has_flags
         cdef DRec d
         if n == 0:
             return 0
@@ -1402,7 +1409,15 @@ cdef class Writer:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 continue
             self._listed += 1
-            kh = c_key_hash64(key, dlen) if self._settled != NULL else 0
+            kh = 0
+            has_flags = False
+            if self._settled != NULL:
+                kh = c_key_hash64(key, dlen)
+                has_flags = listed_flags(self._mdrest[i], self._mdrestlen[i], &flags)
+                if has_flags and self._known(kh, flags):
+                    # Listed with flags (1.6.24 on) not newer than the note: kept, and not fetched.
+                    self._listed_kept(vb, self._mdlinelen[i])
+                    continue
             if (self._defer != NULL and self._defer[vb] == 1 + (kh >> 63)
                     and listed_size(self._mdrest[i], self._mdrestlen[i]) >= DEFER_MIN_SIZE):
                 d.due = self._listed + self._defer_for
@@ -1410,7 +1425,10 @@ cdef class Writer:
                 d.exp = self._mdexp[i]
                 d.vb = vb
                 d.hash = h
-                d.klen = <uint32_t>dlen
+                d.flags = flags if has_flags else 0
+                d.size = self._mdlinelen[i]
+                d.has_flags = has_flags
+                d.klen = <uint16_t>dlen
                 if push_record(&self._dq, &d, sizeof(DRec), key, <uint32_t>dlen, key, 0) < 0:
                     raise MemoryError()
                 self._dq_count += 1
@@ -1463,6 +1481,9 @@ cdef class Writer:
                 break
             self._dq.head += sizeof(DRec) + d.klen
             self._dq_count -= 1
+            if d.has_flags and self._known(d.key_hash, d.flags):
+                self._listed_kept(d.vb, d.size)
+                continue
             # Noted meanwhile: first ask the source for the flags alone; the value follows only
             # if this copy turns out newer than the note.
             self._requeue_fetch(p + sizeof(DRec), d.klen, d.exp, d.vb, d.hash, d.key_hash, self._noted(d.key_hash))
@@ -1556,6 +1577,7 @@ cdef class Writer:
             self._mdlen[self._mdn] = <uint16_t>dlen
             self._mdexp[self._mdn] = <uint32_t>exp
             self._mdrest[self._mdn] = rest
+            self._mdlinelen[self._mdn] = <uint16_t>(n + 1)
             self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
             self._mdn += 1
             if self._mdn == LANES:
@@ -1720,6 +1742,14 @@ cdef class Writer:
         self._fetch_in_flight -= 1
         return <Py_ssize_t>idx
 
+    cdef inline void _listed_kept(self, uint32_t vb, uint64_t size) noexcept nogil:
+        """A copy listed with flags not newer than the table's note is settled as kept without
+        a fetch (``size``: its listing line's bytes)."""
+        self._count_entry(vb, size)
+        self.deduplicated += 1
+        self.kept += 1
+        self.kept_as_listed += 1
+
     cdef int _flags_answer(self, Fetch *e, uint32_t flags, size_t size) except -1:
         """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
         the Writer's records are (no value travelled); a newer one is fetched again whole."""
@@ -1876,6 +1906,37 @@ cdef uint64_t listed_size(const char *f, size_t n) noexcept nogil:
             return min(size, <uint64_t>0xFFFFFFFFu)
         e = s
     return 0
+
+
+cdef bint listed_flags(const char *f, size_t n, uint32_t *flags) noexcept nogil:
+    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on) in its fields ``f``
+    after exp, into ``*flags``; False if none. The last ``flags=`` counts, and only as 1-10
+    ASCII digits up to 0xFFFFFFFF (anything else, and the copy is fetched as without it)."""
+    cdef const char *e = f + n
+    cdef const char *s
+    cdef uint64_t v = 0
+    while e > f:
+        if (e - 1)[0] == CH_SP:
+            e -= 1
+            continue
+        s = e - 1
+        while s > f and (s - 1)[0] != CH_SP:
+            s -= 1
+        if e - s >= 6 and memcmp(s, b"flags=", 6) == 0:
+            s += 6
+            if s == e or e - s > 10:
+                return False
+            while s < e:
+                if s[0] < CH_0 or s[0] > CH_9:
+                    return False
+                v = v * 10 + <uint64_t>(s[0] - CH_0)
+                s += 1
+            if v > 0xFFFFFFFFu:
+                return False
+            flags[0] = <uint32_t>v
+            return True
+        e = s
+    return False
 
 
 cdef int parse_hd(const char *line, size_t n, MetaHit *hit) noexcept nogil:

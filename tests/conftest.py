@@ -1,3 +1,6 @@
+import os
+import subprocess
+
 import pytest
 
 from astaire.demo.localcluster import LocalCluster, MemcachedServer
@@ -13,6 +16,17 @@ def memcached():
     """One real memcached on loopback, stopped after the test."""
     with MemcachedServer(memory_mb=64) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def memcached_flags() -> str:
+    """A stock memcached recent enough (1.6.24 on) to list flags in ``lru_crawler metadump``:
+    1.6.38, built from Debian's source by scripts/build-memcached on first use."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "build-memcached")
+    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 or not r.stdout.strip():
+        pytest.fail(f"building memcached with {script} failed: {r.stderr[-2000:]}")
+    return r.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture

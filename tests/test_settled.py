@@ -446,7 +446,7 @@ def test_a_value_for_a_flags_only_fetch_is_a_protocol_error(tap):
 def test_too_many_deferred_fetches_are_pressed_out_oldest_first(monkeypatch):
     keys = [k for k in keys_with_top_bit(1, 40, prefix=b"t\\\\p") if len(k) == 6][:5]
     assert len(keys) == 5
-    monkeypatch.setattr(_tap_py, "DEFER_BYTES", 3 * (32 + 6))  # room for three of them
+    monkeypatch.setattr(_tap_py, "DEFER_BYTES", 3 * (_tap_py._DEFER_REC + 6))  # room for three of them
     t = table()
     w = holding(_tap_py, t, t.next_generation(), 1)
     w.feed_metadump(listing(keys))
@@ -543,3 +543,98 @@ def test_with_real_memcached_two_holding_streams_place_everything_once(tap, memc
     assert second.deduplicated > 490 and second.target_requests() == b""
     for k, v, f in recs[::50]:
         assert meta_get(memcached, k)[:2] == (v, f)
+
+
+# -- flags in the listing (memcached 1.6.24 on: ``flags=``) -------------------------------------
+
+def noted(tap, t, gen, keys, flags=NOW_MS):
+    """The other old replica's stream wrote ``keys`` with ``flags``: the table notes them."""
+    other = writer(tap, t, gen)
+    other.feed_tap(b"".join(mutation(tap, k, b"V", flags=flags) for k in keys))
+    assert answer_all(other) == keys
+
+
+def test_a_copy_listed_with_flags_not_newer_than_the_note_is_kept_without_a_fetch(tap):
+    t = table()
+    gen = t.next_generation()
+    equal, older, newer, unknown = (keys_with_top_bit(1, 1, prefix=p) for p in (b"t\\\\e", b"t\\\\o", b"t\\\\n", b"t\\\\u"))
+    noted(tap, t, gen, equal + older + newer)
+    w = writer(tap, t, gen)
+    lines = [b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60 flags=%d\n" % (k, f)
+             for k, f in ((equal[0], NOW_MS), (older[0], NOW_MS - 1), (newer[0], NOW_MS + 1), (unknown[0], NOW_MS))]
+    w.feed_metadump(b"".join(lines))
+    req = w.fetch_requests()
+    assert meta_gets(req) == [(newer[0], 0, "flags"), (unknown[0], 1), MN]  # the kept two: no request at all
+    st = w.stats()
+    assert (st["kept_as_listed"], st["kept"], st["deduplicated"]) == (2, 2, 2)
+    assert (st["entries"], st["bytes"]) == (2, len(lines[0]) + len(lines[1]))
+    w.feed_fetch(meta_answer(req, lambda i, key: (b"V", NOW_MS + 1, -1)))  # the newer one is fetched whole
+    fetched, added = serve(w, value=b"V", flags=NOW_MS + 1)
+    assert fetched == newer and set(added) == {newer[0], unknown[0]}
+    assert w.feed_metadump(b"END\r\n")
+    w.finish()
+    assert serve(w) == ([], []) and w.done and w.stats()["entries"] == 4
+
+
+@pytest.mark.parametrize("fields, kept", [
+    (b"flags=%d" % NOW_MS, True), (b"size=60 flags=%d" % NOW_MS, True), (b"flags=%d  " % NOW_MS, True),
+    (b"flags=%011d" % NOW_MS, False),  # eleven digits: not a listed flag
+    (b"flags=", False), (b"flags=12x", False), (b"flags=-1", False), (b"flags=4294967296", False),
+    (b"flags=99999999999", False), (b"flag=%d" % NOW_MS, False), (b"", False),
+    (b"flags=%d flags=1" % NOW_MS, True), (b"flags=1 flags=x", False),  # the last flags= counts
+])
+def test_the_listed_flags_are_read_alike_by_both_builds(fields, kept):
+    """Only a well-formed ``flags=`` (1-10 ASCII digits, at most 0xFFFFFFFF; the last one)
+    spares a fetch; anything else and the copy is fetched as from 1.6.18."""
+    key = keys_with_top_bit(1, 1)[0]
+    taps = (_tap_py,) if _tap_c is None else (_tap_c, _tap_py)
+    for tap in taps:
+        t = table()
+        gen = t.next_generation()
+        noted(tap, t, gen, [key], flags=NOW_MS)
+        w = writer(tap, t, gen)
+        w.feed_metadump(b"key=%s exp=-1 la=1 cas=1 %s\n" % (key, fields))
+        assert (w.kept_as_listed, fetched_keys(w.fetch_requests())) == ((1, []) if kept else (0, [key])), tap
+
+
+def test_a_deferred_copy_listed_with_flags_is_kept_without_a_fetch_once_noted(tap):
+    t = table(1 << 16)
+    gen = t.next_generation()
+    mine = keys_with_top_bit(1, 3)
+    w = holding(tap, t, gen, 1)
+    w.feed_metadump(b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=4200 flags=%d\n" % (k, NOW_MS)
+                             for k in mine))
+    assert serve(w) == ([], []) and w.held == 3  # not noted yet when listed: deferred
+    noted(tap, t, gen, mine[:2])
+    assert w.feed_metadump(b"END\r\n")
+    w.finish()
+    fetched, added = serve(w)
+    assert fetched == mine[2:] and added == mine[2:]  # the noted two: no fetch; the third written
+    assert w.done and (w.kept_as_listed, w.kept, w.added, w.entries) == (2, 2, 1, 3)
+
+
+def test_with_real_memcached_listing_flags_a_second_stream_fetches_only_what_is_newer(cluster_factory,
+                                                                                      memcached_flags):
+    """Two streams from two real memcached 1.6.38 sources (which list flags) into one
+    target: the second stream fetches nothing the listing shows it would keep, and the
+    newer copies it holds still win."""
+    from astaire.resync.stream import StreamJob, run_stream
+    from tests.test_stream_tap import keys_in, mc_get_many, mc_store
+    a, b, target = cluster_factory(3, memory_mb=64, exe=memcached_flags).servers
+    keys = keys_in(ALL, b"t\\\\lf", 600)
+    newer = set(keys[::10])
+    mc_store(a, [(k, b"a:" + k, NOW_MS, 0) for k in keys])
+    mc_store(b, [(k, (b"b:" if k in newer else b"a:") + k, NOW_MS + 5 if k in newer else NOW_MS, 0) for k in keys])
+    gen = settled.create().next_generation()
+    results = [run_stream(StreamJob(source=s.name, vbuckets=list(ALL), target=target.name, source_kind="crawler",
+                                    settled_generation=gen)) for s in (a, b)]
+    assert all(r.ok for r in results), [r.error for r in results]
+    first, second = (r.stats for r in results)
+    assert first["added"] == len(keys) and first["kept_as_listed"] == 0
+    assert second["kept"] == len(keys) - len(newer) and second["replaced"] == len(newer)
+    # kept on their listed flags alone; a few whose notes another key overwrote in the
+    # direct-mapped table were fetched (flags only) first
+    assert second["kept_as_listed"] >= 0.98 * second["kept"]
+    got = mc_get_many(target, keys)
+    for k in keys:
+        assert got[k][:2] == ((b"b:" if k in newer else b"a:") + k, NOW_MS + 5 if k in newer else NOW_MS), k

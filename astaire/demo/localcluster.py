@@ -67,9 +67,12 @@ def wait_connectable(host: str, port: int, timeout: float = 5.0, proc: subproces
 
 
 class MemcachedServer:
-    """One stock memcached on 127.0.0.1 and a free port."""
+    """One stock memcached on 127.0.0.1 and a free port (``exe``: another memcached binary
+    than ASTAIRE_MEMCACHED, by default Debian's)."""
 
-    def __init__(self, memory_mb: int = 256, threads: int = 1, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1"):
+    def __init__(self, memory_mb: int = 256, threads: int = 1, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1",
+                 exe: str | None = None):
+        self.exe = exe or MEMCACHED
         self.memory_mb = memory_mb
         self.threads = threads
         self.extra_args = tuple(extra_args)
@@ -82,9 +85,9 @@ class MemcachedServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "MemcachedServer":
-        exe = shutil.which(MEMCACHED)
+        exe = shutil.which(self.exe)
         if exe is None:
-            raise RuntimeError("memcached is not installed (apt-get install memcached)")
+            raise RuntimeError(f"{self.exe} is not installed (apt-get install memcached)")
         for _attempt in range(20):
             port = self.port or free_port(self.host)
             args = [exe, "-l", self.host, "-p", str(port), "-U", "0", "-m", str(self.memory_mb),

@@ -352,10 +352,11 @@ class _Stream:
         ok = self.error is None
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
-                     "%d kept (%d of them known settled; %d held back, %d refetched) in %.2f s; reads: %s%s",
+                     "%d kept (%d of them known settled, %d of those on their listed flags unfetched; %d held back, "
+                     "%d refetched) in %.2f s; reads: %s%s",
                      job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
-                     stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["held"],
-                     stats["refetched"], seconds,
+                     stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["kept_as_listed"],
+                     stats["held"], stats["refetched"], seconds,
                      self._reads(), self._spooled())
         else:
             source.forget_kind(job.source)

@@ -639,15 +639,15 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 def _listed_flags(fields):
-    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on) in its ``fields``
-    after exp, or None: the last ``flags=`` counts, and only as ASCII digits up to
-    0xFFFFFFFF (anything else, or none, and the copy is fetched as without it)."""
-    for f in reversed(fields):
-        if f.startswith(b"flags="):
-            digits = f[6:]
-            if digits.isdigit() and len(digits) <= 10 and int(digits) <= 0xFFFFFFFF:
-                return int(digits)
-            return None
+    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on, the line's last
+    field) in its ``fields`` after exp, or None: the last field counts only as ``flags=``
+    with 1-10 ASCII digits up to 0xFFFFFFFF (else the copy is fetched as without it)."""
+    fields = [f for f in fields if f]
+    if not fields or not fields[-1].startswith(b"flags="):
+        return None
+    digits = fields[-1][6:]
+    if digits.isdigit() and len(digits) <= 10 and int(digits) <= 0xFFFFFFFF:
+        return int(digits)
     return None
 
 

@@ -619,6 +619,9 @@ cdef class Writer:
     cdef uint32_t _mdexp[LANES]
     cdef const char *_mdrest[LANES]   # the listed line after its exp field (valid until the lanes are
     cdef uint16_t _mdlinelen[LANES]   # the listed line's bytes (newline included)
+    cdef uint32_t _mdflags[LANES]     # the listed flags (memcached 1.6.24 on), if _mdhasflags
+    cdef bint _mdhasflags[LANES]
+    cdef uint64_t _mdkh[LANES]        # the key's key_hash64, if _mdhasflags
     cdef uint16_t _mdrestlen[LANES]   # flushed, within one _metadump_lines): size= is read there if needed
     cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef uint8_t *_defer       # a crawler stream's hold (by vbucket, as _hold): fetches deferred
@@ -1410,10 +1413,10 @@ cdef class Writer:
                 continue
             self._listed += 1
             kh = 0
-            has_flags = False
+            has_flags = self._mdhasflags[i]
+            flags = self._mdflags[i]
             if self._settled != NULL:
-                kh = c_key_hash64(key, dlen)
-                has_flags = listed_flags(self._mdrest[i], self._mdrestlen[i], &flags)
+                kh = self._mdkh[i] if has_flags else c_key_hash64(key, dlen)
                 if has_flags and self._known(kh, flags):
                     # Listed with flags (1.6.24 on) not newer than the note: kept, and not fetched.
                     self._listed_kept(vb, self._mdlinelen[i])
@@ -1578,6 +1581,14 @@ cdef class Writer:
             self._mdexp[self._mdn] = <uint32_t>exp
             self._mdrest[self._mdn] = rest
             self._mdlinelen[self._mdn] = <uint16_t>(n + 1)
+            self._mdhasflags[self._mdn] = False
+            if self._settled != NULL and listed_flags(rest, lend - rest, &self._mdflags[self._mdn]):
+                # Listed flags are checked against the settled table when the lanes are
+                # flushed: the table entry, a cache miss (the other workers write the table),
+                # is fetched now, while the next lines are parsed.
+                self._mdhasflags[self._mdn] = True
+                self._mdkh[self._mdn] = c_key_hash64(self._mdkeys + self._mdn * C_MAX_KEY, dlen)
+                prefetch(self._entry(self._mdkh[self._mdn]))
             self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
             self._mdn += 1
             if self._mdn == LANES:
@@ -1909,34 +1920,30 @@ cdef uint64_t listed_size(const char *f, size_t n) noexcept nogil:
 
 
 cdef bint listed_flags(const char *f, size_t n, uint32_t *flags) noexcept nogil:
-    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on) in its fields ``f``
-    after exp, into ``*flags``; False if none. The last ``flags=`` counts, and only as 1-10
-    ASCII digits up to 0xFFFFFFFF (anything else, and the copy is fetched as without it)."""
+    """The flags a metadump line lists (``flags=``, memcached 1.6.24 on, the line's last
+    field) in its fields ``f`` after exp, into ``*flags``; False if the last field is not
+    ``flags=`` with 1-10 ASCII digits up to 0xFFFFFFFF (the copy is then fetched as without
+    it). Only the last field is looked at: a line without flags costs one short scan."""
     cdef const char *e = f + n
     cdef const char *s
     cdef uint64_t v = 0
-    while e > f:
-        if (e - 1)[0] == CH_SP:
-            e -= 1
-            continue
-        s = e - 1
-        while s > f and (s - 1)[0] != CH_SP:
-            s -= 1
-        if e - s >= 6 and memcmp(s, b"flags=", 6) == 0:
-            s += 6
-            if s == e or e - s > 10:
-                return False
-            while s < e:
-                if s[0] < CH_0 or s[0] > CH_9:
-                    return False
-                v = v * 10 + <uint64_t>(s[0] - CH_0)
-                s += 1
-            if v > 0xFFFFFFFFu:
-                return False
-            flags[0] = <uint32_t>v
-            return True
-        e = s
-    return False
+    while e > f and (e - 1)[0] == CH_SP:
+        e -= 1
+    s = e
+    while s > f and (s - 1)[0] != CH_SP:
+        s -= 1
+    if e - s < 7 or e - s > 16 or memcmp(s, b"flags=", 6) != 0:
+        return False
+    s += 6
+    while s < e:
+        if s[0] < CH_0 or s[0] > CH_9:
+            return False
+        v = v * 10 + <uint64_t>(s[0] - CH_0)
+        s += 1
+    if v > 0xFFFFFFFFu:
+        return False
+    flags[0] = <uint32_t>v
+    return True
 
 
 cdef int parse_hd(const char *line, size_t n, MetaHit *hit) noexcept nogil:

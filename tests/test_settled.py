@@ -581,11 +581,12 @@ def test_a_copy_listed_with_flags_not_newer_than_the_note_is_kept_without_a_fetc
     (b"flags=%011d" % NOW_MS, False),  # eleven digits: not a listed flag
     (b"flags=", False), (b"flags=12x", False), (b"flags=-1", False), (b"flags=4294967296", False),
     (b"flags=99999999999", False), (b"flag=%d" % NOW_MS, False), (b"", False),
-    (b"flags=%d flags=1" % NOW_MS, True), (b"flags=1 flags=x", False),  # the last flags= counts
+    (b"flags=1 flags=%d" % NOW_MS, True), (b"flags=%d flags=x" % NOW_MS, False),  # the last field counts
+    (b"flags=%d size=60" % NOW_MS, False),  # flags= is memcached's last field: another last field, no flags
 ])
 def test_the_listed_flags_are_read_alike_by_both_builds(fields, kept):
-    """Only a well-formed ``flags=`` (1-10 ASCII digits, at most 0xFFFFFFFF; the last one)
-    spares a fetch; anything else and the copy is fetched as from 1.6.18."""
+    """Only a well-formed ``flags=`` as the line's last field (1-10 ASCII digits, at most
+    0xFFFFFFFF) spares a fetch; anything else and the copy is fetched as from 1.6.18."""
     key = keys_with_top_bit(1, 1)[0]
     taps = (_tap_py,) if _tap_c is None else (_tap_c, _tap_py)
     for tap in taps:

@@ -319,11 +319,14 @@ def test_crawler_busy_for_good_fails_without_wedging_the_source(cluster_factory)
         hog.release()
 
 
-def test_busy_answer_is_retried(monkeypatch):
-    """The BUSY line itself (a crawl moving, caught between its pauses) is retried like the stat."""
+IDLE = b"STAT lru_crawler_running 0\r\nEND\r\n"
+LISTING = b"key=a exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n"
+
+
+def start_metadump_against(answers):
+    """``source._start_metadump`` against a scripted server answering each request line with
+    the next of ``answers``: (bytes read, walk, the request lines the server heard)."""
     ours, theirs = socket.socketpair()
-    answers = [b"STAT lru_crawler_running 0\r\nEND\r\n", b"BUSY currently processing crawler request\r\n",
-               b"STAT lru_crawler_running 0\r\nEND\r\n", b"key=a exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n"]
     heard = []
 
     def server():
@@ -334,12 +337,20 @@ def test_busy_answer_is_retried(monkeypatch):
 
     t = threading.Thread(target=server, daemon=True)
     t.start()
-    first, walk = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
-    t.join(5)
+    try:
+        first, walk = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
+        t.join(5)
+        return first, walk, heard
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_busy_answer_is_retried():
+    """The BUSY line itself (a crawl moving, caught between its pauses) is retried like the stat."""
+    first, walk, heard = start_metadump_against([IDLE, b"BUSY currently processing crawler request\r\n", IDLE, LISTING])
     assert heard == [b"stats\r\n", b"lru_crawler metadump hash\r\n"] * 2
     assert first.endswith(b"END\r\n") and walk == source.WALK_HASH
-    ours.close()
-    theirs.close()
 
 
 @pytest.mark.parametrize("refusal", [b"BADCLASS invalid class id", b"ERROR", b"CLIENT_ERROR bad command line format"])
@@ -347,25 +358,9 @@ def test_a_server_refusing_the_hash_walk_is_listed_by_lru_and_says_so(refusal):
     """A server without ``metadump hash`` (memcached before 1.6.x had only class ids and
     ``all``) is asked for ``all`` on the same connection, and the source says which walk it
     gives: the stream keeps the duplicate check for it (an LRU walk can list an item twice)."""
-    ours, theirs = socket.socketpair()
-    answers = [b"STAT lru_crawler_running 0\r\nEND\r\n", refusal + b"\r\n",
-               b"STAT lru_crawler_running 0\r\nEND\r\n", b"key=a exp=-1 la=1 cas=1 fetch=no cls=1 size=60\nEND\r\n"]
-    heard = []
-
-    def server():
-        f = theirs.makefile("rb")
-        for a in answers:
-            heard.append(f.readline())
-            theirs.sendall(a)
-
-    t = threading.Thread(target=server, daemon=True)
-    t.start()
-    first, walk = source._start_metadump("fake:1", ours, 5, 5, 3, 0.01)
-    t.join(5)
+    first, walk, heard = start_metadump_against([IDLE, refusal + b"\r\n", IDLE, LISTING])
     assert heard == [b"stats\r\n", b"lru_crawler metadump hash\r\n", b"stats\r\n", b"lru_crawler metadump all\r\n"]
     assert first.endswith(b"END\r\n") and walk == source.WALK_ALL
-    ours.close()
-    theirs.close()
 
 
 def test_a_hash_walk_stream_skips_the_duplicate_check(pair, monkeypatch):

@@ -784,6 +784,7 @@ class Writer:
         self._md_head = 0
         self._md_offset = 0
         self._md_ended = False
+        self._md_lists_flags = 0           # 0 until the first key line, then 1 if it listed flags, else 2
         self._defer = None                 # a crawler stream's hold: fetches deferred (see the class docstring)
         self._deferred = deque()           # (due: listed count, key, exp, vb, key_hash64, listed flags, line bytes), oldest first
         self._deferred_bytes = 0
@@ -1253,8 +1254,10 @@ class Writer:
                                     digits = re.match(rb"[0-9]*", f[5:]).group()
                                     size = min(int(digits or b"0"), 0xFFFFFFFF)
                                     break
-                        if self._settled is not None:
+                        if self._settled is not None and self._md_lists_flags != 2:
                             flags = _listed_flags(fields[i + 1:])
+                        if self._md_lists_flags == 0:  # a server lists flags on every line or on none
+                            self._md_lists_flags = 1 if flags is not None else 2
                         break
             if exp is None or exp < -1 or exp > 0xFFFFFFFF:
                 raise CrawlerError("metadump line without a valid exp", offset)

@@ -622,6 +622,7 @@ cdef class Writer:
     cdef uint32_t _mdflags[LANES]     # the listed flags (memcached 1.6.24 on), if _mdhasflags
     cdef bint _mdhasflags[LANES]
     cdef uint64_t _mdkh[LANES]        # the key's key_hash64, if _mdhasflags
+    cdef int _md_lists_flags          # 0 until the first key line, then 1 if it listed flags, else 2
     cdef uint16_t _mdrestlen[LANES]   # flushed, within one _metadump_lines): size= is read there if needed
     cdef char _mdkeys[LANES * C_MAX_KEY]
     cdef uint8_t *_defer       # a crawler stream's hold (by vbucket, as _hold): fetches deferred
@@ -1582,13 +1583,16 @@ cdef class Writer:
             self._mdrest[self._mdn] = rest
             self._mdlinelen[self._mdn] = <uint16_t>(n + 1)
             self._mdhasflags[self._mdn] = False
-            if self._settled != NULL and listed_flags(rest, lend - rest, &self._mdflags[self._mdn]):
+            if (self._settled != NULL and self._md_lists_flags != 2
+                    and listed_flags(rest, lend - rest, &self._mdflags[self._mdn])):
                 # Listed flags are checked against the settled table when the lanes are
                 # flushed: the table entry, a cache miss (the other workers write the table),
                 # is fetched now, while the next lines are parsed.
                 self._mdhasflags[self._mdn] = True
                 self._mdkh[self._mdn] = c_key_hash64(self._mdkeys + self._mdn * C_MAX_KEY, dlen)
                 prefetch(self._entry(self._mdkh[self._mdn]))
+            if self._md_lists_flags == 0:  # a server lists flags on every line or on none
+                self._md_lists_flags = 1 if self._mdhasflags[self._mdn] else 2
             self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
             self._mdn += 1
             if self._mdn == LANES:

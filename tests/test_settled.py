@@ -598,6 +598,23 @@ def test_the_listed_flags_are_read_alike_by_both_builds(fields, kept):
         assert (w.kept_as_listed, fetched_keys(w.fetch_requests())) == ((1, []) if kept else (0, [key])), tap
 
 
+def test_the_first_key_line_tells_whether_the_server_lists_flags(tap):
+    """memcached lists flags on every line (1.6.24 on) or on none: after a first key line
+    without them, later lines are not searched (their copies are fetched), which spares a
+    1.6.18 listing the search on every line."""
+    t = table()
+    gen = t.next_generation()
+    keys = keys_with_top_bit(1, 3, prefix=b"t\\\\ff")
+    noted(tap, t, gen, keys)
+    with_flags = [b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60 flags=%d\n" % (k, NOW_MS) for k in keys]
+    w = writer(tap, t, gen)
+    w.feed_metadump(with_flags[0] + b"".join(with_flags[1:]))
+    assert (w.kept_as_listed, fetched_keys(w.fetch_requests())) == (3, [])
+    w = writer(tap, t, gen)
+    w.feed_metadump(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n" % keys[0] + b"".join(with_flags[1:]))
+    assert (w.kept_as_listed, fetched_keys(w.fetch_requests())) == (0, keys)
+
+
 def test_a_deferred_copy_listed_with_flags_is_kept_without_a_fetch_once_noted(tap):
     t = table(1 << 16)
     gen = t.next_generation()

@@ -829,7 +829,8 @@ class Writer:
             "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
-            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates, "kept_as_listed": self.kept_as_listed,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "kept_as_listed": self.kept_as_listed,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
@@ -1384,21 +1385,25 @@ class Writer:
         finally:
             answers.head = pos
 
-    def _listed_kept(self, vb, size):
-        """A copy listed with flags not newer than the table's note is settled as kept without
-        a fetch (``size``: its listing line's bytes)."""
+    def _kept_on_flags(self, vb, size):
+        """A crawler copy whose flags (answered alone, or listed) are not newer than the
+        table's note is settled as kept; no value travelled (``size``: the bytes that
+        carried the flags)."""
         self._count_entry(vb, size)
         self.deduplicated += 1
         self.kept += 1
+
+    def _listed_kept(self, vb, size):
+        """A copy listed with flags not newer than the note: kept without a fetch (``size``:
+        its listing line's bytes)."""
+        self._kept_on_flags(vb, size)
         self.kept_as_listed += 1
 
     def _flags_answer(self, key, listed, vb, flags, size):
         """A flags-only fetch's answer: a copy not newer than the note is settled as kept, as
         the Writer's records are (no value travelled); a newer one is fetched again whole."""
         if self._known(key_hash64(key), flags):
-            self._count_entry(vb, size)
-            self.deduplicated += 1
-            self.kept += 1
+            self._kept_on_flags(vb, size)
             return
         self.refetched += 1
         self._requeue_fetch(key, listed, vb, _FETCH_WHOLE)

@@ -778,7 +778,8 @@ cdef class Writer:
             "replaced": self.replaced, "kept": self.kept, "failed": self.failed,
             "retries": self.retries, "skipped_own": self.skipped_own,
             "skipped_unwanted": self.skipped_unwanted, "tombstones": self.tombstones,
-            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates, "kept_as_listed": self.kept_as_listed,
+            "other_tap": self.other_tap, "vanished": self.vanished, "duplicates": self.duplicates,
+            "kept_as_listed": self.kept_as_listed,
             "read_first": self.read_first, "deduplicated": self.deduplicated, "held": self.held,
             "refetched": self.refetched,
             "last_error": self.last_error, "backlog": self.backlog,
@@ -1757,12 +1758,18 @@ cdef class Writer:
         self._fetch_in_flight -= 1
         return <Py_ssize_t>idx
 
-    cdef inline void _listed_kept(self, uint32_t vb, uint64_t size) noexcept nogil:
-        """A copy listed with flags not newer than the table's note is settled as kept without
-        a fetch (``size``: its listing line's bytes)."""
+    cdef inline void _kept_on_flags(self, uint32_t vb, uint64_t size) noexcept nogil:
+        """A crawler copy whose flags (answered alone, or listed) are not newer than the
+        table's note is settled as kept; no value travelled (``size``: the bytes that
+        carried the flags)."""
         self._count_entry(vb, size)
         self.deduplicated += 1
         self.kept += 1
+
+    cdef inline void _listed_kept(self, uint32_t vb, uint64_t size) noexcept nogil:
+        """A copy listed with flags not newer than the note: kept without a fetch (``size``:
+        its listing line's bytes)."""
+        self._kept_on_flags(vb, size)
         self.kept_as_listed += 1
 
     cdef int _flags_answer(self, Fetch *e, uint32_t flags, size_t size) except -1:
@@ -1770,9 +1777,7 @@ cdef class Writer:
         the Writer's records are (no value travelled); a newer one is fetched again whole."""
         cdef Fetch f
         if self._known(e.key_hash, flags):
-            self._count_entry(e.vb, size)
-            self.deduplicated += 1
-            self.kept += 1
+            self._kept_on_flags(e.vb, size)
             return 0
         self.refetched += 1
         memcpy(&f, e, sizeof(Fetch))  # the queue may move when it grows

@@ -1278,7 +1278,8 @@ class Writer:
                 self.duplicates += 1  # the one queued fetch will read the latest copy
                 return False
             self._listed += 1
-            kh = key_hash64(key) if self._settled is not None else 0
+            # the key's table hash, for the listed flags or the deferral (the fetch computes its own)
+            kh = key_hash64(key) if flags is not None or self._defer is not None else 0
             if flags is not None and self._known(kh, flags):
                 # Listed with flags (1.6.24 on) not newer than the note: kept, and not fetched.
                 self._listed_kept(vb, len(line) + 1)

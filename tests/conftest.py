@@ -1,9 +1,8 @@
 import os
-import subprocess
 
 import pytest
 
-from astaire.demo.localcluster import LocalCluster, MemcachedServer
+from astaire.demo.localcluster import LocalCluster, MemcachedServer, run_build_script
 from tests.codec_impls import tap  # noqa: F401 (a fixture: the codec and Writer tests run once per build)
 from tests.daemon_helpers import daemons, servers, tap_resize, taps  # noqa: F401 (fixtures for the end-to-end tests)
 from tests.snmp_helpers import snmp_agents, trapd  # noqa: F401 (fixtures for the SNMP tests)
@@ -23,10 +22,10 @@ def memcached_flags() -> str:
     """A stock memcached recent enough (1.6.24 on) to list flags in ``lru_crawler metadump``:
     1.6.38, built from Debian's source by scripts/build-memcached on first use."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "build-memcached")
-    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600)
-    if r.returncode != 0 or not r.stdout.strip():
-        pytest.fail(f"building memcached with {script} failed: {r.stderr[-2000:]}")
-    return r.stdout.strip().splitlines()[-1]
+    try:
+        return run_build_script(script, "memcached 1.6.38")
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture

@@ -608,7 +608,7 @@ def test_the_first_key_line_tells_whether_the_server_lists_flags(tap):
     noted(tap, t, gen, keys)
     with_flags = [b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60 flags=%d\n" % (k, NOW_MS) for k in keys]
     w = writer(tap, t, gen)
-    w.feed_metadump(with_flags[0] + b"".join(with_flags[1:]))
+    w.feed_metadump(b"".join(with_flags))
     assert (w.kept_as_listed, fetched_keys(w.fetch_requests())) == (3, [])
     w = writer(tap, t, gen)
     w.feed_metadump(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\n" % keys[0] + b"".join(with_flags[1:]))

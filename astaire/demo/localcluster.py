@@ -39,10 +39,15 @@ def tap_fork_build_script() -> Path:
 def tap_fork_prefix() -> str:
     """The fork's install prefix, built (idempotently) by its build script on first use.
     TapForkMissing without a script; RuntimeError, with the build's output, if it fails."""
-    script = tap_fork_build_script()
+    return run_build_script(tap_fork_build_script(), "the TAP fork")
+
+
+def run_build_script(script: str | Path, what: str) -> str:
+    """Run an idempotent build script (the TAP fork's, scripts/build-memcached) and return
+    the last line it prints (where it installed); RuntimeError, with its output, if it fails."""
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
     if r.returncode != 0 or not r.stdout.strip():
-        raise RuntimeError(f"building the TAP fork with {script} failed: {r.stderr[-2000:]}")
+        raise RuntimeError(f"building {what} with {script} failed: {r.stderr[-2000:]}")
     return r.stdout.strip().splitlines()[-1]
 
 

@@ -51,8 +51,9 @@ SPOOL_RING_START = 512 * 1024      # the ring's first size: it doubles as the ba
 SPOOL_MIN_ROOM = 64 * 1024         # the least free space in one piece worth reading into directly
 # A metadump read smaller than this is followed by LISTING_GATHER_WAIT seconds in which the
 # listing is not read: memcached 1.6.38 writes its listing in 15-50 KB pieces (1.6.18:
-# 100-500 KB), and each read is a trip through the loop. The server does not wait on it:
-# the socket buffers far more than it writes in that time.
+# 100-210 KB), and each read is a trip through the loop. The server does not wait on it:
+# the receive buffer the listing's socket asks for (source.METADUMP_RCVBUF) holds far more
+# than it writes in that time.
 LISTING_GATHER_BYTES = 64 * 1024
 LISTING_GATHER_WAIT = 0.004
 

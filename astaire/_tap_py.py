@@ -1659,15 +1659,12 @@ class Pump:
     source_reads = property(lambda self: self._counts["source"][0])
     source_bytes_read = property(lambda self: self._counts["source"][1])
 
-    def run(self, timeout, src_fd=-1, src_mode=PUMP_SRC_NONE, src_ended=False, spool_waiting=False,
-            src_after=0.0) -> int:
+    def run(self, timeout, src_fd=-1, src_mode=PUMP_SRC_NONE, src_ended=False, spool_waiting=False) -> int:
         """Move bytes until there is something for the caller, at most ``timeout`` seconds;
         returns a PUMP_* code. ``src_fd`` / ``src_mode``: the source's socket and how it is
         watched (PUMP_SRC_*). ``src_ended``: the source has ended (DONE can be reached).
         ``spool_waiting``: the caller holds listing text for the Writer (SPOOL is returned
-        once a batch of fetches fits). ``src_after``: a caller-read source (PUMP_SRC_CALLER)
-        is not watched before this ``time.monotonic()`` time, so that text arriving a little
-        at a time gathers in the socket and is read in fewer, larger pieces."""
+        once a batch of fetches fits)."""
         w = self.w
         deadline = time.monotonic() + timeout
         self.peer = self.op = ""
@@ -1686,9 +1683,7 @@ class Pump:
             room = self._room()
             if self._ffd >= 0:
                 poller.register(self._ffd, (select.POLLIN if room else 0) | (select.POLLOUT if self._fout else 0))
-            quiet = src_mode == PUMP_SRC_CALLER and src_after > 0.0 and time.monotonic() < src_after
-            watch_src = src_fd >= 0 and ((src_mode == PUMP_SRC_CALLER and not quiet)
-                                         or (src_mode == PUMP_SRC_TAP and room))
+            watch_src = src_fd >= 0 and (src_mode == PUMP_SRC_CALLER or (src_mode == PUMP_SRC_TAP and room))
             if watch_src:
                 poller.register(src_fd, select.POLLIN)
             if self._trickle:
@@ -1700,10 +1695,7 @@ class Pump:
             if now >= deadline:
                 return PUMP_TIMEOUT
             try:
-                ms = int(min(deadline - now, 3600.0) * 1000) + 1
-                if quiet and src_fd >= 0:  # wake when the source is to be watched again
-                    ms = 0 if now >= src_after else min(ms, int((src_after - now) * 1000) + 1)
-                ready = dict(poller.poll(ms))
+                ready = dict(poller.poll(int(min(deadline - now, 3600.0) * 1000) + 1))
             except InterruptedError:  # pragma: no cover - PEP 475 retries; a raising handler propagates
                 return PUMP_SIGNAL
             if not ready:

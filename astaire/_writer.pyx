@@ -2233,18 +2233,16 @@ cdef class Pump:
         return n
 
     def run(self, double timeout, int src_fd=-1, int src_mode=C_SRC_NONE, bint src_ended=False,
-            bint spool_waiting=False, double src_after=0.0):
+            bint spool_waiting=False):
         """Move bytes until there is something for the caller, at most ``timeout`` seconds;
         returns a PUMP_* code. ``src_fd`` / ``src_mode``: the source's socket and how it is
         watched (PUMP_SRC_*). ``src_ended``: the source has ended (DONE can be reached).
         ``spool_waiting``: the caller holds listing text for the Writer (SPOOL is returned
-        once a batch of fetches fits). ``src_after``: a caller-read source (PUMP_SRC_CALLER)
-        is not watched before this ``time.monotonic()`` time, so that text arriving a little
-        at a time gathers in the socket and is read in fewer, larger pieces."""
+        once a batch of fetches fits)."""
         cdef Writer w = self.w
         cdef pollfd fds[3]
         cdef int nfds, fi, si, ms, r
-        cdef bint room, quiet
+        cdef bint room
         cdef ssize_t n
         cdef double now, deadline = monotonic() + timeout
         cdef timespec nap
@@ -2272,8 +2270,7 @@ cdef class Pump:
                                     | (POLLOUT if w._fetch_out.head < w._fetch_out.len else 0))
                 fi = nfds
                 nfds += 1
-            quiet = src_mode == C_SRC_CALLER and src_after > 0.0 and monotonic() < src_after
-            if src_fd >= 0 and ((src_mode == C_SRC_CALLER and not quiet) or (src_mode == C_SRC_TAP and room)):
+            if src_fd >= 0 and (src_mode == C_SRC_CALLER or (src_mode == C_SRC_TAP and room)):
                 fds[nfds].fd = src_fd
                 fds[nfds].events = POLLIN
                 si = nfds
@@ -2290,8 +2287,6 @@ cdef class Pump:
             if now >= deadline:
                 return C_PUMP_TIMEOUT
             ms = <int>(min(deadline - now, 3600.0) * 1000.0) + 1
-            if quiet and src_fd >= 0:  # wake when the source is to be watched again
-                ms = 0 if now >= src_after else min(ms, <int>((src_after - now) * 1000.0) + 1)
             with nogil:
                 r = c_poll(fds, nfds, ms)
             if r < 0:

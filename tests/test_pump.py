@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 
 import pytest
 
@@ -117,25 +116,6 @@ def test_the_caller_reads_a_source_it_keeps(tap, target):
         assert pump.run(5, src.fileno(), tap.PUMP_SRC_CALLER) == tap.PUMP_SOURCE
         assert src.recv(100) == b"key=a exp=-1\r\n"  # untouched by the pump
         assert pump.source_reads == 0
-
-
-def test_a_source_the_caller_reads_is_not_watched_before_src_after(tap, target):
-    """The stream lets a listing that arrives a little at a time gather (stream.py,
-    LISTING_GATHER_WAIT): until ``src_after`` the Pump does not report the readable source,
-    then it does, within the same run."""
-    ours, theirs = target
-    src, far = _pair()
-    with src, far:
-        pump = tap.Pump(_writer(tap), ours.fileno())
-        far.sendall(b"key=a exp=-1\r\n")
-        assert pump.run(0.1, src.fileno(), tap.PUMP_SRC_CALLER, src_after=time.monotonic() + 60) == tap.PUMP_TIMEOUT
-        after = time.monotonic() + 0.05
-        assert pump.run(5, src.fileno(), tap.PUMP_SRC_CALLER, src_after=after) == tap.PUMP_SOURCE
-        assert time.monotonic() >= after
-        # A time already past (as when the run began late) watches the source at once; it
-        # must never turn into a wait without end.
-        assert pump.run(5, src.fileno(), tap.PUMP_SRC_CALLER, src_after=time.monotonic() - 3) == tap.PUMP_SOURCE
-        assert src.recv(100) == b"key=a exp=-1\r\n"
 
 
 def test_listing_text_waiting_is_asked_for_once_a_batch_of_fetches_fits(tap, target):

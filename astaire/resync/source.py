@@ -252,7 +252,6 @@ def open_crawler(server: str, *, connect_timeout: float = 5.0, idle_timeout: flo
                         server, version, ".".join(map(str, MIN_CRAWLER_VERSION)))
         dump = _connect(server, connect_timeout)
         socks.append(dump)
-        _widen_receive_buffer(dump)
         first, walk = _start_metadump(server, dump, connect_timeout, idle_timeout, busy_retries, busy_backoff)
         src = CrawlerSource(server, dump, fetch, first, version, walk)
         socks.clear()
@@ -301,21 +300,6 @@ def _hello(server: str, sock: socket.socket, timeout: float) -> str:
 def _version_tuple(version: str) -> tuple[int, ...] | None:
     m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
     return tuple(int(x) for x in m.groups()) if m else None
-
-
-METADUMP_RCVBUF = 4 * 1024 * 1024  # asked for the listing's socket (the kernel caps it at net.core.rmem_max)
-
-
-def _widen_receive_buffer(sock: socket.socket) -> None:
-    """Let the listing's socket hold more than TCP's first window (128 KB with Debian's
-    defaults): memcached's crawler waits, in poll, whenever its socket is full, and the
-    stream reads the listing in pieces, now and then a few milliseconds apart
-    (``stream.LISTING_GATHER_WAIT``). Asked after connect, the buffer still gets its window:
-    Linux sized the connection's window scale for the largest buffer it could grow to."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, METADUMP_RCVBUF)
-    except OSError as e:  # not fatal: the kernel's own sizing still works
-        log.debug("could not widen the metadump socket's receive buffer: %s", reason(e))
 
 
 def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, idle_timeout: float, retries: int,

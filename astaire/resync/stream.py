@@ -49,13 +49,6 @@ MAX_PENDING_OUT = 1024 * 1024  # bytes waiting for the target before the source 
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # metadump text kept in memory (a ring) before it spills to a temporary file
 SPOOL_RING_START = 512 * 1024      # the ring's first size: it doubles as the backlog needs
 SPOOL_MIN_ROOM = 64 * 1024         # the least free space in one piece worth reading into directly
-# A metadump read smaller than this is followed by LISTING_GATHER_WAIT seconds in which the
-# listing is not read: memcached 1.6.38 writes its listing in 15-50 KB pieces (1.6.18:
-# 100-210 KB), and each read is a trip through the loop. The server does not wait on it:
-# the receive buffer the listing's socket asks for (source.METADUMP_RCVBUF) holds far more
-# than it writes in that time.
-LISTING_GATHER_BYTES = 64 * 1024
-LISTING_GATHER_WAIT = 0.004
 
 
 @dataclass
@@ -302,7 +295,6 @@ class _Stream:
         self.source_ended = False
         self.spool = _Spool()      # crawler: metadump text read but not yet given to the Writer
         self.dump_eof = False      # crawler: the metadump connection closed
-        self.listing_after = 0.0   # crawler: the metadump is not read before this monotonic time
         self.error: str | None = None
         self.drained = 0
         self.last_progress = time.monotonic()
@@ -435,7 +427,7 @@ class _Stream:
             timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
             try:
                 r = pump.run(max(timeout, 0.001), self.src.sock.fileno() if mode else -1, mode, self.source_ended,
-                             bool(self.spool) and not self.source_ended, self.listing_after)
+                             bool(self.spool) and not self.source_ended)
             except ProtocolError as e:
                 raise self._broken(e) from e
             except OSError as e:
@@ -498,9 +490,7 @@ class _Stream:
             raise _Failure(f"{peer.what}: {reason(e)}{self._so_far()}", True) from e
         if n is None:
             return
-        self.last_progress = now = time.monotonic()
-        # A small read: let the next piece gather first.
-        self.listing_after = now + LISTING_GATHER_WAIT if 0 < n < LISTING_GATHER_BYTES else 0.0
+        self.last_progress = time.monotonic()
         if n == 0:
             self.dump_eof = True
             self._feed_spool()

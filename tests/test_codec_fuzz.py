@@ -511,7 +511,7 @@ def _uri(key):
 
 
 EXPS = [b"-1", b"0", b"12345", b"4294967295", b"4294967296", b"99999999999999999999999", b"-2", b"-0", b"",
-        b"x", b"+1", b"1_0", b"-", b"-1-1"]
+        b"x", b"+1", b"1_0", b"-", b"-1-1", b"1764800000", b"00000000001", b"-00000000001", b"9999999999"]
 OTHER_LINES = [b"OK", b"BUSY currently processing crawler request", b"ERROR", b"CLIENT_ERROR x", b"SERVER_ERROR y",
                b"key=a%4 exp=1", b"key=%zz exp=1", b"key=abc", b"garbage", b"", b"key= exp=1", b"END"]
 TAILS = [b" la=1 cas=2 fetch=no cls=1 size=70", b"", b" flags=5", b"  exp=9", b" "]

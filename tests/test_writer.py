@@ -440,6 +440,27 @@ def test_fetches_in_flight_are_bounded_by_the_window(tap):
     assert w.fetch_requests() == b"" and w.fetch_backlog == 30
 
 
+def test_metadump_lines_off_the_common_shape_parse_as_the_common_ones(tap):
+    """A line is read in one pass when exp comes right after the key with 1-10 digits; any
+    other valid shape (exp later, zero-padded past ten digits, a raw key longer than a key
+    that decodes within one) takes the general parse and lists the same keys."""
+    long_raw = b"%41" * 40 + b"b" * 210  # 330 raw bytes, 250 decoded: the longest key
+    text = (b"key=k1 la=1 exp=5 cas=2\n"
+            b"key=k2 exp=00000000007 la=1\n"
+            b"key=k3 exp=-00000000001\n"
+            b"key=" + long_raw + b" exp=1764800000 la=1 size=70\n"
+            b"key=k%5C%5C5 exp=1764800000\n"
+            b"END\r\n")
+    w = tap.Writer(ALL, window=16)
+    assert w.feed_metadump(text) is True
+    assert [g for g in meta_gets(w.fetch_requests()) if g != MN] == [
+        (b"k1", 0), (b"k2", 1), (b"k3", 2), (b"A" * 40 + b"b" * 210, 3), (b"k\\\\5", 4)]
+    w = tap.Writer(ALL)
+    with pytest.raises(CrawlerError) as e:
+        w.feed_metadump(b"key=" + long_raw + b"c exp=1\n")  # 251 decoded bytes
+    assert "bad key" in str(e.value)
+
+
 @pytest.mark.parametrize("line,exc", [
     (b"BUSY currently processing crawler request", CrawlerBusy),
     (b"ERROR cannot pipeline other commands before metadump", CrawlerError),
@@ -452,6 +473,9 @@ def test_fetches_in_flight_are_bounded_by_the_window(tap):
     (b"key=a%2 exp=1", CrawlerError),
     (b"key=a%zz exp=1", CrawlerError),
     (b"key= exp=1", CrawlerError),
+    (b"key=abc exp=4294967296 la=1", CrawlerError),
+    (b"key=abc exp=12x", CrawlerError),
+    (b"key=abc exp=", CrawlerError),
 ])
 def test_metadump_refusals_and_garbage_raise_with_the_line_offset(tap, line, exc):
     w = tap.Writer(ALL)

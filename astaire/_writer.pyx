@@ -1499,117 +1499,109 @@ cdef class Writer:
         return 0
 
     cdef bint _metadump_line(self, const char *line, size_t n, uint64_t offset) except -1:
-        cdef const char *sp
+        cdef const char *p
         cdef const char *f
-        cdef const char *fend
+        cdef const char *start
+        cdef const char *digits
         cdef const char *lend = line + n
-        cdef const char *raw
-        cdef size_t rawlen, i, dlen
-        cdef char dec[C_MAX_LINE]
+        cdef const char *rest = lend
         cdef char *dst
-        cdef bint found = False, neg, big
+        cdef size_t dlen = 0
+        cdef bint found = False, bad_escape = False, neg
         cdef uint64_t val
         cdef int64_t exp = 0
-        cdef const char *rest = lend
         cdef int hi, lo
+        cdef unsigned char c
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
-            dlen = md_fast_key_exp(line + 4, lend, &self._mdkeys[self._mdn * C_MAX_KEY], &exp, &rest)
-            if dlen:
-                return self._md_add(line, n, dlen, exp, rest)
-            # The key (tens of bytes) ends at the first space, found with memchr; the fields
-            # after it are a few bytes each and are scanned inline (a memchr call per field
-            # cost more than the scan).
-            sp = <const char *>memchr(line + 4, CH_SP, n - 4)
-            if sp == NULL:
-                sp = lend
-            raw = line + 4
-            rawlen = sp - raw
-            if sp < lend:
-                f = sp + 1
-                while f <= lend:
-                    fend = f
-                    while fend < lend and fend[0] != CH_SP:
-                        fend += 1
-                    if not found and fend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
+            # One pass over the line. The key (tens of bytes) is decoded into its lane's slot
+            # while its end, the first space, is looked for; past C_MAX_KEY decoded bytes it is
+            # only counted. A bad escape is remembered, not raised: a bad exp is reported first.
+            dst = &self._mdkeys[self._mdn * C_MAX_KEY]
+            p = line + 4
+            while p < lend and p[0] != CH_SP:
+                if p[0] == CH_PCT:
+                    hi = lo = -1
+                    if lend - p >= 3:
+                        hi = _hexval(p[1])
+                        lo = _hexval(p[2])
+                    if hi < 0 or lo < 0:
+                        bad_escape = True
+                        p = <const char *>memchr(p, CH_SP, <size_t>(lend - p))
+                        if p == NULL:
+                            p = lend
+                        break
+                    if dlen < C_MAX_KEY:
+                        dst[dlen] = <char>(hi * 16 + lo)
+                    p += 3
+                else:
+                    if dlen < C_MAX_KEY:
+                        dst[dlen] = p[0]
+                    p += 1
+                dlen += 1
+            # The fields after the key are a few bytes each and are scanned inline (a memchr
+            # call per field cost more than the scan); memcached lists exp first. Its digits
+            # are read as they are scanned: leading zeros skipped, more than ten significant
+            # digits is past 0xFFFFFFFF, so no digit needs an overflow check.
+            if p < lend:
+                f = p + 1
+                while True:
+                    if lend - f >= 4 and memcmp(f, astaire_exp_eq, 4) == 0:
                         f += 4
-                        neg = f < fend and f[0] == CH_MINUS
+                        neg = f < lend and f[0] == CH_MINUS
                         if neg:
                             f += 1
-                        if f == fend:
-                            raise CrawlerError("bad exp in metadump line", offset)
-                        val = 0
-                        big = False
-                        while f < fend:
-                            if f[0] < CH_0 or f[0] > CH_9:
-                                raise CrawlerError("bad exp in metadump line", offset)
-                            if not big:
-                                val = val * 10 + <uint64_t>(f[0] - CH_0)
-                                if val > 0xFFFFFFFFu:  # u: a C constant (bare, Cython compares as Python ints)
-                                    big = True
+                        start = f
+                        while f < lend and f[0] == CH_0:
                             f += 1
-                        found = not big and (not neg or val <= 1)
+                        digits = f
+                        val = 0
+                        while f < lend:
+                            c = <unsigned char>(f[0] - CH_0)
+                            if c > 9:
+                                break
+                            val = val * 10 + c  # wraps only past 19 digits, refused below
+                            f += 1
+                        if f == start or (f < lend and f[0] != CH_SP):
+                            raise CrawlerError("bad exp in metadump line", offset)
+                        found = f - digits <= 10 and val <= 0xFFFFFFFFu and (not neg or val <= 1)
                         exp = -<int64_t>val if neg else <int64_t>val
-                        rest = fend  # the fields after exp: a deferring stream reads size= there
+                        rest = f  # the fields after exp: a deferring stream reads size= there
                         break
-                    f = fend + 1
+                    while f < lend and f[0] != CH_SP:
+                        f += 1
+                    if f >= lend:
+                        break
+                    f += 1
             if not found:
                 raise CrawlerError("metadump line without a valid exp", offset)
-            # Decoded straight into the key's slot when it cannot overflow it (decoding never
-            # lengthens a key); a longer raw key goes through ``dec`` and is checked first.
-            if rawlen <= C_MAX_KEY:
-                dst = &self._mdkeys[self._mdn * C_MAX_KEY]
-            else:
-                dst = &dec[0]
-            dlen = 0
-            i = 0
-            while i < rawlen:
-                if raw[i] == CH_PCT:
-                    if i + 2 >= rawlen:
-                        raise CrawlerError("bad %-escape in metadump key", offset)
-                    hi = _hexval(raw[i + 1])
-                    lo = _hexval(raw[i + 2])
-                    if hi < 0 or lo < 0:
-                        raise CrawlerError("bad %-escape in metadump key", offset)
-                    dst[dlen] = <char>(hi * 16 + lo)
-                    i += 3
-                else:
-                    dst[dlen] = raw[i]
-                    i += 1
-                dlen += 1
+            if bad_escape:
+                raise CrawlerError("bad %-escape in metadump key", offset)
             if dlen == 0 or dlen > C_MAX_KEY:
                 raise CrawlerError("bad key in metadump line", offset)
-            if dst == &dec[0]:
-                memcpy(self._mdkeys + self._mdn * C_MAX_KEY, dec, dlen)
-            return self._md_add(line, n, dlen, exp, rest)
+            if exp < 0:
+                exp = 0
+            self._mdlen[self._mdn] = <uint16_t>dlen
+            self._mdexp[self._mdn] = <uint32_t>exp
+            self._mdrest[self._mdn] = rest
+            self._mdlinelen[self._mdn] = <uint16_t>(n + 1)
+            self._mdhasflags[self._mdn] = False
+            if (self._settled != NULL and self._md_lists_flags != 2
+                    and listed_flags(rest, lend - rest, &self._mdflags[self._mdn])):
+                # Listed flags are checked against the settled table when the lanes are
+                # flushed: the table entry, a cache miss (the other workers write the table),
+                # is fetched now, while the next lines are parsed.
+                self._mdhasflags[self._mdn] = True
+                self._mdkh[self._mdn] = c_key_hash64(self._mdkeys + self._mdn * C_MAX_KEY, dlen)
+                prefetch(self._entry(self._mdkh[self._mdn]))
+            if self._md_lists_flags == 0:  # a server lists flags on every line or on none
+                self._md_lists_flags = 1 if self._mdhasflags[self._mdn] else 2
+            self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
+            self._mdn += 1
+            if self._mdn == LANES:
+                self._md_flush()
+            return False
         self._md_flush()  # in order: the keys before this line first
         return _other_metadump_line(PyBytes_FromStringAndSize(line, n), offset)
-
-    cdef inline bint _md_add(self, const char *line, size_t n, size_t dlen, int64_t exp,
-                             const char *rest) except -1:
-        """Lane ``_mdn`` takes the key line whose decoded key is already in its slot."""
-        cdef const char *lend = line + n
-        if exp < 0:
-            exp = 0
-        self._mdlen[self._mdn] = <uint16_t>dlen
-        self._mdexp[self._mdn] = <uint32_t>exp
-        self._mdrest[self._mdn] = rest
-        self._mdlinelen[self._mdn] = <uint16_t>(n + 1)
-        self._mdhasflags[self._mdn] = False
-        if (self._settled != NULL and self._md_lists_flags != 2
-                and listed_flags(rest, lend - rest, &self._mdflags[self._mdn])):
-            # Listed flags are checked against the settled table when the lanes are
-            # flushed: the table entry, a cache miss (the other workers write the table),
-            # is fetched now, while the next lines are parsed.
-            self._mdhasflags[self._mdn] = True
-            self._mdkh[self._mdn] = c_key_hash64(self._mdkeys + self._mdn * C_MAX_KEY, dlen)
-            prefetch(self._entry(self._mdkh[self._mdn]))
-        if self._md_lists_flags == 0:  # a server lists flags on every line or on none
-            self._md_lists_flags = 1 if self._mdhasflags[self._mdn] else 2
-        self._mdrestlen[self._mdn] = <uint16_t>(lend - rest)
-        self._mdn += 1
-        if self._mdn == LANES:
-            self._md_flush()
-        return False
 
     def fetch_requests(self):
         """Pending meta gets for listed keys (``mg <key> v f t q O<n>``: value, flags and
@@ -2032,56 +2024,6 @@ cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, 
     p += 2
     out.len = <size_t>(p - out.data)
     return 0
-
-
-cdef inline size_t md_fast_key_exp(const char *p, const char *lend, char *dst, int64_t *exp,
-                                   const char **rest) noexcept nogil:
-    """The common metadump line in one pass: ``<key> exp=<n>`` after ``key=``, the key
-    decoded into ``dst`` (C_MAX_KEY bytes) while its end is looked for, and exp read where
-    memcached puts it, right after the key. Returns the decoded key's length, or 0 for
-    anything else (exp elsewhere or malformed, a bad escape, a key too long or empty), which
-    ``_metadump_line``'s general parse then reads, errors and all, as before."""
-    cdef size_t dlen = 0
-    cdef const char *start
-    cdef uint64_t val = 0
-    cdef int hi, lo
-    cdef bint neg
-    cdef unsigned char c
-    while p < lend and p[0] != CH_SP:
-        if dlen == C_MAX_KEY:
-            return 0
-        if p[0] == CH_PCT:
-            if lend - p < 3:
-                return 0
-            hi = _hexval(p[1])
-            lo = _hexval(p[2])
-            if hi < 0 or lo < 0:
-                return 0
-            dst[dlen] = <char>(hi * 16 + lo)
-            p += 3
-        else:
-            dst[dlen] = p[0]
-            p += 1
-        dlen += 1
-    if dlen == 0 or lend - p < 6 or memcmp(p + 1, astaire_exp_eq, 4) != 0:
-        return 0
-    p += 5
-    neg = p[0] == CH_MINUS
-    if neg:
-        p += 1
-    start = p
-    while p < lend:
-        c = <unsigned char>(p[0] - CH_0)
-        if c > 9:
-            break
-        val = val * 10 + c
-        p += 1
-    # 1-10 digits, the field ends here, and the value is one the general parse accepts
-    if p == start or p - start > 10 or (p < lend and p[0] != CH_SP) or val > 0xFFFFFFFFu or (neg and val > 1):
-        return 0
-    exp[0] = -<int64_t>val if neg else <int64_t>val
-    rest[0] = p
-    return dlen
 
 
 cdef inline int _hexval(unsigned char c) noexcept nogil:

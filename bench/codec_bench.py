@@ -174,7 +174,6 @@ def run_crawler(mod, text, n, window=4096, chunk=64 * 1024, as_daemon=False):
 def run_listing(mod, chunks) -> float:
     """Seconds of ``feed_metadump`` over ``chunks`` into a Writer that wants no vbucket."""
     w = mod.Writer([], window=4096)
-    w.check_duplicates = False  # as over the hash walk: nothing is queued to check against anyway
     t0 = time.perf_counter()
     for c in chunks:
         w.feed_metadump(c)

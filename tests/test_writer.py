@@ -441,9 +441,8 @@ def test_fetches_in_flight_are_bounded_by_the_window(tap):
 
 
 def test_metadump_lines_off_the_common_shape_parse_as_the_common_ones(tap):
-    """A line is read in one pass when exp comes right after the key with 1-10 digits; any
-    other valid shape (exp later, zero-padded past ten digits, a raw key longer than a key
-    that decodes within one) takes the general parse and lists the same keys."""
+    """Valid lines off the common shape (exp later, zero-padded past ten digits, a raw key
+    longer than a key that decodes within one) list their keys as the common ones do."""
     long_raw = b"%41" * 40 + b"b" * 210  # 330 raw bytes, 250 decoded: the longest key
     text = (b"key=k1 la=1 exp=5 cas=2\n"
             b"key=k2 exp=00000000007 la=1\n"

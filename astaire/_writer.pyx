@@ -29,6 +29,120 @@ cdef extern from *:
 
 cdef extern from *:
     """
+    /* A metadump line's key and exp, read a vector or a word at a time (Writer._metadump_line). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+    static inline int astaire_hexval(unsigned char c) {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    }
+    /* The key memcached lists (URI-escaped) from p to its end, the first space or lend:
+       decoded into dst, of which at most cap bytes are stored (past that only counted).
+       Returns the end; *dlen_out gets the decoded length. A bad escape sets *bad and the end
+       is then the next space (or lend). Runs between escapes are found and copied sixteen
+       bytes at a time (the store may write past the run inside dst's cap: the key's length
+       says where it ends). */
+    static inline const char *astaire_md_key(const char *p, const char *lend, char *dst, size_t cap,
+                                             size_t *dlen_out, int *bad) {
+        size_t dlen = 0;
+        int hi, lo;
+    #if defined(__SSE2__)
+        const __m128i sp = _mm_set1_epi8(' '), pct = _mm_set1_epi8('%');
+    #endif
+        for (;;) {
+    #if defined(__SSE2__)
+            while (lend - p >= 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *)p);
+                unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, sp), _mm_cmpeq_epi8(v, pct)));
+                unsigned k = m ? (unsigned)__builtin_ctz(m) : 16u;
+                if (dlen + 16 <= cap)
+                    _mm_storeu_si128((__m128i *)(dst + dlen), v);
+                else if (dlen < cap)
+                    memcpy(dst + dlen, p, (cap - dlen < k) ? cap - dlen : k);
+                p += k;
+                dlen += k;
+                if (m)
+                    goto special;
+            }
+    #endif
+            while (p < lend && *p != ' ' && *p != '%') {
+                if (dlen < cap)
+                    dst[dlen] = *p;
+                dlen++;
+                p++;
+            }
+    #if defined(__SSE2__)
+        special:
+    #endif
+            if (p >= lend || *p == ' ')
+                break;
+            hi = lo = -1;  /* '%' */
+            if (lend - p >= 3) {
+                hi = astaire_hexval((unsigned char)p[1]);
+                lo = astaire_hexval((unsigned char)p[2]);
+            }
+            if (hi < 0 || lo < 0) {
+                *bad = 1;
+                p = (const char *)memchr(p, ' ', (size_t)(lend - p));
+                if (p == NULL)
+                    p = lend;
+                break;
+            }
+            if (dlen < cap)
+                dst[dlen] = (char)(hi * 16 + lo);
+            dlen++;
+            p += 3;
+        }
+        *dlen_out = dlen;
+        return p;
+    }
+    /* The decimal digits at p (up to lend): returns their end, *val_out their value modulo
+       2^64. Eight at a time where eight bytes are there to load: the bytes less '0', the
+       first that is not 0-9 found by carries into bit 7, the digits before it moved to the
+       word's top (zeros below are leading zeros) and combined in three multiplies. */
+    static inline const char *astaire_md_digits(const char *p, const char *lend, uint64_t *val_out) {
+        static const uint64_t pow10[9] = {1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL,
+                                          10000000ULL, 100000000ULL};
+        uint64_t val = 0, x, t, m;
+        unsigned k;
+        while (lend - p >= 8) {
+            memcpy(&x, p, 8);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+            x = __builtin_bswap64(x);  /* p[0] in the low byte, as on x86 */
+    #endif
+            t = x - 0x3030303030303030ULL;
+            m = ((t + 0x7676767676767676ULL) | t) & 0x8080808080808080ULL;
+            k = m ? (unsigned)__builtin_ctzll(m) >> 3 : 8u;
+            if (k == 0)
+                break;
+            t <<= 8 * (8 - k);
+            t = (t * 10 + (t >> 8)) & 0x00FF00FF00FF00FFULL;
+            t = (t * 100 + (t >> 16)) & 0x0000FFFF0000FFFFULL;
+            t = (t * 10000 + (t >> 32)) & 0xFFFFFFFFULL;
+            val = val * pow10[k] + t;
+            p += k;
+            if (k < 8) {
+                *val_out = val;
+                return p;
+            }
+        }
+        while (p < lend && (unsigned char)(*p - '0') <= 9) {
+            val = val * 10 + (uint64_t)(unsigned char)(*p - '0');
+            p++;
+        }
+        *val_out = val;
+        return p;
+    }
+    """
+    const char *md_key "astaire_md_key"(const char *p, const char *lend, char *dst, size_t cap,
+                                        size_t *dlen_out, int *bad) nogil
+    const char *md_digits "astaire_md_digits"(const char *p, const char *lend, uint64_t *val_out) nogil
+
+cdef extern from *:
+    """
     /* The settled table's key hash (astaire.resync.settled): 64-bit words of the key,
        little-endian, the last one zero-padded, each mixed in by multiply and shift. */
     static inline uint64_t astaire_le64(const unsigned char *p) {
@@ -1505,42 +1619,20 @@ cdef class Writer:
         cdef const char *digits
         cdef const char *lend = line + n
         cdef const char *rest = lend
-        cdef char *dst
         cdef size_t dlen = 0
-        cdef bint found = False, bad_escape = False, neg
+        cdef bint found = False, neg
+        cdef int bad_escape = 0
         cdef uint64_t val
         cdef int64_t exp = 0
-        cdef int hi, lo
-        cdef unsigned char c
         if n >= 4 and memcmp(line, astaire_key_eq, 4) == 0:
             # One pass over the line. The key (tens of bytes) is decoded into its lane's slot
-            # while its end, the first space, is looked for; past C_MAX_KEY decoded bytes it is
-            # only counted. A bad escape is remembered, not raised: a bad exp is reported first.
-            dst = &self._mdkeys[self._mdn * C_MAX_KEY]
-            p = line + 4
-            while p < lend and p[0] != CH_SP:
-                if p[0] == CH_PCT:
-                    hi = lo = -1
-                    if lend - p >= 3:
-                        hi = _hexval(p[1])
-                        lo = _hexval(p[2])
-                    if hi < 0 or lo < 0:
-                        bad_escape = True
-                        p = <const char *>memchr(p, CH_SP, <size_t>(lend - p))
-                        if p == NULL:
-                            p = lend
-                        break
-                    if dlen < C_MAX_KEY:
-                        dst[dlen] = <char>(hi * 16 + lo)
-                    p += 3
-                else:
-                    if dlen < C_MAX_KEY:
-                        dst[dlen] = p[0]
-                    p += 1
-                dlen += 1
+            # while its end, the first space, is looked for, sixteen bytes at a time between
+            # escapes; past C_MAX_KEY decoded bytes it is only counted. A bad escape is
+            # remembered, not raised: a bad exp is reported first.
+            p = md_key(line + 4, lend, &self._mdkeys[self._mdn * C_MAX_KEY], C_MAX_KEY, &dlen, &bad_escape)
             # The fields after the key are a few bytes each and are scanned inline (a memchr
             # call per field cost more than the scan); memcached lists exp first. Its digits
-            # are read as they are scanned: leading zeros skipped, more than ten significant
+            # are read eight at a time: leading zeros skipped, more than ten significant
             # digits is past 0xFFFFFFFF, so no digit needs an overflow check.
             if p < lend:
                 f = p + 1
@@ -1554,13 +1646,7 @@ cdef class Writer:
                         while f < lend and f[0] == CH_0:
                             f += 1
                         digits = f
-                        val = 0
-                        while f < lend:
-                            c = <unsigned char>(f[0] - CH_0)
-                            if c > 9:
-                                break
-                            val = val * 10 + c  # wraps only past 19 digits, refused below
-                            f += 1
+                        f = md_digits(f, lend, &val)  # wraps only past 19 digits, refused below
                         if f == start or (f < lend and f[0] != CH_SP):
                             raise CrawlerError("bad exp in metadump line", offset)
                         found = f - digits <= 10 and val <= 0xFFFFFFFFu and (not neg or val <= 1)
@@ -2024,16 +2110,6 @@ cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, 
     p += 2
     out.len = <size_t>(p - out.data)
     return 0
-
-
-cdef inline int _hexval(unsigned char c) noexcept nogil:
-    if c >= CH_0 and c <= CH_9:
-        return c - CH_0
-    if c >= CH_a and c <= CH_f:
-        return c - CH_a + 10
-    if c >= CH_A and c <= CH_F:
-        return c - CH_A + 10
-    return -1
 
 
 def _other_metadump_line(line, offset):

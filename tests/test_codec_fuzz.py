@@ -511,7 +511,11 @@ def _uri(key):
 
 
 EXPS = [b"-1", b"0", b"12345", b"4294967295", b"4294967296", b"99999999999999999999999", b"-2", b"-0", b"",
-        b"x", b"+1", b"1_0", b"-", b"-1-1", b"1764800000", b"00000000001", b"-00000000001", b"9999999999"]
+        b"x", b"+1", b"1_0", b"-", b"-1-1", b"1764800000", b"00000000001", b"-00000000001", b"9999999999",
+        # around the compiled build's eight-digit words: whole words, a word and a part, a byte
+        # just off '0'-'9' ('/', ':') or past 0x7F right after a digit, 2^64 and past
+        b"12345678", b"123456789", b"0000000012345678", b"1234567812345678", b"12345678/", b"1234567:",
+        b"123\xb0", b"0\xff", b"00000000", b"18446744073709551615", b"18446744073709551616", b"4294967295x"]
 OTHER_LINES = [b"OK", b"BUSY currently processing crawler request", b"ERROR", b"CLIENT_ERROR x", b"SERVER_ERROR y",
                b"key=a%4 exp=1", b"key=%zz exp=1", b"key=abc", b"garbage", b"", b"key= exp=1", b"END"]
 TAILS = [b" la=1 cas=2 fetch=no cls=1 size=70", b"", b" flags=5", b"  exp=9", b" "]
@@ -519,9 +523,12 @@ TAILS = [b" la=1 cas=2 fetch=no cls=1 size=70", b"", b" flags=5", b"  exp=9", b"
 
 def metadump_line(b):
     kind = b.int(7)
-    if kind <= 4:
+    if kind <= 3:
         key = key_from(b) or b"k"
         return b"key=" + _uri(key) + b" exp=" + b.choice(EXPS) + b.choice(TAILS)
+    if kind == 4:  # long unescaped runs, escapes among them, up to past the 250 decoded bytes a key may have
+        key = b"".join(b"k" * b.int(40) + (b"%5C" if b.int(1) else b"%zz"[:1 + b.int(2)]) for _ in range(b.int(8)))
+        return b"key=" + key + b"x" * b.int(260) + b" exp=" + b.choice(EXPS) + b.choice(TAILS)
     if kind == 5:
         return b.choice(OTHER_LINES)
     return b.bytes(20)

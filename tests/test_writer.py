@@ -4,6 +4,7 @@ test runs against both codec builds."""
 from __future__ import annotations
 
 import base64
+import random
 import select
 import socket
 import struct
@@ -458,6 +459,40 @@ def test_metadump_lines_off_the_common_shape_parse_as_the_common_ones(tap):
     with pytest.raises(CrawlerError) as e:
         w.feed_metadump(b"key=" + long_raw + b"c exp=1\n")  # 251 decoded bytes
     assert "bad key" in str(e.value)
+
+
+def test_listed_expiries_and_long_keys_read_exactly(tap):
+    """Exp is read eight digits at a time and a key's runs between escapes sixteen bytes at a
+    time (compiled build): every listed expiry (ten digits, zero-padded or not, the line ending
+    after it or not) reaches the target exactly, and keys of every length up to the longest
+    (runs and escapes in every position) are asked for as decoded."""
+    rng = random.Random(7)
+    now = int(time.time())
+    lines, want_exp, want_keys = [], {}, []
+    for i in range(300):
+        key = b"%d#" % i
+        while len(key) < 250:
+            key += b"k%d" % rng.randrange(10 ** rng.randrange(1, 20)) + rng.choice([b"", b"\\\\", b" ", b"%"])
+        key = key[:max(len(b"%d#" % i), rng.choice([rng.randrange(1, 251), rng.randrange(225, 251)]))]
+        exp = rng.randrange(now + 100, 0xFFFFFFFF + 1) if i else 0xFFFFFFFF
+        lines.append(b"key=" + _uri_key(key) + b" exp=" + b"0" * rng.randrange(3) + b"%d" % exp
+                     + rng.choice([b"", b" la=1 cas=2 fetch=no cls=1 size=70"]) + b"\n")
+        want_exp[key] = exp
+        want_keys.append(key)
+    w = tap.Writer(ALL, window=len(lines))
+    assert w.feed_metadump(b"".join(lines) + b"END\r\n") is True
+    req = w.fetch_requests()
+    gets = [g for g in meta_gets(req) if g != MN]
+    assert [k for k, _ in gets] == want_keys
+    w.feed_fetch(meta_answer(req, lambda i, key: (b"v", 1, want_exp[key] - now)))
+    exps = {f.key: struct.unpack(">II", f.extras)[1] for f in frames_of(w.target_requests()) if f.opcode == 0x12}
+    assert exps == want_exp
+
+
+def _uri_key(key):
+    """A key as memcached's metadump lists it: bytes other than letters and digits %-escaped."""
+    return b"".join(bytes([c]) if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else b"%%%02X" % c
+                    for c in key)
 
 
 @pytest.mark.parametrize("line,exc", [

@@ -13,7 +13,7 @@ if not os.environ.get("ASTAIRE_NO_EXTENSIONS"):
 
     ext_modules = cythonize(
         [Extension(f"astaire.{unit}", [f"astaire/{unit}.pyx"], extra_compile_args=["-O3"],
-                   include_dirs=["astaire"], depends=["astaire/_md5.h", "astaire/_tap.pxd"])
+                   include_dirs=["astaire"], depends=["astaire/_md5.h", "astaire/_mdline.h", "astaire/_tap.pxd"])
          for unit in ("_tap", "_writer")],
         compiler_directives={
             "language_level": "3",

@@ -23,7 +23,12 @@ from tests.drills import (Model, Mc, load, reach_stream, settle, sources_blamed,
                           wanted_entries, worker_streaming_from)
 from astaire.demo import workload
 
-RECORDS = 12000
+# Enough records that the drills' worker bursts (reach_stream) cannot carry a resync to its
+# end before the fault lands: a burst lasts what the scheduler gives it (0.6-6 ms measured
+# against 0.3 ms asked) and the statistics show a stream a report late, so with 12000 the
+# fault landed at 68-100% of a TAP stream from the fork in three of six runs, and twice in a
+# full suite (a SIGHUP drill, then the SIGKILL one) after the resync's end.
+RECORDS = 48000
 WORKER_TIMEOUT = 2
 
 
@@ -81,11 +86,7 @@ def test_a_worker_killed_or_hung_mid_stream_has_its_stream_redone(how, nodes, da
 
 @pytest.mark.parametrize("kind", ["stock", "fork"])
 def test_sighup_with_a_changed_view_mid_resync(kind, nodes, daemons, freezers, drill):
-    # Four times the other drills' records: a burst can carry a TAP stream from the fork a
-    # third of the way (the fork's dump waits whole in the socket buffers), and the statistics
-    # show a stream a report or two late, so 12000 records let the HUP land at 90-100% or,
-    # once in a full suite, after the resync's end.
-    a, b, n, before, after, model, d = scale_up(kind, nodes, daemons, count=4 * RECORDS, source="auto")
+    a, b, n, before, after, model, d = scale_up(kind, nodes, daemons, source="auto")
     (x,) = nodes(1, "stock")
     final = ClusterView(before.servers, [a.name, b.name, n.name, x.name])
     workers = start_frozen(d, freezers)
@@ -138,7 +139,9 @@ def test_sigterm_mid_tap_stream_drains_it_to_the_servers_close(nodes, daemons, t
 
 
 def test_sigterm_mid_stream_from_the_real_fork_leaves_it_serving(tap_fork, nodes, daemons, freezers, drill):
-    a, b, n, before, after, model, d = scale_up("fork", nodes, daemons, value_size=1500, source="tap")
+    # 1500-byte values: a quarter of the records already outsize the socket buffers
+    a, b, n, before, after, model, d = scale_up("fork", nodes, daemons, count=RECORDS // 4, value_size=1500,
+                                                source="tap")
     workers = start_frozen(d, freezers)
     drill.extra["term_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     d.signal(signal.SIGTERM)

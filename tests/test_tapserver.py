@@ -224,9 +224,16 @@ def test_a_client_that_reads_to_the_servers_close_is_not_an_early_close(delay):
 @pytest.mark.parametrize("delay", [0.0, 0.002])
 def test_a_client_that_closes_mid_dump_is_recorded(delay):
     with TapServer(delay_per_frame=delay, batch_bytes=4096) as server:
+        # 7.5 MB against a 4 KB receive buffer here and at most 4 MB (tcp_wmem's ceiling) in the
+        # server's send buffer: the dump cannot all be sent before the close. (690 KB into
+        # default buffers could be, and once was: the stream then counted as completed.)
         for i in range(3000):
-            server.put(b"t\\\\k%d" % i, b"v" * 200)
-        s = _connected(server)
+            server.put(b"t\\\\k%d" % i, b"v" * 2500)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window follows
+        s.settimeout(5)
+        s.connect(("127.0.0.1", server.port))
+        s.sendall(tap_connect())
         s.recv(100)
         s.close()  # bytes unread: the kernel resets the connection
         deadline = time.monotonic() + 5

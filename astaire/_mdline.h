@@ -1,5 +1,6 @@
 /* A metadump line's key and exp, read a vector or a word at a time: the scanners of the
- * compiled Writer's one-pass line parse (astaire/_writer.pyx, Writer._metadump_line).
+ * compiled Writer's one-pass line parse (astaire/_writer.pyx, Writer._metadump_line); and
+ * the check of a key for the text protocol (emit_meta_get).
  *
  * Each gives what a byte-at-a-time loop gives (tests/test_mdline.py holds both against the
  * plain loops on random input). Everything is static inline and touches no Python object.
@@ -116,6 +117,27 @@ static inline const char *astaire_md_digits(const char *p, const char *lend, uin
     }
     *val_out = val;
     return p;
+}
+
+/* Whether the text protocol can carry the key k[0..n) as it is: no byte is a space, a
+   control byte (below 0x20) or DEL (0x7f). Sixteen bytes at a time: a byte is at most
+   0x20 when the unsigned maximum of it and 0x20 is 0x20. */
+static inline int astaire_text_key(const char *k, size_t n) {
+    size_t i = 0;
+#if defined(__SSE2__)
+    const __m128i sp = _mm_set1_epi8(' '), del = _mm_set1_epi8(0x7f);
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(k + i));
+        if (_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(_mm_max_epu8(v, sp), sp), _mm_cmpeq_epi8(v, del))))
+            return 0;
+    }
+#endif
+    for (; i < n; i++) {
+        unsigned char c = (unsigned char)k[i];
+        if (c <= ' ' || c == 0x7f)
+            return 0;
+    }
+    return 1;
 }
 
 #endif

@@ -6,6 +6,7 @@ live the slots (one per record in flight, its index the opaque), the quiet-ADD f
 the conflict rule, and the crawler's metadump parser and fetch queues. Per-record work runs
 in C without the GIL and builds no Python object.
 """
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memmove, memchr
 from libc.stdlib cimport malloc, calloc, realloc, free
@@ -31,6 +32,7 @@ cdef extern from "_mdline.h" nogil:
     const char *md_key "astaire_md_key"(const char *p, const char *lend, char *dst, size_t cap,
                                         size_t *dlen_out, int *bad)
     const char *md_digits "astaire_md_digits"(const char *p, const char *lend, uint64_t *val_out)
+    bint text_key "astaire_text_key"(const char *k, size_t n)
 
 cdef extern from *:
     """
@@ -238,7 +240,7 @@ cdef enum:
     HOLD_BYTES = 2 * 1024 * 1024   # at most this many key and value bytes held back at once
     HOLD_WINDOWS = 4               # a record is held for this many windows of entries
     SLOT_KEEP = 65536
-    FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early
+    FETCH_PREFETCH = 8   # answers ahead whose settled-table entry is fetched early (their entries twice as far)
     FENCE_PREFETCH = 8   # records ahead, in a returned fence's batch, whose table entry is fetched early
     FETCH_WHOLE = 2      # Fetch.flags_only of a queued refetch: sent whole even if the key is noted
 
@@ -509,6 +511,7 @@ cdef inline int keep_rest(Buf *own, Buf *b) except -1:
     return 0
 
 
+@cython.final
 cdef class Writer:
     """Writes one source stream's records into the local memcached (the target), by the
     conflict rule, pipelined: ADDQ first with a NOOP fence per batch, GETK + CAS SET
@@ -1235,11 +1238,15 @@ cdef class Writer:
                 entry = self._fifo.data[self._fifo.head]
                 if <uint32_t>entry != seq:
                     break
-                if self._settled != NULL and self._fifo.head + FENCE_PREFETCH < self._fifo.len:
+                if self._settled != NULL:
                     # the table entry this batch notes FENCE_PREFETCH records on: a cache miss
-                    # in the shared table, started early
-                    prefetch(self._entry(self._slots[<uint32_t>(
-                        self._fifo.data[self._fifo.head + FENCE_PREFETCH] >> 32)].hash))
+                    # in the shared table, started early; its key's hash is read from a slot
+                    # fetched early in turn, twice as far on
+                    if self._fifo.head + 2 * FENCE_PREFETCH < self._fifo.len:
+                        prefetch(&self._slots[<uint32_t>(self._fifo.data[self._fifo.head + 2 * FENCE_PREFETCH] >> 32)].hash)
+                    if self._fifo.head + FENCE_PREFETCH < self._fifo.len:
+                        prefetch(self._entry(self._slots[<uint32_t>(
+                            self._fifo.data[self._fifo.head + FENCE_PREFETCH] >> 32)].hash))
                 q_pop(&self._fifo)
                 slot = <uint32_t>(entry >> 32)
                 s = &self._slots[slot]
@@ -1616,12 +1623,12 @@ cdef class Writer:
                 self._inflight_first = self._fetch_seq
             seq = self._fq.first + self._fq_sent
             for j in range(n):
-                if j + FETCH_PREFETCH < n:  # entries listed long ago: fetch their first two cache lines early
-                    e = fq_at(&self._fq, seq + j + FETCH_PREFETCH)
+                if j + 2 * FETCH_PREFETCH < n:  # entries listed long ago: fetch their first two cache lines early
+                    e = fq_at(&self._fq, seq + j + 2 * FETCH_PREFETCH)
                     prefetch(e)
                     prefetch(<char *>e + 64)
-                if self._settled != NULL and j + FETCH_PREFETCH // 2 < n:  # and their table entries
-                    prefetch(self._entry(fq_at(&self._fq, seq + j + FETCH_PREFETCH // 2).key_hash))
+                if self._settled != NULL and j + FETCH_PREFETCH < n:  # and, half as far on, their table entries
+                    prefetch(self._entry(fq_at(&self._fq, seq + j + FETCH_PREFETCH).key_hash))
                 e = fq_at(&self._fq, seq + j)
                 if e.flags_only == FETCH_WHOLE:  # a flags-only answer showed this copy newer
                     e.flags_only = 0
@@ -1813,11 +1820,9 @@ cdef inline uint32_t ttl_expiry(int64_t ttl, time_t now) noexcept nogil:
 
 
 cdef inline const char *scan_num(const char *p, const char *end, bint signed, int64_t *out) noexcept nogil:
-    """The number (decimal digits, after a ``-`` if ``signed``; a digit after the value
-    passed 0xFFFFFFFFFF is refused) from ``p`` to the next space or ``end``: the pointer
-    after it, or NULL when it is not a number.
-    One pass: a token is a few bytes, and finding its end with memchr first cost more than
-    reading its digits."""
+    """The number (1-12 decimal digits, leading zeros counted, after a ``-`` if ``signed``)
+    from ``p`` to the next space or ``end``: the pointer after it, or NULL when it is not a
+    number (as ``_tap_py._number``). The digits are read eight at a time (md_digits)."""
     cdef bint neg = False
     cdef uint64_t v = 0
     cdef const char *start
@@ -1825,12 +1830,8 @@ cdef inline const char *scan_num(const char *p, const char *end, bint signed, in
         neg = True
         p += 1
     start = p
-    while p < end and p[0] != CH_SP:
-        if p[0] < CH_0 or p[0] > CH_9 or v > <uint64_t>0xFFFFFFFFFFu:
-            return NULL
-        v = v * 10 + <uint64_t>(p[0] - CH_0)
-        p += 1
-    if p == start:
+    p = md_digits(p, end, &v)  # exact: more than 12 digits are refused, and 19 would not wrap
+    if p == start or (p < end and p[0] != CH_SP) or p - start > 12:
         return NULL
     out[0] = -<int64_t>v if neg else <int64_t>v
     return p
@@ -1945,17 +1946,11 @@ cdef int emit_meta_get(Buf *out, const char *key, size_t klen, uint32_t opaque, 
     key the text protocol cannot carry (a space, a control byte) goes base64-encoded with the
     ``b`` flag."""
     cdef size_t i, j
-    cdef bint b64 = False
     cdef char *p
     cdef char digits[12]
     cdef int nd = 0
     cdef uint32_t v
-    cdef uint8_t c
-    for i in range(klen):
-        c = <uint8_t>key[i]
-        if c <= 32 or c == 127:
-            b64 = True
-            break
+    cdef bint b64 = not text_key(key, klen)
     if buf_reserve(out, 3 + (klen + 2) // 3 * 4 + 32) < 0:
         return -1
     p = out.data + out.len
@@ -2085,6 +2080,7 @@ cdef inline double monotonic() noexcept nogil:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+@cython.final
 cdef class Pump:
     """The hot part of a stream's I/O loop (``astaire.resync.stream``), in C: it moves bytes
     between the target's socket, the crawler's fetch socket and a TAP source's socket and

@@ -402,11 +402,14 @@ def test_meta_get_answers_cut_anywhere_and_refusals(tap):
 
 
 WELL_FORMED_VA = (b"VA 1 f7 t-1 O0", b"VA 1 O0 t-1 f7", b"VA 1 t5 O0 f7", b"VA 1 f7  t-1 O0", b"VA 1 f7 t-1 O0 ",
-                  b"VA 1 f7 t-1 O0 k", b"VA 1 f7 t-1 O0 s100", b"VA 1 f07 t0 O00", b"VA 1 f4294967295 t-1 O0")
+                  b"VA 1 f7 t-1 O0 k", b"VA 1 f7 t-1 O0 s100", b"VA 1 f07 t0 O00", b"VA 1 f4294967295 t-1 O0",
+                  b"VA 1 f000000000007 t999999999999 O0", b"VA 000000000001 f7 t-000000000001 O0")
 MALFORMED_VA = (b"VA 1 f t-1 O0", b"VA 1 fx t-1 O0", b"VA 1 f7x t-1 O0", b"VA 1 f7 t-2 O0", b"VA 1 f7 t- O0",
                 b"VA 1 f7 t-1x O0", b"VA 1 f4294967296 t-1 O0", b"VA 1 f7 t-1", b"VA 1 f7 O0", b"VA x f7 t-1 O0",
                 b"VA  1 f7 t-1 O0", b"VA -1 f7 t-1 O0", b"VA 1 f-7 t-1 O0", b"VA 1 f7 t-1 O-0",
-                b"VA 1 f7 t99999999999999 O0")
+                b"VA 1 f7 t99999999999999 O0", b"VA 1 f7 t9999999999999 O0", b"VA 1 f0000000000007 t-1 O0",
+                b"VA 0000000000001 f7 t-1 O0", b"VA 1 f7 t-1 O0000000000000", b"VA 1 f7 t-1 O0 f99999999999999999999",
+                b"VA 1 f7 t-1 O99999999999999999999")
 
 
 @pytest.mark.parametrize("head", WELL_FORMED_VA + MALFORMED_VA)

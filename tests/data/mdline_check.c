@@ -1,5 +1,6 @@
 /* astaire/_mdline.h's scanners against the byte-at-a-time loops they replaced, on random
- * input shaped like metadump keys and exp fields (tests/test_mdline.py builds and runs it).
+ * input shaped like metadump keys and exp fields, and the text-protocol key check on keys with
+ * bytes at its edges (tests/test_mdline.py builds and runs it).
  * Usage: mdline_check DIGIT_CASES KEY_CASES; prints the differences found, exits 1 on any. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,16 @@ static const char *plain_key(const char *p, const char *lend, char *dst, size_t 
     return p;
 }
 
+static int plain_text_key(const char *k, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)k[i];
+        if (c <= 32 || c == 127)
+            return 0;
+    }
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     long digit_cases = argc > 1 ? atol(argv[1]) : 1000000, key_cases = argc > 2 ? atol(argv[2]) : 200000;
@@ -107,6 +118,22 @@ int main(int argc, char **argv)
                        (size_t)(e1 - buf), (size_t)(e2 - buf), l1, l2, b1, b2);
         }
     }
-    printf("%ld digit strings, %ld keys: %ld differences\n", digit_cases, key_cases, differences);
+    for (long it = 0; it < key_cases; it++) {
+        /* keys for the text protocol: mostly printable, now and then one byte at or next to
+           the edges (0x1f, 0x20, 0x21, 0x7e, 0x7f, 0x80, 0xff, 0x00) anywhere */
+        static const char edge[] = "\x1f\x20\x21\x7e\x7f\x80\xff";
+        int n = (int)(rnd() % 300), mode = (int)(rnd() % 3);
+        for (int i = 0; i < n; i++)
+            buf[i] = (char)('!' + rnd() % 94);
+        if (mode && n) {
+            buf[rnd() % n] = rnd() % 8 ? edge[rnd() % (sizeof edge - 1)] : 0;
+            if (mode == 2)
+                buf[rnd() % n] = (char)rnd();
+        }
+        int t1 = astaire_text_key(buf, (size_t)n), t2 = plain_text_key(buf, (size_t)n);
+        if (t1 != t2 && differences++ < 10)
+            printf("text key check differs: %d bytes: %d/%d\n", n, t1, t2);
+    }
+    printf("%ld digit strings, %ld keys (twice): %ld differences\n", digit_cases, key_cases, differences);
     return differences != 0;
 }

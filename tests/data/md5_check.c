@@ -6,16 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include "_md5.h"
-
-static uint64_t state = 88172645463325252ULL;
-
-static uint64_t rnd(void)
-{
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return state;
-}
+#include "check_rnd.h"
 
 typedef void (*lanes_fn)(const unsigned char *const p[ASTAIRE_MD5_LANES], const size_t n[ASTAIRE_MD5_LANES],
                          uint32_t out[ASTAIRE_MD5_LANES]);

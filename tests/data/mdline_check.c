@@ -5,16 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include "_mdline.h"
-
-static uint64_t state = 88172645463325252ULL;
-
-static uint64_t rnd(void)
-{
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    return state;
-}
+#include "check_rnd.h"
 
 static const char *plain_digits(const char *p, const char *lend, uint64_t *val_out)
 {

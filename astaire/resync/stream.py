@@ -353,10 +353,10 @@ class _Stream:
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
                      "%d kept (%d of them known settled, %d of those on their listed flags unfetched; %d held back, "
-                     "%d refetched) in %.2f s; reads: %s%s",
+                     "%d refetched; %d read before any write, in read-first mode) in %.2f s; reads: %s%s",
                      job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
                      stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["kept_as_listed"],
-                     stats["held"], stats["refetched"], seconds,
+                     stats["held"], stats["refetched"], stats["read_first"], seconds,
                      self._reads(), self._spooled())
         else:
             source.forget_kind(job.source)

@@ -998,7 +998,8 @@ class Writer:
         return out
 
     def _probed(self, present):
-        """Auto mode: a first request's answer (did the target hold a copy?)."""
+        """Auto mode: a first request's answer (did the target hold a copy that had to be
+        read? A copy of a key the settled table knew, with flags not older, counts as none)."""
         if self.mode != MODE_AUTO:
             return
         self._probe_total += 1
@@ -1145,8 +1146,8 @@ class Writer:
                 if f.key != rec.key:
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = _U32.unpack(f.extras)[0]
-                if state == _ST_READ:
-                    self._probed(True)
+                if state == _ST_READ:  # a copy the table knew would have cost an ADDQ no read
+                    self._probed(not (self._settled is not None and self._known(rec.hash, rec.flags)))
                 if (local - rec.flags) & 0x80000000:  # int32(local - record) < 0: the local copy is older
                     rec.state = _ST_SET
                     self._out += _store(OP_SET, rec.key, rec.value, rec.flags, rec.exp, slot, f.cas)
@@ -1167,11 +1168,12 @@ class Writer:
                 self._settle(slot, 0)
                 return
             if status == STATUS_KEY_EEXISTS or status == STATUS_NOT_STORED:
-                if state == _ST_ADDQ:
-                    self._probed(True)
                 if self._kept_as_noted(slot, rec):
+                    if state == _ST_ADDQ:
+                        self._probed(False)  # found, but known: no read was needed
                     return
                 if state == _ST_ADDQ:
+                    self._probed(True)
                     self._send(slot, rec, _ST_GETK)   # the normal path when the key is present
                 else:
                     self._retry(slot, rec, _ST_GETK)

@@ -978,7 +978,9 @@ cdef class Writer:
         return self._close_batch()
 
     cdef inline void _probed(self, bint present) noexcept nogil:
-        """Auto mode: a first request's answer (did the target hold a copy?)."""
+        """Auto mode: a first request's answer (did the target hold a copy that had to be
+        read? A copy of a key the settled table knew, with flags not older, counts as none:
+        an ADDQ that finds it costs no read, see _kept_as_noted)."""
         if not self._auto:
             return
         self._probe_total += 1
@@ -1276,8 +1278,8 @@ cdef class Writer:
                 if keylen != s.klen or not same_bytes(<const char *>p + C_HEADER + 4, s.data, keylen):
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = be32(p + C_HEADER)
-                if state == ST_READ:
-                    self._probed(True)
+                if state == ST_READ:  # a copy the table knew would have cost an ADDQ no read
+                    self._probed(not (self._settled != NULL and self._known(s.hash, s.flags)))
                 if (local - s.flags) & 0x80000000u:  # int32(local - record) < 0: the local copy is older
                     s.state = ST_SET
                     if emit_store(&self._out, C_OP_SET, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp,
@@ -1300,11 +1302,12 @@ cdef class Writer:
                 self._settle(slot, OUT_ADDED)
                 return 0
             if status == C_ST_EEXISTS or status == C_ST_NOT_STORED:
-                if state == ST_ADDQ:
-                    self._probed(True)
                 if self._kept_as_noted(slot, s):
+                    if state == ST_ADDQ:
+                        self._probed(False)  # found, but known: no read was needed
                     return 0
                 if state == ST_ADDQ:
+                    self._probed(True)
                     if self._send(slot, ST_GETK) < 0:  # the normal path when the key is present
                         raise MemoryError()
                     return 0

@@ -99,6 +99,30 @@ def test_a_copy_whose_add_finds_the_key_noted_meanwhile_is_kept_without_a_read(t
     assert second.stats()["deduplicated"] == 1
 
 
+@pytest.mark.parametrize("noted", [True, False])
+def test_auto_mode_reads_first_only_when_found_copies_had_to_be_read(tap, noted):
+    """Auto mode turns to reading first when most first requests of a batch found a copy.
+    A copy of a key noted meanwhile cost its ADDQ no read (it is kept on the note), so it
+    does not count: the second stream of a resize, whose ADDQs mostly meet the first
+    stream's noted copies, stays on ADDQs; copies that had to be read turn it to reads."""
+    t = table()
+    gen = t.next_generation()
+    first = writer(tap, t, gen)
+    second = writer(tap, t, gen, window=8, mode="auto")  # decides every 2 first answers
+    copies = mutation(tap, b"t\\\\p", b"P", flags=NOW_MS) + mutation(tap, b"t\\\\q", b"Q", flags=NOW_MS)
+    second.feed_tap(copies)
+    assert ops(second.target_requests()) == [(0x12, 0), (0x12, 1), (0x0A, FENCE)]
+    if noted:  # the first stream's copies got there first and settled: noted
+        first.feed_tap(copies)
+        first.feed_target(ack_fences(first.target_requests()))
+    second.feed_target(response(0x12, 2, opaque=0) + response(0x12, 2, opaque=1))  # both found present
+    assert ops(second.target_requests()) == ([] if noted else [(0x0C, 0), (0x0C, 1)])
+    second.feed_tap(mutation(tap, b"t\\\\r", b"R", flags=NOW_MS))
+    (first_request,) = [op for op, _ in ops(second.target_requests()) if op != 0x0A]
+    assert first_request == (0x12 if noted else 0x0C)  # ADDQ on, or read first
+    assert second.read_first == (0 if noted else 1)
+
+
 def test_a_copy_whose_cas_replace_loses_to_a_noted_key_is_kept_without_a_read(tap):
     """Both streams found the same older local copy and sent their CAS replace; the other
     stream's won and noted the key. The loser's SET comes back EXISTS: if the note is not

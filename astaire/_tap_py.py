@@ -1009,6 +1009,13 @@ class Writer:
             self._read_first = self._probe_present * 2 > self._probe_total
             self._probe_present = self._probe_total = 0
 
+    def _probed_found(self, rec):
+        """Auto mode: a read-first GETK found a copy. It counts as one that had to be read
+        unless the table knew the key with flags not older; the table is looked at only in
+        auto mode."""
+        if self.mode == MODE_AUTO:
+            self._probed(not (self._settled is not None and self._known(rec.hash, rec.flags)))
+
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
     def _note_of(self, h):
@@ -1146,8 +1153,8 @@ class Writer:
                 if f.key != rec.key:
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = _U32.unpack(f.extras)[0]
-                if state == _ST_READ:  # a copy the table knew would have cost an ADDQ no read
-                    self._probed(not (self._settled is not None and self._known(rec.hash, rec.flags)))
+                if state == _ST_READ:
+                    self._probed_found(rec)
                 if (local - rec.flags) & 0x80000000:  # int32(local - record) < 0: the local copy is older
                     rec.state = _ST_SET
                     self._out += _store(OP_SET, rec.key, rec.value, rec.flags, rec.exp, slot, f.cas)

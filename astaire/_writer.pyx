@@ -991,6 +991,13 @@ cdef class Writer:
             self._probe_present = 0
             self._probe_total = 0
 
+    cdef inline void _probed_found(self, Slot *s) noexcept nogil:
+        """Auto mode: a read-first GETK found a copy. It counts as one that had to be read
+        unless the table knew the key with flags not older (an ADDQ would have been kept on
+        the note); the table is looked at only in auto mode."""
+        if self._auto:
+            self._probed(not (self._settled != NULL and self._known(s.hash, s.flags)))
+
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
     cdef inline uint64_t *_entry(self, uint64_t hash) noexcept nogil:
@@ -1278,8 +1285,8 @@ cdef class Writer:
                 if keylen != s.klen or not same_bytes(<const char *>p + C_HEADER + 4, s.data, keylen):
                     raise UnexpectedFrame("GETK response for another key from the target", offset)
                 local = be32(p + C_HEADER)
-                if state == ST_READ:  # a copy the table knew would have cost an ADDQ no read
-                    self._probed(not (self._settled != NULL and self._known(s.hash, s.flags)))
+                if state == ST_READ:
+                    self._probed_found(s)
                 if (local - s.flags) & 0x80000000u:  # int32(local - record) < 0: the local copy is older
                     s.state = ST_SET
                     if emit_store(&self._out, C_OP_SET, s.data, s.klen, s.data + s.klen, s.vlen, s.flags, s.exp,

@@ -18,6 +18,18 @@ from astaire._tap cimport *
 from astaire._tap import DEFAULT_MAX_BODY, _wanted_table
 from astaire.protocol_errors import CrawlerBusy, CrawlerError, FrameTooLarge, MalformedFrame, UnexpectedFrame
 
+cdef extern from *:
+    """
+    #ifndef ASTAIRE_BUILD
+    #define ASTAIRE_BUILD "plain"
+    #endif
+    """
+    const char *ASTAIRE_BUILD
+
+# How setup.py compiled the codec: "profile-guided" (gcc, trained by bench/pgo_train.py) or
+# "plain" (-O3 alone). A string, not a number, so that both builds have the same control flow.
+BUILD = ASTAIRE_BUILD.decode()
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
     time_t time(time_t *t)

@@ -552,7 +552,7 @@ def main(argv=None) -> int:
                                    start=args.start, keep_workdir=args.keep_workdir)
         throttled["percent"] = args.throttle
     report = {
-        "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION,
+        "records_loaded": args.records, "value_size": args.value_size, "codec": codec.IMPLEMENTATION, "codec_build": codec.BUILD,
         "source": args.source,
         "cpus": os.cpu_count(), "astaire": astaire, "ceiling_addq": ceiling, "per_record_get_add": per_record,
         # Same records into the same kind of node: ratio of the times to get them there.

@@ -11,7 +11,8 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from astaire import codec  # imported only here: building the parser stays cheap
 
-        print(f"astaire {__version__} (codec: {codec.IMPLEMENTATION})")
+        build = f", {codec.BUILD} build" if codec.BUILD else ""
+        print(f"astaire {__version__} (codec: {codec.IMPLEMENTATION}{build})")
         parser.exit()
 
 

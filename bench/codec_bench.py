@@ -45,8 +45,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _tap_c = None
 
-VALUE = b"v" * 100
-FENCE_PREFIX = bytes([0x80, 0x0A]) + bytes(10)  # a request NOOP: no key, no extras, vbucket 0, no body
+# The synthetic listing, answers and TAP loop, shared with the build's PGO training.
+from bench.pgo_train import VALUE, fence_answers, fetch_answers, metadump_text, run_writer  # noqa: E402
 
 
 def tap_stream(n: int) -> bytes:
@@ -84,55 +84,6 @@ def bench_encode(mod, n, repeat):
     assert len(out) == sum(24 + 8 + len(r[1]) + len(r[2]) for r in reqs)
     t = best_of(lambda: mod.encode_batch(reqs), repeat)
     return {"encode_batch_per_s": n / t}
-
-
-def fence_answers(out: bytes, first_seq: int) -> tuple[bytes, int]:
-    """NOOP responses for the fences in ``out`` (fence opaques count up from 0x80000000)."""
-    count = out.count(FENCE_PREFIX)
-    answers = b"".join(bytes([0x81, 0x0A]) + bytes(10) + (0x80000000 | (first_seq + i)).to_bytes(4, "big")
-                       + bytes(8) for i in range(count))
-    return answers, first_seq + count
-
-
-def run_writer(mod, data, n, window=4096, chunk=256 * 1024):
-    w = mod.Writer(range(128), window=window)
-    seq = 0
-    sent = 0
-    for pos in range(0, len(data), chunk):
-        w.feed_tap(data[pos:pos + chunk])
-        while True:  # flow control: settle down below the window before reading more
-            out = w.target_requests()
-            sent += len(out)
-            answers, seq = fence_answers(out, seq)
-            w.feed_target(answers)
-            if w.backlog < window:
-                break
-    w.finish()
-    while not w.done:
-        out = w.target_requests()
-        sent += len(out)
-        answers, seq = fence_answers(out, seq)
-        w.feed_target(answers)
-    assert w.added == n and w.entries == n, w.stats()
-    return sent
-
-
-def metadump_text(n: int, exp: bytes = b"-1") -> bytes:
-    return b"".join(b"key=table%%5C%%5Ckey-%d exp=%s la=1700000000 cas=%d fetch=no cls=1 size=160\n" % (i, exp, i + 1)
-                    for i in range(n)) + b"END\r\n"
-
-
-def fetch_answers(req: bytes) -> bytes:
-    """The source's answers to the Writer's meta gets (``mg <key> v f t q O<n>``, batches
-    closed by ``mn``): every key found, flags 0x5f000001, no expiry."""
-    out = []
-    for line in req.split(b"\r\n"):
-        if line.startswith(b"mg "):
-            opaque = line.rsplit(b" ", 1)[1]
-            out.append(b"VA %d f1593835521 t-1 %s\r\n%s\r\n" % (len(VALUE), opaque, VALUE))
-        elif line == b"mn":
-            out.append(b"MN\r\n")
-    return b"".join(out)
 
 
 def run_crawler(mod, text, n, window=4096, chunk=64 * 1024, as_daemon=False):

@@ -30,23 +30,25 @@ import mmap
 import sys
 import time
 
-from astaire import _tap, _writer
-
+# The synthetic protocol below is shared with bench/codec_bench.py, which imports it from here:
+# this module must stay importable in the build (standard library only at import time).
 VALUE = b"v" * 100
 FLAGS = 1593835521
-FENCE_REQUEST = bytes([0x80, 0x0A]) + bytes(10)  # a binary NOOP request: no key, no extras, vbucket 0
+FENCE_PREFIX = bytes([0x80, 0x0A]) + bytes(10)  # a request NOOP: no key, no extras, vbucket 0, no body
 
 
-def metadump_text(n: int, exp: int) -> bytes:
+def metadump_text(n: int, exp: bytes = b"-1") -> bytes:
     """A 1.6.18 ``lru_crawler metadump hash`` listing of MemcachedStore-shaped keys."""
-    return b"".join(b"key=table%%5C%%5Ckey-%d exp=%d la=1700000000 cas=%d fetch=no cls=1 size=160\n"
-                    % (i, exp, i + 1) for i in range(n)) + b"END\r\n"
+    return b"".join(b"key=table%%5C%%5Ckey-%d exp=%s la=1700000000 cas=%d fetch=no cls=1 size=160\n" % (i, exp, i + 1)
+                    for i in range(n)) + b"END\r\n"
 
 
-def fetch_answers(requests: bytes) -> bytes:
-    """A source's answers to the Writer's meta gets: every key found, with the same flags."""
+def fetch_answers(req: bytes) -> bytes:
+    """The source's answers to the Writer's meta gets (batches closed by ``mn``): every key
+    found, flags 0x5f000001, no expiry; ``VA`` and the value for ``mg <key> v f t q O<n>``,
+    ``HD`` for a flags-only ``mg <key> f q O<n>``."""
     out = []
-    for line in requests.split(b"\r\n"):
+    for line in req.split(b"\r\n"):
         if line.startswith(b"mg "):
             tokens = line.split(b" ")
             opaque = tokens[-1]
@@ -59,18 +61,45 @@ def fetch_answers(requests: bytes) -> bytes:
     return b"".join(out)
 
 
-def fence_answers(out: bytes, seq: int) -> tuple[bytes, int]:
-    """The target's NOOP responses to the fences in ``out`` (opaques count up from 0x80000000)."""
-    count = out.count(FENCE_REQUEST)
-    answers = b"".join(bytes([0x81, 0x0A]) + bytes(10) + (0x80000000 | (seq + i)).to_bytes(4, "big") + bytes(8)
-                       for i in range(count))
-    return answers, seq + count
+def fence_answers(out: bytes, first_seq: int) -> tuple[bytes, int]:
+    """NOOP responses for the fences in ``out`` (fence opaques count up from 0x80000000)."""
+    count = out.count(FENCE_PREFIX)
+    answers = b"".join(bytes([0x81, 0x0A]) + bytes(10) + (0x80000000 | (first_seq + i)).to_bytes(4, "big")
+                       + bytes(8) for i in range(count))
+    return answers, first_seq + count
 
 
-def crawler_stream(text: bytes, wanted: list[int], table: mmap.mmap, hold_bit: int, window: int = 4096,
-                   chunk: int = 128 * 1024) -> dict:
-    w = _writer.Writer(wanted, window=window, settled=table, generation=1,
-                       hold=[(vb, (vb & 1) ^ hold_bit) for vb in wanted])
+def run_writer(mod, data, n, window=4096, chunk=256 * 1024):
+    """A TAP stream ``data`` of ``n`` records through ``mod.Writer`` into a target that
+    acknowledges the fences; the bytes the Writer sent."""
+    w = mod.Writer(range(128), window=window)
+    seq = 0
+    sent = 0
+    for pos in range(0, len(data), chunk):
+        w.feed_tap(data[pos:pos + chunk])
+        while True:  # flow control: settle down below the window before reading more
+            out = w.target_requests()
+            sent += len(out)
+            answers, seq = fence_answers(out, seq)
+            w.feed_target(answers)
+            if w.backlog < window:
+                break
+    w.finish()
+    while not w.done:
+        out = w.target_requests()
+        sent += len(out)
+        answers, seq = fence_answers(out, seq)
+        w.feed_target(answers)
+    assert w.added == n and w.entries == n, w.stats()
+    return sent
+
+
+def crawler_stream(writer_class, text: bytes, wanted: list[int], table: mmap.mmap, hold_bit: int,
+                   window: int = 4096, chunk: int = 128 * 1024) -> dict:
+    """One crawler stream of a daemon over the listing ``text``, with the settled ``table``
+    and the hold on the vbuckets whose low bit is not ``hold_bit``; the Writer's stats."""
+    w = writer_class(wanted, window=window, settled=table, generation=1,
+                     hold=[(vb, (vb & 1) ^ hold_bit) for vb in wanted])
     pos = seq = 0
     while not w.done:
         if pos < len(text) and w.fetch_backlog < window and w.backlog < window:
@@ -84,43 +113,27 @@ def crawler_stream(text: bytes, wanted: list[int], table: mmap.mmap, hold_bit: i
     return w.stats()
 
 
-def tap_stream(n: int, window: int = 4096, chunk: int = 256 * 1024) -> None:
-    data = b"".join(_tap.encode_tap_mutation(b"table\\\\key-%d" % i, VALUE, FLAGS + i, 0, i + 1)
-                    for i in range(n))
-    _tap.filter_count(data, range(0, 128, 2))
-    w = _writer.Writer(range(128), window=window)
-    seq = 0
-    for pos in range(0, len(data), chunk):
-        w.feed_tap(data[pos:pos + chunk])
-        while True:
-            acks, seq = fence_answers(w.target_requests(), seq)
-            w.feed_target(acks)
-            if w.backlog < window:
-                break
-    w.finish()
-    while not w.done:
-        acks, seq = fence_answers(w.target_requests(), seq)
-        w.feed_target(acks)
-    if w.added != n:
-        raise SystemExit(f"pgo_train: the TAP stream added {w.added} of {n} records")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=120_000, help="keys listed by each crawler stream")
     args = ap.parse_args(argv)
+    from astaire import _tap, _writer  # the compiled build, or ImportError: nothing to train
+
     t0 = time.monotonic()
-    text = metadump_text(args.records, int(time.time()) + 3600)
+    text = metadump_text(args.records, b"%d" % (int(time.time()) + 3600))
     wanted = [vb for vb in range(128) if vb % 3]  # two vbuckets in three, as in a 2 -> 3 resize
     table = mmap.mmap(-1, (1 << 18) * 16)
-    first = crawler_stream(text, wanted, table, 0)
-    second = crawler_stream(text, wanted, table, 1)
+    first = crawler_stream(_writer.Writer, text, wanted, table, 0)
+    second = crawler_stream(_writer.Writer, text, wanted, table, 1)
     if not first["added"] or not second["kept"]:
         raise SystemExit(f"pgo_train: the crawler streams did not take their paths: {first} / {second}")
     nobody = _writer.Writer([], window=4096)
     for pos in range(0, len(text), 128 * 1024):
         nobody.feed_metadump(text[pos:pos + 128 * 1024])
-    tap_stream(args.records // 2)
+    n = args.records // 2
+    data = b"".join(_tap.encode_tap_mutation(b"table\\\\key-%d" % i, VALUE, FLAGS + i, 0, i + 1) for i in range(n))
+    _tap.filter_count(data, range(0, 128, 2))
+    run_writer(_writer, data, n)
     print(f"pgo_train: {args.records} keys listed twice, {first['added']} added, {second['kept']} kept by the "
           f"second stream, a TAP stream of {args.records // 2}, in {time.monotonic() - t0:.1f} s")
     return 0

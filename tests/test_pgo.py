@@ -23,12 +23,13 @@ def test_the_training_takes_a_resyncs_paths():
     from bench import pgo_train
 
     n = 6000
-    text = pgo_train.metadump_text(n, 2_000_000_000)
+    text = pgo_train.metadump_text(n, b"2000000000")
     wanted = [vb for vb in range(128) if vb % 3]
-    expected = sum(1 for i in range(n) if codec.vbucket_hash(b"table\\\\key-%d" % i) & 127 in set(wanted))
+    keep = set(wanted)
+    expected = sum(1 for i in range(n) if codec.vbucket_hash(b"table\\\\key-%d" % i) & 127 in keep)
     table = mmap.mmap(-1, (1 << 18) * 16)
-    first = pgo_train.crawler_stream(text, wanted, table, 0)
-    second = pgo_train.crawler_stream(text, wanted, table, 1)
+    first = pgo_train.crawler_stream(codec.Writer, text, wanted, table, 0)
+    second = pgo_train.crawler_stream(codec.Writer, text, wanted, table, 1)
     # The first stream fetches values and adds every wanted key...
     assert first["added"] == first["entries"] == expected
     assert first["skipped_unwanted"] == n - expected

@@ -117,3 +117,43 @@ def test_the_sources_baseline_waits_for_a_running_crawl_before_listing():
                 hog.release()
         assert released and done >= released[0]  # listed only once the other crawl was gone
         assert not sfb._crawler_running(server)
+
+
+def test_ab_runs_a_base_revision_on_its_own_build_alternating_with_this_checkout(tmp_path):
+    """bench/ab.py: the base revision exported and built in its own tree, both benches run in
+    turn on the same workload, and the pairs and their medians reported; its temporary tree is
+    removed afterwards."""
+    out = tmp_path / "ab.json"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, "bench/ab.py", "--base", "HEAD", "--pairs", "2", "--json-out", str(out),
+                        "--", "--records", "3000", "--workers", "2", "--per-record-sample", "50"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TMPDIR=str(tmp), ASTAIRE_PGO="0"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert list(tmp.iterdir()) == [], "ab left its work directory behind"
+    report = json.loads(out.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert report["base_commit"] == head
+    assert len(report["pairs"]) == 2
+    for pair in report["pairs"]:
+        assert pair["base"]["placement_ok"] and pair["head"]["placement_ok"], pair
+        # the same workload on both sides: the same records moved to the new node
+        assert pair["base"]["records_placed"] == pair["head"]["records_placed"] > 0, pair
+        # the base's daemon ran its own build: compiled in its tree, with the profile turned off
+        assert pair["base"]["codec_build"] == "plain", pair
+    summary = report["summary"]
+    for name in ("astaire_cpu", "sources_cpu", "target_cpu", "seconds", "ratio_to_ceiling", "peak_rss_mb"):
+        s = summary[name]
+        assert s["pairs"] == 2 and s["base_median"] >= 0 and s["head_median"] >= 0, (name, s)
+        if s["base_median"]:  # CPU at this size can round to 0.00 s
+            assert s["ratio"] == round(s["head_median"] / s["base_median"], 3), (name, s)
+    assert summary["seconds"]["base_median"] > 0 and summary["peak_rss_mb"]["head_median"] > 0, summary
+    assert "Astaire CPU s per M placed" in r.stdout
+
+
+def test_ab_refuses_a_revision_the_repository_does_not_have(tmp_path):
+    r = subprocess.run([sys.executable, "bench/ab.py", "--base", "no-such-revision-0000"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 2 and "'no-such-revision-0000' is not a commit" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,7 @@ class BuildExt(build_ext):
         profile_dir = tempfile.mkdtemp(prefix="astaire-pgo-")
         try:
             self._flags(base, ["-fprofile-generate", f"-fprofile-dir={profile_dir}"], ["-fprofile-generate"])
+            self.force = True  # every unit instrumented, even one whose module is up to date
             super().build_extensions()
             self._train(profile_dir)
             self._flags(base, ["-fprofile-use", f"-fprofile-dir={profile_dir}", "-fprofile-partial-training",

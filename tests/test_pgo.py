@@ -61,3 +61,35 @@ def test_version_names_the_codec_build():
                          timeout=60)
     assert run.returncode == 0, run.stderr
     assert f"(codec: cython, {codec.BUILD} build)" in run.stdout
+
+
+def test_a_rebuild_with_nothing_changed_is_still_profile_guided(tmp_path):
+    """A second build in the same tree, every module up to date (as after a plain build, or
+    an edit of one unit only), must still instrument and train every unit: a unit skipped as
+    up to date stays uninstrumented, writes no profile, and the whole build falls back to plain."""
+    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip("no gcc: setup.py builds without a profile")
+    import shutil
+
+    tree = tmp_path / "tree"
+    skip = shutil.ignore_patterns("*.so", "*.c", "__pycache__", "build", "*.egg-info")
+    for name in ("astaire", "bench", "throttle"):
+        shutil.copytree(os.path.join(ROOT, name), tree / name, ignore=skip)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+
+    def build(pgo: str) -> str:
+        env = dict(os.environ, ASTAIRE_PGO=pgo)
+        run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        return run.stdout + run.stderr
+
+    build("0")  # both modules built, plain, and up to date
+    out = build("1")
+    assert "codec built with a profile" in out, out[-2000:]
+    check = subprocess.run([sys.executable, "-c", "import astaire.codec as c; print(c.IMPLEMENTATION, c.BUILD)"],
+                           cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True,
+                           timeout=60)
+    assert check.stdout.split() == ["cython", "profile-guided"], check.stdout + check.stderr

@@ -30,6 +30,7 @@ to one side only: an older bench counted the daemon's start in the resync, as
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -165,6 +166,10 @@ def main(argv=None) -> int:
         commit = resolve(args.base)
     except ABError as e:
         ap.error(str(e))
+    missing = [m for m in ("Cython", "setuptools") if importlib.util.find_spec(m) is None]
+    if missing:
+        ap.error(f"the base's codec is built with this interpreter ({sys.executable}), which lacks "
+                 f"{' and '.join(missing)}: install Astaire's test extra (pip install -e '.[test]', as scripts/setup does)")
     workdir = tempfile.mkdtemp(prefix="astaire-ab-")
     try:
         print(f"ab: base {args.base} = {commit[:12]}, head {head_description()[:12]}; building the base in {workdir}",

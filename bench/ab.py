@@ -71,11 +71,12 @@ def resolve(rev: str) -> str:
     return r.stdout.strip()
 
 
-def head_description() -> str:
-    """This checkout's commit, and whether its tracked files differ from it."""
+def head_description() -> tuple[str, str]:
+    """This checkout's commit, and " with uncommitted changes" when its tracked files differ
+    from it (else "")."""
     sha = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet", "HEAD", "--"]).returncode != 0
-    return sha + (" with uncommitted changes" if dirty else "")
+    return sha, " with uncommitted changes" if dirty else ""
 
 
 def export(commit: str, workdir: str) -> str:
@@ -137,10 +138,11 @@ def summarize(pairs: list[dict]) -> dict:
     """Medians per side, their ratio head / base, and in how many pairs head did better."""
     out = {}
     for name, _, lower_better in FIGURES:
-        base = [p["base"][name] for p in pairs if p["base"][name] is not None and p["head"][name] is not None]
-        head = [p["head"][name] for p in pairs if p["base"][name] is not None and p["head"][name] is not None]
-        if not base:
+        both = [p for p in pairs if p["base"][name] is not None and p["head"][name] is not None]
+        if not both:
             continue
+        base = [p["base"][name] for p in both]
+        head = [p["head"][name] for p in both]
         mb, mh = round(statistics.median(base), 3), round(statistics.median(head), 3)
         better = sum(1 for b, h in zip(base, head) if (h < b if lower_better else h > b))
         out[name] = {"base_median": mb, "head_median": mh, "ratio": round(mh / mb, 3) if mb else None,
@@ -170,10 +172,11 @@ def main(argv=None) -> int:
     if missing:
         ap.error(f"the base's codec is built with this interpreter ({sys.executable}), which lacks "
                  f"{' and '.join(missing)}: install Astaire's test extra (pip install -e '.[test]', as scripts/setup does)")
+    head_sha, head_state = head_description()
     workdir = tempfile.mkdtemp(prefix="astaire-ab-")
     try:
-        print(f"ab: base {args.base} = {commit[:12]}, head {head_description()[:12]}; building the base in {workdir}",
-              flush=True)
+        print(f"ab: base {args.base} = {commit[:12]}, head {head_sha[:12]}{head_state}; building the base in "
+              f"{workdir}", flush=True)
         base_tree = export(commit, workdir)
         sides = {"base": (base_tree, common + shlex.split(args.base_args)),
                  "head": (REPO, common + shlex.split(args.head_args))}
@@ -195,7 +198,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     summary = summarize(pairs)
-    report = {"base": args.base, "base_commit": commit, "head": head_description(), "bench_args": common,
+    report = {"base": args.base, "base_commit": commit, "head": head_sha + head_state, "bench_args": common,
               "base_args": args.base_args, "head_args": args.head_args, "pairs": pairs, "summary": summary}
     if args.json_out:
         with open(args.json_out, "w") as f:

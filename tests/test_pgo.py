@@ -7,6 +7,7 @@ train: these tests turn that fallback into a failure).
 """
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,13 @@ from astaire import codec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(codec.IMPLEMENTATION != "cython", reason="the compiled codec is not built")
+
+
+def _need_gcc() -> None:
+    """Skip unless the compiler is gcc (setup.py's test too): otherwise there is no profile."""
+    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip("no gcc: setup.py builds without a profile")
 
 
 def test_the_training_takes_a_resyncs_paths():
@@ -50,9 +58,7 @@ def test_the_training_runs_as_the_build_runs_it():
 
 @pytest.mark.skipif(os.environ.get("ASTAIRE_PGO") == "0", reason="ASTAIRE_PGO=0: a plain build was asked for")
 def test_a_gcc_build_is_profile_guided():
-    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
-    if "Free Software Foundation" not in version:
-        pytest.skip("no gcc: setup.py builds without a profile")
+    _need_gcc()
     assert codec.BUILD == "profile-guided"
 
 
@@ -67,11 +73,7 @@ def test_a_rebuild_with_nothing_changed_is_still_profile_guided(tmp_path):
     """A second build in the same tree, every module up to date (as after a plain build, or
     an edit of one unit only), must still instrument and train every unit: a unit skipped as
     up to date stays uninstrumented, writes no profile, and the whole build falls back to plain."""
-    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
-    if "Free Software Foundation" not in version:
-        pytest.skip("no gcc: setup.py builds without a profile")
-    import shutil
-
+    _need_gcc()
     tree = tmp_path / "tree"
     skip = shutil.ignore_patterns("*.so", "*.c", "__pycache__", "build", "*.egg-info")
     for name in ("astaire", "bench", "throttle"):

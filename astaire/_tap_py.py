@@ -1574,9 +1574,12 @@ PUMP_SPOOL = 4        # a batch of fetches' room opened while the caller has lis
 PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
 PUMP_TARGET_EOF = 6   # the target closed the connection
 PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
+PUMP_SOURCE_END = 8   # the crawler's listing ended (its END line was fed to the Writer)
 PUMP_SRC_NONE = 0     # do not watch the source
 PUMP_SRC_TAP = 1      # read the TAP source here, when the Writer has room
 PUMP_SRC_CALLER = 2   # watch the source; the caller reads it
+PUMP_SRC_LISTING = 3  # a crawler's listing: read here into the Writer while it has room for
+                      # fetches and the caller spools none; else the caller reads it (SOURCE)
 
 _PUMP_CHUNK = 512 * 1024
 _TRICKLE_BYTES = 8192
@@ -1588,8 +1591,9 @@ class Pump:
     """The hot part of a stream's I/O loop (``astaire.resync.stream``): it moves bytes
     between the target's socket, the crawler's fetch socket and a TAP source's socket and
     the Writer until the caller has something to do (``run``'s codes, PUMP_*). The caller
-    owns the sockets (non-blocking; it closes them), reads a crawler's metadump itself, and
-    does the timeouts, progress and stopping between calls.
+    owns the sockets (non-blocking; it closes them), reads a crawler's listing while it has
+    some spooled or the Writer's fetches fill the window (PUMP_SRC_LISTING: the Pump reads
+    it otherwise), and does the timeouts, progress and stopping between calls.
 
     Flow control, as the caller's loop had it: the source (and a crawler's fetch answers)
     are read only while the Writer holds fewer than ``window`` unsettled records and
@@ -1692,7 +1696,8 @@ class Pump:
             room = self._room()
             if self._ffd >= 0:
                 poller.register(self._ffd, (select.POLLIN if room else 0) | (select.POLLOUT if self._fout else 0))
-            watch_src = src_fd >= 0 and (src_mode == PUMP_SRC_CALLER or (src_mode == PUMP_SRC_TAP and room))
+            watch_src = src_fd >= 0 and (src_mode in (PUMP_SRC_CALLER, PUMP_SRC_LISTING)
+                                         or (src_mode == PUMP_SRC_TAP and room))
             if watch_src:
                 poller.register(src_fd, select.POLLIN)
             if self._trickle:
@@ -1724,6 +1729,14 @@ class Pump:
             if watch_src and ready.get(src_fd, 0) & _POLL_IN:
                 if src_mode == PUMP_SRC_CALLER:
                     return PUMP_SOURCE
+                if src_mode == PUMP_SRC_LISTING:
+                    if spool_waiting or w.fetch_backlog >= w.window:
+                        return PUMP_SOURCE  # the text must wait: the caller spools it
+                    if self._take(src_fd, "source", w.feed_metadump) == 0:
+                        return PUMP_SOURCE_EOF
+                    if w._md_ended:
+                        return PUMP_SOURCE_END
+                    continue
                 if self._take(src_fd, "source", w.feed_tap) == 0:
                     return PUMP_SOURCE_EOF
 
@@ -1742,7 +1755,8 @@ __all__ = [
     "UnexpectedFrame", "MalformedFrame", "CrawlerBusy", "CrawlerError",
     "Frame", "TapMutation", "FrameParser", "Writer", "key_hash64",
     "Pump", "PUMP_TIMEOUT", "PUMP_DONE", "PUMP_SOURCE", "PUMP_SIGNAL", "PUMP_SPOOL", "PUMP_SOURCE_EOF",
-    "PUMP_TARGET_EOF", "PUMP_FETCH_EOF", "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER",
+    "PUMP_TARGET_EOF", "PUMP_FETCH_EOF", "PUMP_SOURCE_END", "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER",
+    "PUMP_SRC_LISTING",
     "vbucket_hash", "vbucket_of", "decode_tap_mutation", "filter_mutations", "filter_count",
     "encode_request", "encode_tap_connect", "encode_get", "encode_getk", "encode_getkq",
     "encode_add", "encode_addq", "encode_set",

@@ -1354,15 +1354,18 @@ cdef class Writer:
 
     def feed_metadump(self, data):
         """Take a chunk of ``lru_crawler metadump all`` text; True once END was seen."""
-        if self._hold != NULL:  # a crawler stream defers fetches instead (see the class docstring)
-            self._defer = self._hold
-            self._hold = NULL
+        self._listing_starts()
         if self._md_ended:
             if len(data):
                 raise CrawlerError("data after END", self._md_offset)
             return True
         self._feed(data, &self._md, IN_METADUMP)
         return self._md_ended
+
+    cdef inline void _listing_starts(self) noexcept:
+        if self._hold != NULL:  # a crawler stream defers fetches instead (see the class docstring)
+            self._defer = self._hold
+            self._hold = NULL
 
     cdef int _metadump_lines(self, Buf *m) except -1:
         cdef const char *line
@@ -2082,10 +2085,13 @@ cdef enum:
     C_PUMP_SOURCE_EOF = 5   # the TAP source closed its stream
     C_PUMP_TARGET_EOF = 6   # the target closed the connection
     C_PUMP_FETCH_EOF = 7    # the crawler's fetch connection closed
+    C_PUMP_SOURCE_END = 8   # the crawler's listing ended (its END line was fed to the Writer)
     # Pump.run's src_mode
     C_SRC_NONE = 0          # do not watch the source
     C_SRC_TAP = 1           # read the TAP source here, when the Writer has room
     C_SRC_CALLER = 2        # watch the source; the caller reads it
+    C_SRC_LISTING = 3       # a crawler's listing: read here into the Writer while it has room for
+                            # fetches and the caller spools none; else the caller reads it (SOURCE)
     PUMP_CHUNK = 512 * 1024   # one recv: few syscalls
     TRICKLE_BYTES = 8192      # a target read smaller than this is followed by TRICKLE_NS of sleep,
     TRICKLE_NS = 500000       # so the answers of the Clearwater fork (one write each) arrive in larger reads
@@ -2093,7 +2099,8 @@ cdef enum:
 PUMP_TIMEOUT, PUMP_DONE, PUMP_SOURCE, PUMP_SIGNAL = C_PUMP_TIMEOUT, C_PUMP_DONE, C_PUMP_SOURCE, C_PUMP_SIGNAL
 PUMP_SPOOL, PUMP_SOURCE_EOF, PUMP_TARGET_EOF, PUMP_FETCH_EOF = (C_PUMP_SPOOL, C_PUMP_SOURCE_EOF, C_PUMP_TARGET_EOF,
                                                                 C_PUMP_FETCH_EOF)
-PUMP_SRC_NONE, PUMP_SRC_TAP, PUMP_SRC_CALLER = C_SRC_NONE, C_SRC_TAP, C_SRC_CALLER
+PUMP_SOURCE_END = C_PUMP_SOURCE_END
+PUMP_SRC_NONE, PUMP_SRC_TAP, PUMP_SRC_CALLER, PUMP_SRC_LISTING = C_SRC_NONE, C_SRC_TAP, C_SRC_CALLER, C_SRC_LISTING
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -2108,8 +2115,9 @@ cdef class Pump:
     between the target's socket, the crawler's fetch socket and a TAP source's socket and
     the Writer, sending straight from the Writer's buffers and reading into its own, until
     the caller has something to do (``run``'s codes, PUMP_*). The caller owns the sockets
-    (non-blocking; it closes them), reads a crawler's metadump itself, and does the
-    timeouts, progress and stopping between calls.
+    (non-blocking; it closes them), reads a crawler's listing while it has some spooled or
+    the Writer's fetches fill the window (PUMP_SRC_LISTING: the Pump reads it otherwise),
+    and does the timeouts, progress and stopping between calls.
 
     Flow control, as the caller's loop had it: the source (and a crawler's fetch answers)
     are read only while the Writer holds fewer than ``window`` unsettled records and
@@ -2256,7 +2264,8 @@ cdef class Pump:
                                     | (POLLOUT if w._fetch_out.head < w._fetch_out.len else 0))
                 fi = nfds
                 nfds += 1
-            if src_fd >= 0 and (src_mode == C_SRC_CALLER or (src_mode == C_SRC_TAP and room)):
+            if src_fd >= 0 and (src_mode == C_SRC_CALLER or src_mode == C_SRC_LISTING
+                                or (src_mode == C_SRC_TAP and room)):
                 fds[nfds].fd = src_fd
                 fds[nfds].events = POLLIN
                 si = nfds
@@ -2300,10 +2309,21 @@ cdef class Pump:
             if si >= 0 and fds[si].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL):
                 if src_mode == C_SRC_CALLER:
                     return C_PUMP_SOURCE
+                if src_mode == C_SRC_LISTING:
+                    if spool_waiting or w._fetch_backlog_n() >= <size_t>w.window:
+                        return C_PUMP_SOURCE  # the text must wait: the caller spools it
+                    w._listing_starts()
+                    n = self._take(src_fd, &self._sbuf, "source", &w._md, IN_METADUMP,
+                                   &self.source_reads, &self.source_bytes_read)
+                    if n == 0:
+                        return C_PUMP_SOURCE_EOF
+                    if w._md_ended:
+                        return C_PUMP_SOURCE_END
+                    continue
                 if self._take(src_fd, &self._sbuf, "source", &w._src, IN_TAP,
                               &self.source_reads, &self.source_bytes_read) == 0:
                     return C_PUMP_SOURCE_EOF
 
 __all__ = ["MODE_ADDQ", "MODE_READ", "MODE_AUTO", "WRITER_MODES", "Writer", "key_hash64", "Pump", "PUMP_TIMEOUT", "PUMP_DONE",
            "PUMP_SOURCE", "PUMP_SIGNAL", "PUMP_SPOOL", "PUMP_SOURCE_EOF", "PUMP_TARGET_EOF", "PUMP_FETCH_EOF",
-           "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER"]
+           "PUMP_SOURCE_END", "PUMP_SRC_NONE", "PUMP_SRC_TAP", "PUMP_SRC_CALLER", "PUMP_SRC_LISTING"]

@@ -3,9 +3,10 @@
 ``run_stream`` opens the target, then the source (TAP or the LRU crawler, see
 ``astaire.resync.source``), and moves bytes between non-blocking sockets and the codec's
 ``Writer``, which does all per-record work. The codec's ``Pump`` runs the hot part of the
-loop (in C in the compiled build): it reads the target, the crawler's fetch connection and
-a TAP source, and sends what the Writer wants sent, until this module has something to do
-(read the crawler's metadump, spool it, report progress, time out, stop, end). So:
+loop (in C in the compiled build): it reads the target, the crawler's fetch connection, a
+TAP source and the crawler's listing while nothing of it is spooled, and sends what the
+Writer wants sent, until this module has something to do (read the listing into the spool
+or feed it from there, report progress, time out, stop, end). So:
 
 - reads of up to 512 KiB land in a buffer allocated once per connection and go straight
   into the Writer, which copies what it keeps;
@@ -422,7 +423,7 @@ class _Stream:
                 mode = codec.PUMP_SRC_TAP if not self.source_ended else codec.PUMP_SRC_NONE
             else:
                 self._feed_spool()
-                mode = codec.PUMP_SRC_CALLER if not (self.source_ended or self.dump_eof) else codec.PUMP_SRC_NONE
+                mode = codec.PUMP_SRC_LISTING if not (self.source_ended or self.dump_eof) else codec.PUMP_SRC_NONE
             now = time.monotonic()
             timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
             try:
@@ -438,8 +439,14 @@ class _Stream:
                 return
             if r == codec.PUMP_SOURCE:
                 self._read_metadump()
+            elif r == codec.PUMP_SOURCE_END:
+                self._listing_ended()
             elif r == codec.PUMP_SOURCE_EOF:
-                self._source_eof()
+                if self.fetch is None:
+                    self._source_eof()
+                else:  # the listing closed before its END (the Pump reads it only with nothing spooled)
+                    self.dump_eof = True
+                    self._feed_spool()
             elif r == codec.PUMP_TARGET_EOF:
                 raise _Failure(f"target {job.target} closed the connection{self._so_far()}", target=True)
             elif r == codec.PUMP_FETCH_EOF:
@@ -505,12 +512,18 @@ class _Stream:
             if self.fetch is None:
                 w.feed_tap(data)
             elif w.feed_metadump(data):
-                # END: the text connection has nothing more to say.
-                self.source_ended = True
-                w.finish()
-                self.src.close()
+                self._listing_ended()
         except ProtocolError as e:
             raise self._source_broke(e) from e
+
+    def _listing_ended(self) -> None:
+        """The crawler's END was read: the text connection has nothing more to say."""
+        self.source_ended = True
+        try:
+            self.writer.finish()
+        except ProtocolError as e:
+            raise self._source_broke(e) from e
+        self.src.close()
 
     def _spooling(self) -> bool:
         """Metadump text read now must wait in the spool: text waits there already, or the

@@ -118,76 +118,78 @@ def test_the_caller_reads_a_source_it_keeps(tap, target):
         assert pump.source_reads == 0
 
 
+@pytest.fixture
+def crawler():
+    """A crawler stream's other two connections: (fetch, its far end, listing, its far end)."""
+    fetch, fetch_far = _pair()
+    src, far = _pair()
+    yield fetch, fetch_far, src, far
+    for s in (fetch, fetch_far, src, far):
+        s.close()
+
+
 def _listing(start, n):
     return b"".join(b"key=t%%5C%%5Ck%d exp=-1 la=1 cas=1 fetch=no cls=1 size=60\r\n" % i
                     for i in range(start, start + n))
 
 
-def test_a_listing_is_read_into_the_writer_and_its_end_reported(tap, target):
+def test_a_listing_is_read_into_the_writer_and_its_end_reported(tap, target, crawler):
     ours, theirs = target
-    fetch, fetch_far = _pair()
-    src, far = _pair()
-    with fetch, fetch_far, src, far:
-        w = tap.Writer(range(128), window=64)
-        pump = tap.Pump(w, ours.fileno(), fetch.fileno())
-        far.sendall(_listing(0, 5))
-        assert pump.run(0.2, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_TIMEOUT
-        assert w.fetch_backlog == 5 and pump.source_reads >= 1  # read by the pump, not left for the caller
-        gets = meta_gets(_read_all(fetch_far, lambda d: d.endswith(b"mn\r\n")))
-        assert [g[0] for g in gets if g != ("mn",)] == [b"t\\\\k%d" % i for i in range(5)]
-        far.sendall(_listing(5, 3) + b"END\r\n")
-        assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE_END
-        assert w.fetch_backlog == 8
-        assert pump.source_bytes_read == len(_listing(0, 8)) + 5
-        w.finish()  # what the stream does next; the source is no longer watched
-        fetch_far.sendall(b"MN\r\n" * 2)
-        assert pump.run(5, src_ended=True) == tap.PUMP_DONE  # no fetch found a key: nothing to write
+    fetch, fetch_far, src, far = crawler
+    w = tap.Writer(range(128), window=64)
+    pump = tap.Pump(w, ours.fileno(), fetch.fileno())
+    far.sendall(_listing(0, 5))
+    assert pump.run(0.2, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_TIMEOUT
+    assert w.fetch_backlog == 5 and pump.source_reads >= 1  # read by the pump, not left for the caller
+    gets = meta_gets(_read_all(fetch_far, lambda d: d.endswith(b"mn\r\n")))
+    assert [g[0] for g in gets if g != ("mn",)] == [b"t\\\\k%d" % i for i in range(5)]
+    far.sendall(_listing(5, 3) + b"END\r\n")
+    assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE_END
+    assert w.fetch_backlog == 8
+    assert pump.source_bytes_read == len(_listing(0, 8)) + 5
+    w.finish()  # what the stream does next; the source is no longer watched
+    fetch_far.sendall(b"MN\r\n" * 2)
+    assert pump.run(5, src_ended=True) == tap.PUMP_DONE  # no fetch found a key: nothing to write
 
 
-def test_a_listing_is_left_to_the_caller_while_fetches_fill_the_window_or_text_is_spooled(tap, target):
+def test_a_listing_is_left_to_the_caller_while_fetches_fill_the_window_or_text_is_spooled(tap, target, crawler):
     ours, theirs = target
-    fetch, fetch_far = _pair()
-    src, far = _pair()
-    with fetch, fetch_far, src, far:
-        w = tap.Writer(range(128), window=8)
-        pump = tap.Pump(w, ours.fileno(), fetch.fileno())
-        w.feed_metadump(_listing(0, 8))  # a window of fetches
-        far.sendall(_listing(8, 2))
-        assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE
-        assert w.fetch_backlog == 8 and pump.source_reads == 0
-        assert src.recv(1 << 16) == _listing(8, 2)  # untouched: the caller spools it
-        w2 = tap.Writer(range(128), window=8)
-        pump2 = tap.Pump(w2, ours.fileno(), fetch.fileno())
-        far.sendall(_listing(10, 1))
-        assert pump2.run(5, src.fileno(), tap.PUMP_SRC_LISTING, spool_waiting=True) == tap.PUMP_SPOOL
-        w2.feed_metadump(_listing(0, 8))  # the spooled text, fed: the window is full again
-        assert pump2.run(5, src.fileno(), tap.PUMP_SRC_LISTING, spool_waiting=True) == tap.PUMP_SOURCE
-        assert pump2.source_reads == 0
+    fetch, fetch_far, src, far = crawler
+    w = tap.Writer(range(128), window=8)
+    pump = tap.Pump(w, ours.fileno(), fetch.fileno())
+    w.feed_metadump(_listing(0, 8))  # a window of fetches
+    far.sendall(_listing(8, 2))
+    assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE
+    assert w.fetch_backlog == 8 and pump.source_reads == 0
+    assert src.recv(1 << 16) == _listing(8, 2)  # untouched: the caller spools it
+    w2 = tap.Writer(range(128), window=8)
+    pump2 = tap.Pump(w2, ours.fileno(), fetch.fileno())
+    far.sendall(_listing(10, 1))
+    assert pump2.run(5, src.fileno(), tap.PUMP_SRC_LISTING, spool_waiting=True) == tap.PUMP_SPOOL
+    w2.feed_metadump(_listing(0, 8))  # the spooled text, fed: the window is full again
+    assert pump2.run(5, src.fileno(), tap.PUMP_SRC_LISTING, spool_waiting=True) == tap.PUMP_SOURCE
+    assert pump2.source_reads == 0
 
 
-def test_a_listing_closed_before_its_end_is_reported(tap, target):
+def test_a_listing_closed_before_its_end_is_reported(tap, target, crawler):
     ours, theirs = target
-    fetch, fetch_far = _pair()
-    src, far = _pair()
-    with fetch, fetch_far, src:
-        w = tap.Writer(range(128), window=64)
-        pump = tap.Pump(w, ours.fileno(), fetch.fileno())
-        far.sendall(_listing(0, 2) + b"key=t%5C%5Ck")  # a line cut short
-        far.close()
-        assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE_EOF
-        assert w.fetch_backlog == 2 and not w.done
+    fetch, fetch_far, src, far = crawler
+    w = tap.Writer(range(128), window=64)
+    pump = tap.Pump(w, ours.fileno(), fetch.fileno())
+    far.sendall(_listing(0, 2) + b"key=t%5C%5Ck")  # a line cut short
+    far.close()
+    assert pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING) == tap.PUMP_SOURCE_EOF
+    assert w.fetch_backlog == 2 and not w.done
 
 
-def test_a_bad_listing_line_names_the_source(tap, target):
+def test_a_bad_listing_line_names_the_source(tap, target, crawler):
     ours, theirs = target
-    fetch, fetch_far = _pair()
-    src, far = _pair()
-    with fetch, fetch_far, src, far:
-        pump = tap.Pump(tap.Writer(range(128)), ours.fileno(), fetch.fileno())
-        far.sendall(b"key=t%5C%5Ck exp=-1\r\nEND\r\nkey=late exp=-1\r\n")
-        with pytest.raises(ProtocolError, match="after END"):
-            pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING)
-        assert pump.peer == "source"
+    fetch, fetch_far, src, far = crawler
+    pump = tap.Pump(tap.Writer(range(128)), ours.fileno(), fetch.fileno())
+    far.sendall(b"key=t%5C%5Ck exp=-1\r\nEND\r\nkey=late exp=-1\r\n")
+    with pytest.raises(ProtocolError, match="after END"):
+        pump.run(5, src.fileno(), tap.PUMP_SRC_LISTING)
+    assert pump.peer == "source"
 
 
 def test_listing_text_waiting_is_asked_for_once_a_batch_of_fetches_fits(tap, target):

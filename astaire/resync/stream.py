@@ -442,11 +442,7 @@ class _Stream:
             elif r == codec.PUMP_SOURCE_END:
                 self._listing_ended()
             elif r == codec.PUMP_SOURCE_EOF:
-                if self.fetch is None:
-                    self._source_eof()
-                else:  # the listing closed before its END (the Pump reads it only with nothing spooled)
-                    self.dump_eof = True
-                    self._feed_spool()
+                self._source_eof()
             elif r == codec.PUMP_TARGET_EOF:
                 raise _Failure(f"target {job.target} closed the connection{self._so_far()}", target=True)
             elif r == codec.PUMP_FETCH_EOF:
@@ -499,8 +495,7 @@ class _Stream:
             return
         self.last_progress = time.monotonic()
         if n == 0:
-            self.dump_eof = True
-            self._feed_spool()
+            self._source_eof()
         elif room is not None:
             self.spool.commit(n)
         else:
@@ -557,6 +552,13 @@ class _Stream:
                         f"({tempfile.gettempdir()}): {reason(e)}{self._so_far()}")
 
     def _source_eof(self) -> None:
+        """The source closed its connection. A crawler's listing is then over: what the spool
+        holds is fed, and the stream fails if END never came. A TAP stream ends, unless a
+        frame was cut short."""
+        if self.fetch is not None:
+            self.dump_eof = True
+            self._feed_spool()
+            return
         try:
             self.writer.finish()
         except ProtocolError as e:

@@ -165,12 +165,14 @@ def test_garbage_node_config_without_a_local_name_is_a_clear_error(tmp_path):
         assert_clear(r, "local_ip", code=2)
 
 
-class LongLineCrawler:
-    """A fake stock memcached whose ``lru_crawler metadump`` sends a key line longer than the
-    limit: binary and text VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the line."""
+class FakeCrawler:
+    """A fake stock memcached whose ``lru_crawler metadump`` sends ``listing`` (by default a key
+    line longer than the limit) and, with ``close``, then closes that connection: binary and
+    text VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the listing."""
 
-    def __init__(self, line_bytes: int = 1 << 20):
-        self.line_bytes = line_bytes
+    def __init__(self, listing: bytes = b"key=" + b"k" * (1 << 20), close: bool = False):
+        self.listing = listing
+        self.close = close
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -232,7 +234,9 @@ class LongLineCrawler:
                         conn.sendall(b"STAT pid 1\r\nSTAT lru_crawler_running 0\r\nEND\r\n")
                     elif line.startswith(b"lru_crawler metadump"):
                         self.metadumps += 1
-                        conn.sendall(b"key=" + b"k" * self.line_bytes)
+                        conn.sendall(self.listing)
+                        if self.close:
+                            return
                     else:
                         conn.sendall(b"ERROR\r\n")
         except OSError:
@@ -248,7 +252,7 @@ class LongLineCrawler:
 
 
 def test_a_metadump_line_over_the_limit_fails_that_source_only(nodes, daemons, drill):
-    fake = LongLineCrawler()
+    fake = FakeCrawler()
     try:
         (b, n) = nodes(2, "stock")
         before = ClusterView([fake.name, b.name])

@@ -14,6 +14,7 @@ import pytest
 from astaire import codec
 from astaire.resync import settled, source, stream
 from astaire.resync.stream import StreamJob, run_stream
+from tests.test_drills_bad_input import FakeCrawler
 from tests.test_stream_tap import (UNWANTED, WANTED, assert_ttl, keys_in, mc_get_many, mc_store, mc_text,
                                    vbucket)
 
@@ -423,6 +424,22 @@ def test_source_killed_mid_stream_fails_and_what_was_written_is_right(pair):
     got = mc_get_many(target, records)
     assert len(got) < len(records)
     assert all(got[k][:2] == records[k][:2] for k in got)
+
+
+def test_a_listing_closed_before_its_end_fails_the_stream_readably(pair):
+    """The listing's connection closes after some lines and half of one, with no END, while
+    the fetch connection stays up (a fake source: no real server does that on cue)."""
+    _src, target = pair
+    lines = b"".join(b"key=%s exp=-1 la=1 cas=1 fetch=no cls=1 size=60\r\n" % k.replace(b"\\", b"%5C")
+                     for k in keys_in(UNWANTED, b"t\\u", 50))
+    fake = FakeCrawler(lines + b"key=t%5C%5Ccut", close=True)
+    try:
+        result = run_stream(job(fake, target))
+    finally:
+        fake.stop()
+    assert fake.metadumps == 1
+    assert not result.ok and result.error.startswith(f"source {fake.name} closed the metadump before END"), result.error
+    assert result.stats["skipped_unwanted"] == 50 and result.stats["entries"] == 0
 
 
 def test_target_killed_mid_stream_fails_the_stream(pair):

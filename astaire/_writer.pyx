@@ -86,8 +86,10 @@ cdef extern from *:
     static inline uint64_t astaire_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void astaire_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void astaire_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+    static inline void astaire_prefetch_w(const void *p) { __builtin_prefetch(p, 1, 3); }
     """
     void prefetch "astaire_prefetch"(const void *p) nogil
+    void prefetch_w "astaire_prefetch_w"(const void *p) nogil
     uint64_t c_key_hash64 "astaire_key_hash64"(const char *p, size_t n) nogil
     uint64_t load64 "astaire_load64"(const uint64_t *p) nogil
     void store64 "astaire_store64"(uint64_t *p, uint64_t v) nogil
@@ -853,6 +855,13 @@ cdef class Writer:
         self._n_free -= 1
         slot = self._free[self._n_free]
         s = &self._slots[slot]
+        # The next records' slots, early: a slot was last touched when its fence came back,
+        # a window of traffic ago, so its entry (two ahead) and its buffer (one ahead, its
+        # entry fetched by the call before) are cache misses that would stall the copy.
+        if self._n_free >= 2:
+            prefetch_w(&self._slots[self._free[self._n_free - 2]])
+        if self._n_free >= 1:
+            prefetch_w(self._slots[self._free[self._n_free - 1]].data)
         if s.cap < need:
             cap = need if need > 256 else 256
             d = <char *>realloc(s.data, cap)

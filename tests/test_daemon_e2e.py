@@ -7,12 +7,10 @@ stream is needed) and its own daemons, and the ``daemons`` fixture kills whateve
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 
 import psutil
-import pytest
 
 from astaire.demo import workload
 from astaire.resync import target
@@ -21,7 +19,6 @@ from astaire.cluster.view import ClusterView, vbucket_for_key
 from astaire.cluster.worklist import Worklist
 from astaire.demo.run import CLI
 from tests.daemon_helpers import REPO, astaire, gone, load_mixed, wait_for
-from tests.drills import Model, load, verify
 from tests.tapserver import TapServer
 
 
@@ -59,35 +56,6 @@ def test_scale_up_2_to_3_places_every_record_and_never_lets_older_data_win(serve
                                       workload.expected_holders(records, before, after, [n]), [a, b, n])
     assert report.ok, (report.missing[:5], report.wrong[:5], report.misplaced[:5])
     assert "event 7006" in d.log() and "event 7007" in d.log()
-
-
-@pytest.mark.parametrize("target_kind", ["fork", "stock"])
-def test_second_copies_are_held_back_for_a_stock_target_and_not_for_the_fork(target_kind, tap_fork, nodes,
-                                                                             daemons):
-    """The Clearwater fork as the old replicas (TAP); the new node is the fork too, as on a
-    Clearwater node, or stock memcached. The daemon tells them apart by the local memcached's
-    binary STAT (the engine branch reports engine_maxbytes) and holds second copies back for
-    the settled table only on stock, where it pays (docs/architecture.md)."""
-    a, b = nodes(2, "fork")
-    (n,) = nodes(1, target_kind)
-    before = ClusterView([a.name, b.name])
-    after = ClusterView(before.servers, [a.name, b.name, n.name])
-    model = Model()
-    load(model, before, 6000, table=f"hold{target_kind}")
-    d = daemons(n.name, before.servers, after.new_servers, workers=2, tag_interval=1, source="tap")
-    s = d.wait_sync()
-    assert s["last_resync"]["result"] == "ok" and s["last_resync"]["failed_vbuckets"] == []
-    check = verify(model, after)
-    assert check.ok, check.summary()
-    log = d.log()
-    held = [int(x) for x in re.findall(r"done: .* (\d+) held back", log)]
-    assert len(held) == 2, log[-3000:]  # one stream per old replica
-    if target_kind == "fork":
-        assert "is memcached's engine branch (the Clearwater fork)" in log
-        assert held == [0, 0]
-    else:
-        assert "is stock memcached" in log
-        assert sum(held) > 0
 
 
 def test_scale_down_3_to_2_with_a_daemon_on_each_node_that_gains(servers, daemons):

@@ -56,7 +56,6 @@ class Conductor:
         self.need_check = True            # a resync starts only after a fresh answer from the local memcached
         self.local_identity: tuple | None = None
         self.cas_enabled: bool | None = None
-        self.engine_branch: bool | None = None  # the local memcached is the Clearwater fork (local.py)
         self.waiting_for_local = False
         self.local_failures = 0
         self.next_local_retry = 0.0
@@ -183,13 +182,6 @@ class Conductor:
             self._finish_answered(a, previous)
             return
         self.cas_enabled = a.cas_enabled
-        if a.engine_branch is not None and a.engine_branch != self.engine_branch:
-            log.info("the local memcached %s is %s: streams into it %s", self.local,
-                     "memcached's engine branch (the Clearwater fork)" if a.engine_branch else "stock memcached",
-                     "write second copies as they come" if a.engine_branch
-                     else "hold second copies back for the settled table")
-        if a.engine_branch is not None:
-            self.engine_branch = a.engine_branch
         self.tag_seen = a.tag
         if self.initial:
             self.initial = False
@@ -318,7 +310,7 @@ class Conductor:
                    "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
                    "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout,
                    "settled_generation": r.settled_generation,
-                   "hold": self.hold(s)}
+                   "hold": r.worklist.hold(s.server, s.vbuckets)}
             if not hand_out(w, s, job):
                 r.running.pop(s.id, None)
                 s.worker = None
@@ -328,18 +320,6 @@ class Conductor:
             self.stats.connections[s.id] = stats.Connection(host, port, list(s.vbuckets))
             log.info("stream %d: %d vbuckets from %s to worker %d", s.id, len(s.vbuckets), s.server, w.pid)
         self._publish_counters()
-
-
-    def hold(self, s: Stream) -> list:
-        """The stream's ``hold`` (Worklist.hold): none when the local memcached is the
-        Clearwater fork. Holding saves a stock target the read of a second copy that meets
-        the first in flight; the fork answers every request with a write of its own, so a
-        conflict costs it little more, and holding only costs Astaire the held copies
-        (docs/architecture.md: with the fork as every node, Astaire's CPU per record 11% lower
-        without holding, the fork's the same)."""
-        if self.engine_branch:
-            return []
-        return self.resync.worklist.hold(s.server, s.vbuckets)
 
 
     def on_progress(self, s: Stream, delta: dict) -> None:

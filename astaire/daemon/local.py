@@ -10,9 +10,6 @@ What a check learns:
   text ``stats`` command crashes the Clearwater fork). A new identity means the local
   memcached restarted and lost its data, whenever that happened.
 - the tag (``astaire\\\\tag``): missing means a restart since the last resync set it.
-- whether it is memcached's engine branch, which the Clearwater fork is: its STAT reports
-  ``engine_maxbytes`` (stock memcached, any version, does not). Streams into it do not hold
-  second copies back (``Conductor.dispatch``).
 - with ``cas=True``: whether the server gives CAS values. A SET's response carries the
   item's CAS; memcached started with ``-C`` answers 0, and a "CAS replace" would then be
   a blind overwrite, so resyncs are refused.
@@ -47,7 +44,6 @@ class Answer:
     identity: tuple | None = None    # (pid, started)
     tag: bool | None = None
     cas_enabled: bool | None = None
-    engine_branch: bool | None = None  # the local memcached is the engine branch (the Clearwater fork)
     restarted: bool = False          # finish: the identity moved during the resync
     token: object = None
 
@@ -55,15 +51,12 @@ class Answer:
 class LocalNode:
     """The real local memcached; tests replace these methods with fakes."""
 
-    engine_branch: bool | None = None  # from the last identity(): None until it answered
-
     def __init__(self, name: str, timeout: float = 5.0):
         self.name, self.timeout = name, timeout
 
     def identity(self) -> tuple:
         with BinaryClient(self.name, self.timeout, role="local memcached") as c:
             st = c.stats()
-        self.engine_branch = "engine_maxbytes" in st
         try:
             return int(st["pid"]), int(st["time"]) - int(st["uptime"])
         except (KeyError, ValueError):
@@ -136,8 +129,7 @@ class LocalMonitor:
         identity = n.identity()
         tag = n.tag_present()
         cas_enabled = n.cas_enabled() if cas else None
-        return Answer("check", True, identity=identity, tag=tag, cas_enabled=cas_enabled,
-                      engine_branch=getattr(n, "engine_branch", None), token=token)
+        return Answer("check", True, identity=identity, tag=tag, cas_enabled=cas_enabled, token=token)
 
     def _finish(self, expected: tuple, token=None) -> Answer:
         n = self.node

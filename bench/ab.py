@@ -10,7 +10,7 @@ reports each pair's figures, their medians and the medians' ratio head / base:
   * ``astaire_cpu``: Astaire's CPU seconds per million records placed (from ``cpu_seconds``
     and ``records_for_new_node`` when an older bench does not report it);
   * ``sources_cpu``, ``target_cpu``: the sources' and the target's, where both benches report
-    them;
+    them; ``target_ratio``: the target's against the same run's ceiling's target;
   * ``seconds``, ``ratio_to_ceiling``, ``peak_rss_mb``.
 
 The base revision is exported with ``git archive`` into a temporary directory (``../shared``
@@ -48,6 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = (("astaire_cpu", "Astaire CPU s per M placed", True),
            ("sources_cpu", "sources' CPU s per M placed", True),
            ("target_cpu", "target CPU s per M placed", True),
+           ("target_ratio", "target CPU / ceiling's target", True),
            ("seconds", "resync seconds", True),
            ("ratio_to_ceiling", "ratio to the ceiling", False),
            ("peak_rss_mb", "peak RSS MB", True))
@@ -114,6 +115,7 @@ def figures(report: dict) -> dict:
     return {"astaire_cpu": cpu,
             "sources_cpu": a.get("sources_cpu_seconds_per_million_placed"),
             "target_cpu": a.get("target_cpu_seconds_per_million_placed"),
+            "target_ratio": report.get("target_cpu_ratio_to_ceiling"),
             "seconds": a.get("seconds"),
             "ratio_to_ceiling": report.get("ratio_to_ceiling"),
             "peak_rss_mb": a.get("peak_rss_mb"),

@@ -354,7 +354,8 @@ def _one_resync(nodes, c, moved, settings, workdir, source, workers, throttle, s
     else:
         placement = workload.check_placement(moved, {c: {r.key for r in moved}}, [c], compare_expiry=False)
         if placement.missing and not (placement.wrong or placement.misplaced):
-            # "lru_crawler metadump all" walks the LRU, and can miss items that memcached's LRU
+            # The check lists with "lru_crawler metadump hash", which lists every item; where a
+            # server refuses it, "all" walks the LRU and can miss items that memcached's LRU
             # maintainer moves between segments during the walk (just after a bulk load it is
             # busy): a key listed missing is fetched before it counts as missing.
             held = workload.fetch(c, [k for _, k in placement.missing])

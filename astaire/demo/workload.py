@@ -109,25 +109,42 @@ def fetch(name: str, keys: list[bytes], timeout: float = 60.0) -> dict[bytes, tu
         client.close()
 
 
+METADUMP_REFUSED = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")
+
+
 def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
-    """key -> absolute expiry (0 = never) of every item ``name`` holds (lru_crawler)."""
+    """key -> absolute expiry (0 = never) of every item ``name`` holds (lru_crawler).
+
+    ``lru_crawler metadump hash`` walks the hash table and lists every item, as Astaire's
+    crawler source does. ``all`` walks the LRUs and can miss items that memcached's LRU
+    maintainer moves between segments during the walk (right after a bulk load it is busy: a
+    placement check then reported copies "missing" that the server held); it is used only
+    where ``hash`` is refused. A server with no crawler (the Clearwater fork) is an error."""
     host, port = parse_server(name)
     result: dict[bytes, int] = {}
     deadline = time.monotonic() + timeout
+    command = b"lru_crawler metadump hash\r\n"
     with socket.create_connection((host, port), timeout=timeout) as s:
         while True:
-            s.sendall(b"lru_crawler metadump all\r\n")
+            s.sendall(command)
             buf = b""
             while True:
                 data = s.recv(1 << 18)
                 if not data:
                     raise ConnectionError(f"{name} closed the connection during metadump")
                 buf += data
-                if buf.startswith(b"BUSY") and buf.endswith(b"\r\n"):
-                    break
                 if buf.endswith(b"END\r\n"):
                     break
-            if buf.startswith(b"BUSY"):
+                if b"\n" in buf and buf.startswith((b"BUSY", *METADUMP_REFUSED)):
+                    break
+            first = buf.split(b"\n", 1)[0].rstrip(b"\r")
+            if first.startswith(METADUMP_REFUSED):
+                if command == b"lru_crawler metadump hash\r\n":
+                    command = b"lru_crawler metadump all\r\n"
+                    continue
+                raise ConnectionError(f"{name} cannot list its items: lru_crawler metadump answered "
+                                      f"{first.decode('ascii', 'replace')!r}")
+            if first.startswith(b"BUSY"):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name}: lru_crawler stayed busy")
                 time.sleep(0.1)

@@ -168,11 +168,16 @@ def test_garbage_node_config_without_a_local_name_is_a_clear_error(tmp_path):
 class FakeCrawler:
     """A fake stock memcached whose ``lru_crawler metadump`` sends ``listing`` (by default a key
     line longer than the limit) and, with ``close``, then closes that connection: binary and
-    text VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the listing."""
+    text VERSION answered (1.6.18), text ``stats`` says no crawl runs, then the listing. With
+    ``refuse_hash`` it answers ``metadump hash`` as a memcached without the hash walk does.
+    ``commands``: the metadump command lines it heard."""
 
-    def __init__(self, listing: bytes = b"key=" + b"k" * (1 << 20), close: bool = False):
+    def __init__(self, listing: bytes = b"key=" + b"k" * (1 << 20), close: bool = False,
+                 refuse_hash: bool = False):
         self.listing = listing
         self.close = close
+        self.refuse_hash = refuse_hash
+        self.commands: list[bytes] = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -233,6 +238,10 @@ class FakeCrawler:
                     elif line.startswith(b"stats"):
                         conn.sendall(b"STAT pid 1\r\nSTAT lru_crawler_running 0\r\nEND\r\n")
                     elif line.startswith(b"lru_crawler metadump"):
+                        self.commands.append(line.rstrip(b"\r"))
+                        if self.refuse_hash and line.rstrip(b"\r") == b"lru_crawler metadump hash":
+                            conn.sendall(b"BADCLASS invalid class id\r\n")
+                            continue
                         self.metadumps += 1
                         conn.sendall(self.listing)
                         if self.close:

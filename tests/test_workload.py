@@ -1,8 +1,5 @@
 """The workload helper loads MemcachedStore-shaped records where the view says, and its
 placement check catches missing, wrong and misplaced copies (it guards the e2e tests)."""
-import socket
-import threading
-
 import pytest
 
 from astaire.demo import workload
@@ -56,46 +53,16 @@ def test_metadump_lists_every_item_right_after_a_bulk_load(cluster_factory):
     assert {listed[r.key] for r in records} == {records[0].expiration}
 
 
-class _CrawlerRefusingTheHashWalk:
-    """Answers ``lru_crawler metadump hash`` as a memcached without the hash walk does, and
-    ``all`` with a two-item listing (keys URI-escaped, as memcached lists them)."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.name = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.commands: list[bytes] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        conn, _ = self.listener.accept()
-        with conn:
-            buf = b""
-            while True:
-                data = conn.recv(4096)
-                if not data:
-                    return
-                buf += data
-                while b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    self.commands.append(line)
-                    if line == b"lru_crawler metadump hash":
-                        conn.sendall(b"BADCLASS invalid class id\r\n")
-                    elif line == b"lru_crawler metadump all":
-                        conn.sendall(b"key=t%5C%5Ca exp=-1 la=1 cas=1 fetch=no cls=1 size=70\n"
-                                     b"key=t%5C%5Cb exp=1900000000 la=1 cas=2 fetch=no cls=1 size=70\n"
-                                     b"END\r\n")
-
-    def close(self):
-        self.listener.close()
-
-
 def test_metadump_falls_back_to_the_lru_walk_where_the_hash_walk_is_refused():
-    server = _CrawlerRefusingTheHashWalk()
+    from tests.test_drills_bad_input import FakeCrawler
+
+    server = FakeCrawler(b"key=t%5C%5Ca exp=-1 la=1 cas=1 fetch=no cls=1 size=70\n"
+                         b"key=t%5C%5Cb exp=1900000000 la=1 cas=2 fetch=no cls=1 size=70\n"
+                         b"END\r\n", refuse_hash=True)
     try:
         listed = workload.metadump(server.name, timeout=5)
     finally:
-        server.close()
+        server.stop()
     assert listed == {b"t\\\\a": 0, b"t\\\\b": 1900000000}
     assert server.commands == [b"lru_crawler metadump hash", b"lru_crawler metadump all"]
 

@@ -26,6 +26,7 @@ from astaire import codec
 from astaire.client import BinaryClient
 from astaire.cluster.settings import parse_server
 from astaire.cluster.view import ClusterView, vbucket_for_key
+from astaire.resync.source import HASH_WALK_REFUSED, METADUMP_ALL, METADUMP_HASH, METADUMP_REFUSED
 
 BATCH = 2000
 
@@ -109,9 +110,6 @@ def fetch(name: str, keys: list[bytes], timeout: float = 60.0) -> dict[bytes, tu
         client.close()
 
 
-METADUMP_REFUSED = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")
-
-
 def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
     """key -> absolute expiry (0 = never) of every item ``name`` holds (lru_crawler).
 
@@ -123,7 +121,7 @@ def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
     host, port = parse_server(name)
     result: dict[bytes, int] = {}
     deadline = time.monotonic() + timeout
-    command = b"lru_crawler metadump hash\r\n"
+    command = METADUMP_HASH
     with socket.create_connection((host, port), timeout=timeout) as s:
         while True:
             s.sendall(command)
@@ -138,10 +136,10 @@ def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
                 if b"\n" in buf and buf.startswith((b"BUSY", *METADUMP_REFUSED)):
                     break
             first = buf.split(b"\n", 1)[0].rstrip(b"\r")
+            if command == METADUMP_HASH and first.startswith(HASH_WALK_REFUSED):
+                command = METADUMP_ALL
+                continue
             if first.startswith(METADUMP_REFUSED):
-                if command == b"lru_crawler metadump hash\r\n":
-                    command = b"lru_crawler metadump all\r\n"
-                    continue
                 raise ConnectionError(f"{name} cannot list its items: lru_crawler metadump answered "
                                       f"{first.decode('ascii', 'replace')!r}")
             if first.startswith(b"BUSY"):

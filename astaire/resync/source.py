@@ -59,6 +59,10 @@ MIN_CRAWLER_VERSION = (1, 6, 18)
 # (measured on 1.6.18: ~1-14% of keys under concurrent gets, a few under concurrent sets).
 METADUMP_HASH = b"lru_crawler metadump hash\r\n"
 METADUMP_ALL = b"lru_crawler metadump all\r\n"
+# First lines of an answer to the metadump command: a server that cannot walk its hash table
+# (then asked for "all"), and a metadump refused outright.
+HASH_WALK_REFUSED = (b"BADCLASS", b"ERROR", b"CLIENT_ERROR")
+METADUMP_REFUSED = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")
 WALK_HASH = "hash"   # CrawlerSource.walk: which listing the server gives
 WALK_ALL = "all"
 
@@ -334,13 +338,13 @@ def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, id
                         raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
                     buf += more
                 first = buf.split(b"\n", 1)[0].rstrip(b"\r")
-                if command == METADUMP_HASH and first.startswith((b"BADCLASS", b"ERROR", b"CLIENT_ERROR")):
+                if command == METADUMP_HASH and first.startswith(HASH_WALK_REFUSED):
                     log.warning("source %s cannot walk its hash table (%s): falling back to "
                                 "lru_crawler metadump all, which can miss records moved by live traffic",
                                 server, first.decode("ascii", "replace"))
                     command = METADUMP_ALL
                     continue
-                if first.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")):
+                if first.startswith(METADUMP_REFUSED):
                     raise SourceError(f"source {server} cannot run lru_crawler metadump: "
                                       f"{first.decode('ascii', 'replace')}")
                 if not first.startswith(b"BUSY"):

@@ -31,7 +31,7 @@ from astaire.cluster.worklist import Worklist
 from astaire.daemon import logs
 from astaire.daemon.bookkeeping import Resync, Stream, ranges
 from astaire.daemon.local import LocalMonitor
-from astaire.resync import settled
+from astaire.resync import pace, settled
 
 log = logging.getLogger("astaire.supervisor")
 
@@ -310,7 +310,8 @@ class Conductor:
                    "vbucket_count": o.vbuckets, "connect_timeout": o.connect_timeout,
                    "idle_timeout": o.idle_timeout, "stall_timeout": o.stall_timeout,
                    "settled_generation": r.settled_generation,
-                   "hold": r.worklist.hold(s.server, s.vbuckets)}
+                   "hold": r.worklist.hold(s.server, s.vbuckets),
+                   "pace_slot": s.id % pace.SLOTS}
             if not hand_out(w, s, job):
                 r.running.pop(s.id, None)
                 s.worker = None

@@ -35,11 +35,14 @@ entry torn by two writers at once does not match (its two words disagree).
 
 The supervisor creates the table (anonymous shared memory) before it forks the workers, who
 inherit it; ``StreamJob.settled_generation`` tells a stream which generation to use (0: no
-table, as for streams run outside the daemon).
+table, as for streams run outside the daemon). Beside it, in memory of its own, are the pace
+slots of ``astaire.resync.pace``, cleared with it.
 """
 from __future__ import annotations
 
 import mmap
+
+from astaire.resync import pace
 
 ENTRIES = 1 << 17   # 2 MiB: notes for the last ~100,000 records settled (direct-mapped)
 ENTRY_BYTES = 16
@@ -52,6 +55,8 @@ class SettledTable:
         if entries < 1 or entries & (entries - 1):
             raise ValueError(f"entries must be a power of two, not {entries}")
         self.buffer = mmap.mmap(-1, entries * ENTRY_BYTES)  # anonymous, MAP_SHARED: workers forked later share it
+        self._pace = mmap.mmap(-1, pace.SLOTS * pace.SLOT_BYTES)
+        self.pace_words = memoryview(self._pace).cast("Q")   # the streams' pace slots
         self.generation = 0
 
     def next_generation(self) -> int:
@@ -62,6 +67,7 @@ class SettledTable:
             self.buffer.madvise(mmap.MADV_REMOVE)
         except (AttributeError, OSError):
             self.buffer[:] = bytes(len(self.buffer))
+        self._pace[:] = bytes(len(self._pace))
         self.generation = self.generation % 255 + 1
         return self.generation
 

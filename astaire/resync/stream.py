@@ -18,7 +18,10 @@ or feed it from there, report progress, time out, stop, end). So:
 - except the crawler's metadump text, which is always read at once and spooled (a ring in
   memory, then a temporary file) while the fetches are behind: a stalled ``metadump hash`` holds
   an item lock in memcached, and GETs of keys under that lock (ours included) then hang;
-- a peer that makes no progress for ``idle_timeout`` seconds fails the stream.
+- a peer that makes no progress for ``idle_timeout`` seconds fails the stream;
+- a TAP stream with a pace slot does not read its source while it is far ahead of the other
+  streams of its resync (``astaire.resync.pace``), so that the settled table still holds the
+  notes its copies need.
 
 A TAP stream is always read to the server's close (the Clearwater fork can crash when a
 client closes first), even after a failure elsewhere or a stop request: the rest is then
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from astaire import codec
-from astaire.resync import settled, source
+from astaire.resync import pace, settled, source
 from astaire.protocol_errors import ProtocolError
 from astaire.client import connect, reason
 
@@ -68,6 +71,7 @@ class StreamJob:
     stall_timeout: float = 120.0  # no complete record from a source that still trickles bytes: abandon it
     settled_generation: int = 0   # the resync's generation in the daemon's settled table (0: none)
     hold: list = field(default_factory=list)  # [vbucket, bit] pairs: TAP copies held back, crawler fetches deferred (codec.Writer)
+    pace_slot: int = -1   # this stream's slot among the settled table's pace slots (-1: it does not pace)
 
 
 @dataclass
@@ -305,6 +309,7 @@ class _Stream:
         self.target_failed = False
         self.records_seen = 0                    # frames or listings taken from the source so far
         self.last_record = time.monotonic()      # when that number last grew (the stall deadline)
+        self.pacer: pace.Pacer | None = None     # a TAP stream's place among the resync's streams
 
     # -- the whole stream ------------------------------------------------------------
 
@@ -338,6 +343,8 @@ class _Stream:
                     log.exception("draining the TAP stream of %s failed", job.source)
             raise
         finally:
+            if self.pacer is not None:
+                self.pacer.close()
             for p in self.peers:
                 p.close()
             self.spool.close()
@@ -354,11 +361,11 @@ class _Stream:
         if ok:
             log.info("stream %s -> %s (%s, %d vbuckets) done: %d entries, %d bytes, %d added, %d replaced, "
                      "%d kept (%d of them known settled, %d of those on their listed flags unfetched; %d held back, "
-                     "%d refetched; %d read before any write, in read-first mode) in %.2f s; reads: %s%s",
+                     "%d refetched; %d read before any write, in read-first mode) in %.2f s; reads: %s%s%s",
                      job.source, job.target, self.kind, len(job.vbuckets), stats["entries"], stats["bytes"],
                      stats["added"], stats["replaced"], stats["kept"], stats["deduplicated"], stats["kept_as_listed"],
                      stats["held"], stats["refetched"], stats["read_first"], seconds,
-                     self._reads(), self._spooled())
+                     self._reads(), self._spooled(), self._paced())
         else:
             source.forget_kind(job.source)
             log.warning("stream %s -> %s (%s) failed after %.2f s: %s", job.source, job.target,
@@ -383,6 +390,9 @@ class _Stream:
         self.kind = src.kind
         if isinstance(src, source.TapSource):
             self.src = self._add(src.sock, f"source {job.source}")
+            table = settled.shared() if job.settled_generation else None
+            if table is not None and 0 <= job.pace_slot < pace.SLOTS:
+                self.pacer = pace.Pacer(table.pace_words, job.pace_slot, job.settled_generation)
             if src.initial:
                 self._feed_source(src.initial)
             if src.eof:
@@ -426,6 +436,12 @@ class _Stream:
                 mode = codec.PUMP_SRC_LISTING if not (self.source_ended or self.dump_eof) else codec.PUMP_SRC_NONE
             now = time.monotonic()
             timeout = min(self.progress_interval, max(0.0, self.last_progress + job.idle_timeout - now))
+            waiting = False
+            if mode == codec.PUMP_SRC_TAP and self.pacer is not None:
+                if self.pacer.allowance(self.writer.entries) > 0:
+                    timeout = min(timeout, pace.STEP)
+                else:  # far ahead of another stream: serve the target only, for a moment
+                    waiting, mode, timeout = True, codec.PUMP_SRC_NONE, pace.NAP
             try:
                 r = pump.run(max(timeout, 0.001), self.src.sock.fileno() if mode else -1, mode, self.source_ended,
                              bool(self.spool) and not self.source_ended)
@@ -435,6 +451,13 @@ class _Stream:
                 raise self._socket_failed(e) from e
             finally:
                 self.last_progress = max(self.last_progress, pump.last_progress)
+            if waiting:
+                # Waiting on purpose is not the source's silence: neither the idle timeout
+                # nor the stall deadline counts it.
+                after = time.monotonic()
+                self.pacer.paced_seconds += after - now
+                self.last_progress = max(self.last_progress, after)
+                self.last_record = max(self.last_record, after)
             if r == codec.PUMP_DONE:
                 return
             if r == codec.PUMP_SOURCE:
@@ -565,6 +588,8 @@ class _Stream:
             raise _Failure(f"source {self.job.source} closed the TAP stream mid-frame: {e}{self._so_far()}",
                            True) from e
         self.source_ended = True
+        if self.pacer is not None:
+            self.pacer.close()   # nothing more to take: nobody waits for this stream
 
     # -- ending early ----------------------------------------------------------------
 
@@ -609,6 +634,12 @@ class _Stream:
         if not sp.passed:
             return ""
         return f"; spooled {sp.passed} bytes (at most {sp.peak} at once, {sp.spilled} through the file)"
+
+    def _paced(self) -> str:
+        """The log's pacing figure (TAP streams with a pace slot): how long the source was
+        left unread while this stream waited for another."""
+        p = self.pacer
+        return f"; paced {p.paced_seconds:.2f} s" if p is not None else ""
 
     def _reads(self) -> str:
         """The log's "reads" figures, per connection: many small reads mean many wake-ups."""

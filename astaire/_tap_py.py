@@ -587,8 +587,9 @@ def _settled_entries(settled, generation) -> int:
         n = m.nbytes // 16
         if m.readonly:
             raise ValueError("the settled table must be writable")
-        if n < 1 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
-            raise ValueError("the settled table must be a contiguous buffer of a power of two of 16-byte entries")
+        if n < 2 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
+            raise ValueError("the settled table must be a contiguous buffer of a power of two (at least 2) "
+                             "of 16-byte entries")
     return n
 
 
@@ -708,7 +709,7 @@ class Writer:
         if settled is not None:
             entries = _settled_entries(settled, generation)
             self._settled = memoryview(settled).cast("B").cast("Q")
-            self._settled_mask = entries - 1
+            self._settled_mask = entries // 2 - 1   # buckets of two entries
             self._settled_gen = generation << 32
         self._table = _wanted_table(wanted, vbuckets)
         # Whether a listed key is checked against the fetches queued and not sent yet, so that
@@ -1019,13 +1020,16 @@ class Writer:
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
     def _note_of(self, h):
-        """The table's note of this key in this resync: its second word, or None."""
-        i = 2 * (h & self._settled_mask)
-        word = self._settled[i + 1]
-        if (self._settled[i] != h or (word >> 40) != (h & 0xFFFFFF)
-                or (word & 0xFF00000000) != self._settled_gen):
-            return None
-        return word
+        """The table's note of this key in this resync: its second word, or None. The key's
+        bucket is two entries (``4 * (h & mask)``): the newer note first."""
+        t = self._settled
+        i = 4 * (h & self._settled_mask)
+        for j in (i, i + 2):
+            if t[j] == h:
+                word = t[j + 1]
+                if (word >> 40) == (h & 0xFFFFFF) and (word & 0xFF00000000) == self._settled_gen:
+                    return word
+        return None
 
     def _known(self, h, flags) -> bool:
         """The target was seen holding this key, in this resync, with flags not older than
@@ -1042,9 +1046,16 @@ class Writer:
         or kept it)."""
         if self._settled is None:
             return
-        i = 2 * (rec.hash & self._settled_mask)
-        self._settled[i] = rec.hash
-        self._settled[i + 1] = ((rec.hash & 0xFFFFFF) << 40) | self._settled_gen | held
+        t = self._settled
+        i = 4 * (rec.hash & self._settled_mask)
+        if t[i] != rec.hash:
+            if t[i + 2] == rec.hash:
+                i += 2  # the key's older note: replaced where it is
+            else:  # the bucket's newer note becomes its older one, the older one goes
+                t[i + 2] = t[i]
+                t[i + 3] = t[i + 1]
+        t[i] = rec.hash
+        t[i + 1] = ((rec.hash & 0xFFFFFF) << 40) | self._settled_gen | held
 
     def _kept_as_noted(self, slot, rec) -> bool:
         """A write that lost to the key being there (an ADD that found it present, a CAS

@@ -296,8 +296,9 @@ def _settled_entries(settled, generation):
         if m.readonly:
             raise ValueError("the settled table must be writable")
         n = m.nbytes // 16
-        if n < 1 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
-            raise ValueError("the settled table must be a contiguous buffer of a power of two of 16-byte entries")
+        if n < 2 or n * 16 != m.nbytes or n & (n - 1) or not m.c_contiguous:
+            raise ValueError("the settled table must be a contiguous buffer of a power of two (at least 2) "
+                             "of 16-byte entries")
     return n
 
 
@@ -598,7 +599,7 @@ cdef class Writer:
     cdef readonly uint64_t refetched     # deferred fetches asked for flags alone, then found newer: fetched whole
     # The settled table (astaire.resync.settled), shared with the other streams of a resync.
     cdef uint64_t *_settled
-    cdef uint64_t _settled_mask       # entries - 1 (two words each)
+    cdef uint64_t _settled_mask       # buckets - 1 (two entries of two words each)
     cdef uint64_t _settled_gen        # generation << 32
     cdef Py_buffer _settled_view
     cdef bint _has_settled_view
@@ -677,7 +678,7 @@ cdef class Writer:
             PyObject_GetBuffer(settled, &self._settled_view, PyBUF_WRITABLE)
             self._has_settled_view = True
             self._settled = <uint64_t *>self._settled_view.buf
-            self._settled_mask = <uint64_t>entries - 1
+            self._settled_mask = <uint64_t>entries // 2 - 1   # buckets of two entries
             self._settled_gen = <uint64_t>generation << 32
         table = _wanted_table(wanted, vbuckets)
         holding = _hold_table(hold, table) if hold and settled is not None else None
@@ -1022,16 +1023,22 @@ cdef class Writer:
     # -- the settled table (astaire.resync.settled) ------------------------------------
 
     cdef inline uint64_t *_entry(self, uint64_t hash) noexcept nogil:
-        """A key's entry in the settled table: two words."""
-        return self._settled + 2 * (hash & self._settled_mask)
+        """A key's bucket in the settled table: two entries of two words (32 bytes, half a
+        cache line)."""
+        return self._settled + 4 * (hash & self._settled_mask)
 
     cdef inline bint _note_of(self, uint64_t hash, uint64_t *word) noexcept nogil:
         """The table's note of this key in this resync: True (its second word in ``word``)
         or False."""
         cdef uint64_t *e = self._entry(hash)
-        word[0] = load64(e + 1)
-        return (load64(e) == hash and (word[0] >> 40) == (hash & 0xFFFFFFu)
-                and (word[0] & 0xFF00000000u) == self._settled_gen)
+        cdef int j
+        for j in range(2):
+            if load64(e) == hash:
+                word[0] = load64(e + 1)
+                if (word[0] >> 40) == (hash & 0xFFFFFFu) and (word[0] & 0xFF00000000u) == self._settled_gen:
+                    return True
+            e += 2
+        return False
 
     cdef inline bint _known(self, uint64_t hash, uint32_t flags) noexcept nogil:
         """The target was seen holding this key, in this resync, with flags not older than
@@ -1051,6 +1058,12 @@ cdef class Writer:
         if self._settled == NULL:
             return
         e = self._entry(s.hash)
+        if load64(e) != s.hash:
+            if load64(e + 2) == s.hash:
+                e += 2  # the key's older note: replaced where it is
+            else:  # the bucket's newer note becomes its older one, the older one goes
+                store64(e + 2, load64(e))
+                store64(e + 3, load64(e + 1))
         store64(e, s.hash)
         store64(e + 1, ((s.hash & 0xFFFFFFu) << 40) | self._settled_gen | held)
 

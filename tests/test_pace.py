@@ -181,3 +181,22 @@ def test_a_stream_from_a_fast_fork_waits_for_one_from_a_slow_fork(tap_fork, memc
     else:
         assert other_at_end[0] < near, other_at_end   # the check above can fail
         assert paced_lines == []
+
+
+def test_the_daemons_tap_streams_pace_one_another_and_place_everything(nodes, daemons):
+    """A 2 -> 3 scale-up with the Clearwater fork as every node and two workers: the
+    conductor gives each TAP stream a pace slot (each stream's log line says how long it
+    waited), and the new node ends with exactly what the view gives it."""
+    from tests.drills import settle, verify
+    from tests.test_drills_sources import scale_up
+    a, b = nodes(2, "fork")
+    (n,) = nodes(1, "fork")
+    _before, after, model, d = scale_up("fork", a, b, n, daemons, records=6000)
+    d.start()
+    problems: list[str] = []
+    settle(d, n.name, problems)
+    check = verify(model, after)
+    assert check.ok, check.summary()
+    assert not problems, problems
+    done = [line for line in d.log().splitlines() if "astaire.stream:" in line and " done: " in line]
+    assert len(done) == 2 and all(re.search(r"\(tap, \d+ vbuckets\).*; paced \d+\.\d+ s$", line) for line in done), done

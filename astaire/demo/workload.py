@@ -26,7 +26,8 @@ from astaire import codec
 from astaire.client import BinaryClient
 from astaire.cluster.settings import parse_server
 from astaire.cluster.view import ClusterView, vbucket_for_key
-from astaire.resync.source import HASH_WALK_REFUSED, METADUMP_ALL, METADUMP_HASH, METADUMP_REFUSED
+from astaire.resync.source import (ANSWER_BUSY, ANSWER_FALL_BACK, ANSWER_LISTING, ANSWER_REFUSED, METADUMP_ALL,
+                                   METADUMP_HASH, metadump_answer)
 
 BATCH = 2000
 
@@ -134,23 +135,26 @@ def metadump(name: str, timeout: float = 60.0) -> dict[bytes, int]:
         while True:
             s.sendall(command)
             buf = b""
+            answer = None
             while True:
                 data = s.recv(1 << 18)
                 if not data:
                     raise ConnectionError(f"{name} closed the connection during metadump")
                 buf += data
+                if answer is None and b"\n" in buf:  # the first line says what the answer is
+                    first = buf[:buf.index(b"\n")].rstrip(b"\r")
+                    answer = metadump_answer(command, first)
+                    if answer != ANSWER_LISTING:
+                        break
                 if buf.endswith(b"END\r\n"):
                     break
-                if b"\n" in buf and buf.startswith((b"BUSY", *METADUMP_REFUSED)):
-                    break
-            first = buf.split(b"\n", 1)[0].rstrip(b"\r")
-            if command == METADUMP_HASH and first.startswith(HASH_WALK_REFUSED):
+            if answer == ANSWER_FALL_BACK:
                 command = METADUMP_ALL
                 continue
-            if first.startswith(METADUMP_REFUSED):
+            if answer == ANSWER_REFUSED:
                 raise ConnectionError(f"{name} cannot list its items: lru_crawler metadump answered "
                                       f"{first.decode('ascii', 'replace')!r}")
-            if first.startswith(b"BUSY"):
+            if answer == ANSWER_BUSY:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name}: lru_crawler stayed busy")
                 time.sleep(0.1)

@@ -63,6 +63,11 @@ METADUMP_ALL = b"lru_crawler metadump all\r\n"
 # (then asked for "all"), and a metadump refused outright.
 HASH_WALK_REFUSED = (b"BADCLASS", b"ERROR", b"CLIENT_ERROR")
 METADUMP_REFUSED = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BADCLASS")
+# What the first line of an answer to a metadump command says (metadump_answer).
+ANSWER_FALL_BACK = "fall back"   # "hash" refused: ask for "all"
+ANSWER_REFUSED = "refused"
+ANSWER_BUSY = "busy"             # another crawl runs: ask again later
+ANSWER_LISTING = "listing"
 WALK_HASH = "hash"   # CrawlerSource.walk: which listing the server gives
 WALK_ALL = "all"
 
@@ -306,6 +311,18 @@ def _version_tuple(version: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.groups()) if m else None
 
 
+def metadump_answer(command: bytes, first: bytes) -> str:
+    """What ``first``, the first line (without its line end) of the answer to ``command``
+    (METADUMP_HASH or METADUMP_ALL), says: one of the ANSWER_* values."""
+    if command == METADUMP_HASH and first.startswith(HASH_WALK_REFUSED):
+        return ANSWER_FALL_BACK
+    if first.startswith(METADUMP_REFUSED):
+        return ANSWER_REFUSED
+    if first.startswith(b"BUSY"):
+        return ANSWER_BUSY
+    return ANSWER_LISTING
+
+
 def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, idle_timeout: float, retries: int,
                     backoff: float) -> tuple[bytes, str]:
     """Start ``lru_crawler metadump hash`` (``all`` where ``hash`` is refused) once no other
@@ -338,16 +355,17 @@ def _start_metadump(server: str, sock: socket.socket, connect_timeout: float, id
                         raise SourceError(f"source {server} closed the connection after lru_crawler metadump")
                     buf += more
                 first = buf.split(b"\n", 1)[0].rstrip(b"\r")
-                if command == METADUMP_HASH and first.startswith(HASH_WALK_REFUSED):
+                answer = metadump_answer(command, first)
+                if answer == ANSWER_FALL_BACK:
                     log.warning("source %s cannot walk its hash table (%s): falling back to "
                                 "lru_crawler metadump all, which can miss records moved by live traffic",
                                 server, first.decode("ascii", "replace"))
                     command = METADUMP_ALL
                     continue
-                if first.startswith(METADUMP_REFUSED):
+                if answer == ANSWER_REFUSED:
                     raise SourceError(f"source {server} cannot run lru_crawler metadump: "
                                       f"{first.decode('ascii', 'replace')}")
-                if not first.startswith(b"BUSY"):
+                if answer == ANSWER_LISTING:
                     return buf, WALK_HASH if command == METADUMP_HASH else WALK_ALL
                 busy = first.decode("ascii", "replace")
         except socket.timeout as e:

@@ -309,6 +309,7 @@ class _Stream:
         self.target_failed = False
         self.records_seen = 0                    # frames or listings taken from the source so far
         self.last_record = time.monotonic()      # when that number last grew (the stall deadline)
+        self.table: settled.SettledTable | None = None  # the daemon's settled table, if the job uses it
         self.pacer: pace.Pacer | None = None     # a TAP stream's place among the resync's streams
 
     # -- the whole stream ------------------------------------------------------------
@@ -318,7 +319,7 @@ class _Stream:
         t0 = time.monotonic()
         try:
             try:
-                table = settled.shared() if job.settled_generation else None
+                table = self.table = settled.shared() if job.settled_generation else None
                 self.writer = codec.Writer(job.vbuckets, vbuckets=job.vbucket_count, window=job.window,
                                            mode=job.write_mode,
                                            settled=table.buffer if table is not None else None,
@@ -390,9 +391,8 @@ class _Stream:
         self.kind = src.kind
         if isinstance(src, source.TapSource):
             self.src = self._add(src.sock, f"source {job.source}")
-            table = settled.shared() if job.settled_generation else None
-            if table is not None and 0 <= job.pace_slot < pace.SLOTS:
-                self.pacer = pace.Pacer(table.pace_words, job.pace_slot, job.settled_generation)
+            if self.table is not None and 0 <= job.pace_slot < pace.SLOTS:
+                self.pacer = pace.Pacer(self.table.pace_words, job.pace_slot, job.settled_generation)
             if src.initial:
                 self._feed_source(src.initial)
             if src.eof:

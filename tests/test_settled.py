@@ -674,8 +674,8 @@ def test_with_real_memcached_listing_flags_a_second_stream_fetches_only_what_is_
     first, second = (r.stats for r in results)
     assert first["added"] == len(keys) and first["kept_as_listed"] == 0
     assert second["kept"] == len(keys) - len(newer) and second["replaced"] == len(newer)
-    # kept on their listed flags alone; a few whose notes another key overwrote in the
-    # direct-mapped table were fetched (flags only) first
+    # kept on their listed flags alone; a few whose notes two other keys pushed out of their
+    # bucket were fetched (flags only) first
     assert second["kept_as_listed"] >= 0.98 * second["kept"]
     got = mc_get_many(target, keys)
     for k in keys:

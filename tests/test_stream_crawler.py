@@ -529,7 +529,7 @@ def test_a_small_copy_whose_key_the_table_knows_is_asked_for_its_flags_alone(clu
     assert sb["held"] == 0 and sb["failed"] == 0
     assert sb["replaced"] == len(newer_b) and sb["added"] == len(only_b)
     assert sb["kept"] == len(both) - len(newer_b)
-    # The table is direct-mapped: of 2,000 keys a dozen or so share an entry and lose their
+    # Notes are not kept for ever: a key whose bucket two later notes took loses its
     # note (they go through the conflict rule instead, and a note lost between a fetch going
     # out and its answer sends that copy for a whole fetch too). The rest:
     assert sb["deduplicated"] >= 0.95 * sb["kept"]          # kept on their flags alone

@@ -3,8 +3,8 @@
 Each vbucket is streamed from both of its old replicas, and the settled table
 (``astaire.resync.settled``) lets the second copy of a record be kept without asking the
 target, but only while the first copy's note is still in the table. The table is
-direct-mapped and holds the notes of roughly the last hundred thousand records settled, so
-a note survives only while the other stream is close behind. The two replicas dump their
+2 MiB, a note lasting until two later notes land in its bucket (roughly the last hundred
+thousand records settled), so a note survives only while the other stream is close behind. The two replicas dump their
 records in much the same order, but nothing kept their streams in step: one source often
 ran ahead by most of the resync (in a 1M x 100 B run, one stream had placed 601k records
 when it ended and the other 55k). The lagging stream then found its records present but no

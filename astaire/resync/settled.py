@@ -51,7 +51,7 @@ import mmap
 
 from astaire.resync import pace
 
-ENTRIES = 1 << 17   # 2 MiB: notes for the last ~100,000 records settled (direct-mapped)
+ENTRIES = 1 << 17   # 2 MiB, buckets of two entries: notes for the last ~100,000 records settled
 ENTRY_BYTES = 16
 
 _table: "SettledTable | None" = None

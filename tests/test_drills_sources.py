@@ -29,7 +29,9 @@ BIG = {"stock": 60, "fork": 3000}
 # small: with RECORDS the source's stream wants ~7,900, so a freeze or a cut that lands after
 # the last window was asked for finds every answer already in the socket buffers, and the
 # stream completes instead of stalling (a CI run did so). Four times as many keep most of
-# the stream behind the fault.
+# the stream behind the fault. The killed-source drill uses them too: with RECORDS, a
+# fresh-clone CI run once saw the whole 15.6k-entry resync end in the workers' bursts before
+# the drill saw the stream from the source under way ("the resync ended first").
 STALLED_RECORDS = {"stock": 4 * RECORDS, "fork": RECORDS}
 
 
@@ -56,7 +58,7 @@ def check_served_by_the_other_replica(d, n, a, model, after, drill, problems, no
 def test_a_source_killed_mid_stream(kind, nodes, daemons, freezers, drill):
     a, b = nodes(2, kind)
     (n,) = nodes(1, "stock")
-    before, after, model, d = scale_up(kind, a, b, n, daemons)
+    before, after, model, d = scale_up(kind, a, b, n, daemons, records=STALLED_RECORDS[kind])
     workers = start_frozen(d, freezers)
     drill.extra["killed_at"] = f"{reach_stream(d, workers, a.port, wanted_entries(model, after, n.name)):.0%}"
     a.down()  # SIGKILL: its connections are reset
